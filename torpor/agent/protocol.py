@@ -1,0 +1,133 @@
+"""The wire format of the channel between the host and the in-sandbox agent.
+
+Stdlib only: this module is loaded by the agent inside the sandbox, by the per-sandbox
+holder on the host and by the server. One channel carries many streams. Every frame is
+
+    kind (u8) | stream id (u32, big endian) | payload length (u32) | payload
+
+Streams are opened by the host with odd ids (the agent will use even ids for streams it
+opens itself, such as egress). Stream 0 carries channel-wide control frames.
+
+A stream starts with OPEN (JSON: {"op": ..., args}), may carry MSG (JSON events), OUT and
+ERR (raw bytes: a process's stdout/stderr, or file contents), IN (raw bytes towards the
+agent), EOF (no more IN), and ends with CLOSE (JSON: {"result": ...} or {"error": ...}).
+Raw bytes are flow-controlled: each side may send at most WINDOW bytes of OUT/ERR/IN on a
+stream before the receiver grants more with CREDIT (payload: u32 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+HEADER = struct.Struct(">BII")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 20  # a larger payload is a protocol error: the peer is broken or hostile
+WINDOW = 1 << 20  # initial send window per stream and direction, in bytes
+CHUNK = 256 * 1024  # how much raw data one frame carries at most
+
+OPEN = 1
+MSG = 2
+OUT = 3
+ERR = 4
+IN = 5
+EOF = 6
+CLOSE = 7
+CREDIT = 8
+HELLO = 9  # stream 0, agent -> host: {"version", "pid"} once the agent is ready
+RESET = 10  # stream 0, holder -> agent: the host side went away, drop every stream
+PING = 11  # stream 0, either way; answered with PONG carrying the same payload
+PONG = 12
+
+KIND_NAMES = {
+    OPEN: "OPEN", MSG: "MSG", OUT: "OUT", ERR: "ERR", IN: "IN", EOF: "EOF", CLOSE: "CLOSE",
+    CREDIT: "CREDIT", HELLO: "HELLO", RESET: "RESET", PING: "PING", PONG: "PONG",
+}
+
+VERSION = 1
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid sequence of frames."""
+
+
+class OpError(Exception):
+    """An agent operation failed in a way the caller should see.
+
+    `code` is a short stable word (not_found, bad_request, ...) that crosses the wire."""
+
+    def __init__(self, code: str, message: str, **extra):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def to_wire(self) -> dict:
+        return {"code": self.code, "message": self.message, **self.extra}
+
+
+def frame(kind: int, sid: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(kind, sid, len(payload)) + payload
+
+
+def jframe(kind: int, sid: int, obj: object) -> bytes:
+    return frame(kind, sid, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def credit_frame(sid: int, n: int) -> bytes:
+    return frame(CREDIT, sid, struct.pack(">I", n))
+
+
+def parse_credit(payload: bytes) -> int:
+    return struct.unpack(">I", payload)[0]
+
+
+class FrameReader:
+    """Incremental parser: feed bytes, take whole frames. Never holds more than one frame
+    plus one read's worth of bytes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def frames(self):
+        buf = self._buf
+        pos = 0
+        out = []
+        while len(buf) - pos >= HEADER_SIZE:
+            kind, sid, n = HEADER.unpack_from(buf, pos)
+            if n > MAX_PAYLOAD or kind not in KIND_NAMES:
+                raise ProtocolError(f"bad frame header kind={kind} length={n}")
+            end = pos + HEADER_SIZE + n
+            if len(buf) < end:
+                break
+            out.append((kind, sid, bytes(buf[pos + HEADER_SIZE:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+    def raw_frames(self):
+        """Whole frames as raw bytes (header included), for relays that do not decode."""
+        buf = self._buf
+        pos = 0
+        out = []
+        while len(buf) - pos >= HEADER_SIZE:
+            kind, sid, n = HEADER.unpack_from(buf, pos)
+            if n > MAX_PAYLOAD or kind not in KIND_NAMES:
+                raise ProtocolError(f"bad frame header kind={kind} length={n}")
+            end = pos + HEADER_SIZE + n
+            if len(buf) < end:
+                break
+            out.append((kind, bytes(buf[pos:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out

@@ -1,0 +1,39 @@
+"""Server settings: embedded defaults, overridden by environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:7070"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TORPOR_DATA", "/var/lib/torpor"))
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 7070
+    # sandboxes kept booted per template so a create hands one out at once
+    pool_size: int = int(os.environ.get("TORPOR_POOL_SIZE", "2"))
+    platform: str = os.environ.get("TORPOR_PLATFORM", "ptrace")
+    runsc: str | None = os.environ.get("TORPOR_RUNSC") or None
+    max_body_bytes: int = 1 << 20
+    # defaults for a sandbox when the template and the request say nothing
+    default_cpu: float = 1.0
+    default_memory_mb: int = 512
+    default_disk_mb: int = 4096
+    default_timeout: float = 60.0
+    log_level: str = os.environ.get("TORPOR_LOG_LEVEL", "info")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "torpor.db"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api-key"

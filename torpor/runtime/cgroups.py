@@ -1,0 +1,105 @@
+"""A sandbox's cgroup, on cgroup v1 (one directory per controller) or v2 (unified).
+
+runsc places the sandbox's sentry and gofer into `linux.cgroupsPath` of the OCI spec; this
+module reads what they use and freezes or thaws them, for either layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+class Cgroup:
+    def __init__(self, rel: str):
+        self.rel = rel.strip("/")
+        self.v2 = is_v2()
+
+    def _path(self, controller: str) -> Path:
+        if self.v2:
+            return ROOT / self.rel
+        return ROOT / controller / self.rel
+
+    def _read(self, controller: str, name: str) -> str | None:
+        try:
+            return (self._path(controller) / name).read_text()
+        except OSError:
+            return None
+
+    def exists(self) -> bool:
+        return self._path("memory").exists()
+
+    def memory_bytes(self) -> int | None:
+        """Memory in use, not counting file cache the kernel can drop."""
+        if self.v2:
+            cur = self._read("memory", "memory.current")
+            stat = self._read("memory", "memory.stat")
+            inactive_key = "inactive_file"
+        else:
+            cur = self._read("memory", "memory.usage_in_bytes")
+            stat = self._read("memory", "memory.stat")
+            inactive_key = "total_inactive_file"
+        if cur is None:
+            return None
+        used = int(cur)
+        for line in (stat or "").splitlines():
+            k, _, v = line.partition(" ")
+            if k == inactive_key:
+                used -= int(v)
+                break
+        return max(used, 0)
+
+    def oom_kills(self) -> int:
+        """How many times the kernel's OOM killer fired in this cgroup."""
+        text = self._read("memory", "memory.events" if self.v2 else "memory.oom_control") or ""
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def cpu_seconds(self) -> float | None:
+        if self.v2:
+            text = self._read("cpu", "cpu.stat")
+            for line in (text or "").splitlines():
+                k, _, v = line.partition(" ")
+                if k == "usage_usec":
+                    return int(v) / 1e6
+            return None
+        v = self._read("cpuacct", "cpuacct.usage")
+        return int(v) / 1e9 if v else None
+
+    def freeze(self, frozen: bool) -> None:
+        if self.v2:
+            (self._path("") / "cgroup.freeze").write_text("1" if frozen else "0")
+        else:
+            (self._path("freezer") / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+    def remove(self) -> None:
+        """Remove the cgroup directories runsc left behind (only empty ones can go)."""
+        if self.v2:
+            paths = [ROOT / self.rel]
+        else:
+            paths = [ROOT / c / self.rel for c in os.listdir(ROOT)
+                     if (ROOT / c).is_dir() and not (ROOT / c).is_symlink()]
+        for p in paths:
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass
+
+    def leftovers(self) -> list[str]:
+        if self.v2:
+            paths = [ROOT / self.rel]
+        else:
+            paths = [ROOT / c / self.rel for c in os.listdir(ROOT)
+                     if (ROOT / c).is_dir() and not (ROOT / c).is_symlink()]
+        return [str(p) for p in paths if p.exists()]

@@ -1,0 +1,287 @@
+"""The gVisor driver: each sandbox is one runsc container with `--network=none`.
+
+The container's first process is the agent, started from a read-only bundle: the host's
+`/usr` mounted at `/.torpor/usr` and this package's `agent/` at `/.torpor/agent`; the
+interpreter runs through the host's dynamic loader, so the template needs no Python and
+sandboxed code cannot touch the agent. A holder process per sandbox (`holder.py`) owns
+the container's stdio, so the sandbox does not depend on the server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from torpor.runtime.base import RuntimeError_, SandboxSpec, Stats
+from torpor.runtime.cgroups import Cgroup
+from torpor.runtime.channel import Channel, ChannelClosed
+from torpor.storage.layers import Layer
+
+AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+HOLDER = Path(__file__).resolve().parent / "holder.py"
+CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]
+SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, doubled
+PIDS_OVERHEAD = 256  # host threads of the sentry and gofer themselves
+
+
+def find_host_python() -> tuple[str, str, str]:
+    """The host's Debian interpreter, its dynamic loader and library dir, all under /usr."""
+    for cand in ("/usr/bin/python3",):
+        if os.path.exists(cand):
+            exe = os.path.realpath(cand)
+            break
+    else:
+        raise RuntimeError_("no /usr/bin/python3 on the host: the agent runs on the host's "
+                            "Python; install Debian's python3-minimal")
+    loaders = sorted(glob.glob("/usr/lib/*-linux-gnu/ld-linux*.so.*"))
+    if not loaders:
+        raise RuntimeError_("no dynamic loader under /usr/lib/*-linux-gnu")
+    loader = os.path.realpath(loaders[0])
+    return exe, loader, os.path.dirname(loader)
+
+
+def runsc_version(runsc: str) -> str:
+    p = subprocess.run([runsc, "--version"], capture_output=True, text=True)
+    return p.stdout.split("\n")[0].replace("runsc version ", "").strip()
+
+
+class GVisorDriver:
+    name = "gvisor"
+
+    def __init__(self, data_dir: Path, runsc: str | None = None, platform: str = "ptrace",
+                 start_timeout: float = 30.0):
+        self.data_dir = Path(data_dir)
+        self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
+        if not os.path.exists(self.runsc):
+            raise RuntimeError_("runsc is not installed: run `apt-get install runsc` "
+                                "(or `make serve`, which installs it)")
+        self.platform = platform
+        self.start_timeout = start_timeout
+        self.state_dir = self.data_dir / "runsc"
+        self.sock_dir = self.data_dir / "run"
+        self.sandboxes_dir = self.data_dir / "sandboxes"
+        for d in (self.state_dir, self.sock_dir, self.sandboxes_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        self.python, self.loader, self.libdir = find_host_python()
+        self.version = runsc_version(self.runsc)
+
+    # --- paths ------------------------------------------------------------------------
+    def sandbox_dir(self, sid: str) -> Path:
+        return self.sandboxes_dir / sid
+
+    def socket_path(self, sid: str) -> str:
+        return str(self.sock_dir / f"{sid}.sock")
+
+    def cgroup(self, sid: str) -> Cgroup:
+        return Cgroup(f"/torpor/{sid}")
+
+    def layer(self, spec: SandboxSpec) -> Layer:
+        return Layer(self.sandbox_dir(spec.id), spec.template, spec.disk_mb)
+
+    def runsc_base(self) -> list[str]:
+        return [self.runsc, "--root", str(self.state_dir), "--platform", self.platform,
+                "--network", "none"]
+
+    # --- the OCI spec -----------------------------------------------------------------
+    def oci_spec(self, spec: SandboxSpec, layer: Layer) -> dict:
+        in_usr = "/.torpor" + self.python  # /usr/bin/python3.11 -> /.torpor/usr/bin/...
+        args = ["/.torpor" + self.loader, "--library-path", "/.torpor" + self.libdir,
+                in_usr, "-s", "-B", "/.torpor/agent/agent.py"]
+        mounts = [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/.torpor/usr", "type": "bind", "source": "/usr",
+             "options": ["rbind", "ro", "nosuid", "nodev"]},
+            {"destination": "/.torpor/agent", "type": "bind", "source": str(AGENT_DIR),
+             "options": ["rbind", "ro", "nosuid", "nodev"]},
+        ]
+        if spec.template.usr_from:
+            mounts.insert(5, {"destination": "/usr", "type": "bind", "source": str(layer.usr),
+                              "options": ["rbind", "rw"]})
+        hard_mb = int(spec.memory_mb * 1.25) + SENTRY_OVERHEAD_MB
+        period = 100_000
+        return {
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": False,
+                "user": {"uid": 0, "gid": 0},
+                "args": args,
+                "env": ["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHONHOME=/.torpor/usr",
+                        "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"],
+                "cwd": "/",
+                "capabilities": {k: CAPS for k in
+                                 ("bounding", "effective", "inheritable", "permitted")},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+                "noNewPrivileges": False,
+            },
+            "root": {"path": str(layer.rootfs), "readonly": False},
+            "hostname": spec.hostname,
+            "mounts": mounts,
+            "linux": {
+                "cgroupsPath": f"/torpor/{spec.id}",
+                "resources": {
+                    "memory": {"limit": hard_mb << 20},
+                    "cpu": {"quota": int(spec.cpu * period), "period": period},
+                    "pids": {"limit": spec.pids + PIDS_OVERHEAD},
+                },
+                "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
+            },
+        }
+
+    # --- lifecycle --------------------------------------------------------------------
+    async def start(self, spec: SandboxSpec) -> Channel:
+        d = self.sandbox_dir(spec.id)
+        layer = self.layer(spec)
+        await asyncio.to_thread(layer.create)
+        (d / "config.json").write_text(json.dumps(self.oci_spec(spec, layer)))
+        cmd = self.runsc_base() + ["run", "--detach", "--bundle", str(d), spec.id]
+        return await self._start_holder(spec, cmd)
+
+    async def _start_holder(self, spec: SandboxSpec, command: list[str]) -> Channel:
+        d = self.sandbox_dir(spec.id)
+        sock = self.socket_path(spec.id)
+        status = d / "status.json"
+        status.unlink(missing_ok=True)
+        cfg = {"id": spec.id, "socket": sock, "command": command,
+               "agent_log": str(d / "agent.log"), "status": str(status)}
+        (d / "holder.json").write_text(json.dumps(cfg))
+        with open(d / "holder.log", "ab") as log:
+            subprocess.Popen([sys.executable, "-I", "-S", str(HOLDER), str(d / "holder.json")],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, close_fds=True, cwd=str(d))
+        deadline = time.monotonic() + self.start_timeout
+        chan = None
+        while chan is None:
+            try:
+                chan = await Channel.connect(sock)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self._status(spec.id).get("state") == "start_failed":
+                    raise RuntimeError_(self._start_failure(spec.id)) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError_(f"sandbox {spec.id}: holder did not come up") from None
+                await asyncio.sleep(0.002)
+        try:
+            await chan.wait_ready(max(deadline - time.monotonic(), 1.0))
+        except (ChannelClosed, TimeoutError) as e:
+            await chan.close()
+            raise RuntimeError_(f"{e}; {self._start_failure(spec.id)}") from None
+        return chan
+
+    def _status(self, sid: str) -> dict:
+        try:
+            return json.loads((self.sandbox_dir(sid) / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _start_failure(self, sid: str) -> str:
+        d = self.sandbox_dir(sid)
+        tail = ""
+        for name in ("agent.log", "holder.log"):
+            try:
+                text = (d / name).read_text(errors="replace").strip()
+            except OSError:
+                continue
+            if text:
+                tail += f" [{name}: {text[-600:]}]"
+        return f"sandbox {sid} failed to start (runsc {self.version}){tail}"
+
+    async def adopt(self, spec: SandboxSpec) -> Channel:
+        st = self._status(spec.id)
+        if st.get("state") != "running":
+            raise RuntimeError_(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
+        pid = st.get("holder_pid")
+        if not pid or not _alive(pid):
+            raise RuntimeError_(f"sandbox {spec.id}: its holder process is gone")
+        try:
+            chan = await Channel.connect(self.socket_path(spec.id))
+            await chan.ping(timeout=10)
+        except (OSError, ChannelClosed, TimeoutError) as e:
+            raise RuntimeError_(f"sandbox {spec.id}: agent does not answer ({e})") from None
+        return chan
+
+    async def destroy(self, spec: SandboxSpec) -> None:
+        await asyncio.to_thread(self._destroy_sync, spec)
+
+    def _destroy_sync(self, spec: SandboxSpec) -> None:
+        subprocess.run(self.runsc_base() + ["delete", "--force", spec.id],
+                       capture_output=True)
+        pid = self._status(spec.id).get("holder_pid")
+        if pid and _alive(pid):
+            # it exits by itself once the container's stdout closes; do not wait long
+            for _ in range(50):
+                if not _alive(pid):
+                    break
+                time.sleep(0.01)
+            else:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.layer(spec).destroy()
+        self.cgroup(spec.id).remove()
+        try:
+            os.unlink(self.socket_path(spec.id))
+        except FileNotFoundError:
+            pass
+
+    def stats(self, spec: SandboxSpec) -> Stats:
+        cg = self.cgroup(spec.id)
+        return Stats(memory_bytes=cg.memory_bytes(), cpu_seconds=cg.cpu_seconds(),
+                     disk_bytes=self.layer(spec).disk_bytes(), oom_kills=cg.oom_kills())
+
+    def soft_memory_limit(self, spec: SandboxSpec) -> int:
+        """Usage past this and the engine kills the sandbox's largest process."""
+        return (spec.memory_mb + SENTRY_OVERHEAD_MB // 2) << 20
+
+    def leftovers(self, sid: str) -> list[str]:
+        out = []
+        if (self.state_dir / sid).exists() or any(self.state_dir.glob(f"{sid}*")):
+            out.append(f"runsc state for {sid}")
+        with open("/proc/self/mounts") as f:
+            out += [f"mount {line.split()[1]}" for line in f if sid in line.split()[1]]
+        out += [f"cgroup {p}" for p in self.cgroup(sid).leftovers()]
+        if self.sandbox_dir(sid).exists():
+            out.append(f"directory {self.sandbox_dir(sid)}")
+        if os.path.exists(self.socket_path(sid)):
+            out.append(f"socket {self.socket_path(sid)}")
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if sid.encode() in cmd:
+                shown = cmd.replace(b"\0", b" ")[:120]
+                out.append(f"process {pid}: {shown!r}")
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,251 @@
+"""The per-sandbox holder: a small process that owns a sandbox's stdio channel.
+
+Like containerd's shims, it keeps a sandbox independent of the server process. It starts
+the container (`runsc run --detach` or `runsc restore --detach`) with pipes as the
+container's stdin and stdout, then relays whole frames between those pipes and one server
+connection on a Unix socket. When the server goes away (even by SIGKILL) the sandbox runs
+on; the holder tells the agent to drop its streams (RESET), keeps the agent's frames
+(up to a bound, then back-pressure), and hands them to the next server that connects.
+It forwards only whole frames, so a server dying mid-write never corrupts the channel.
+
+Stdlib only, started as `python -I -S holder.py CONFIG.json`; it exits when the
+container's stdout closes (the sandbox is gone) and records why in the status file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "agent"))
+import protocol as P  # noqa: E402
+
+BUFFER_LIMIT = 16 << 20  # agent frames kept while no server is connected
+
+
+def write_status(path: str, **status) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"time": time.time(), **status}, f)
+    os.replace(tmp, path)
+
+
+class Holder:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.sel = selectors.DefaultSelector()
+        self.conn: socket.socket | None = None
+        self.conn_reader = P.FrameReader()
+        self.to_server = bytearray()  # whole frames waiting for the server
+        self.to_agent = bytearray()  # whole frames waiting for the agent's stdin
+        self.agent_reader = P.FrameReader()
+        self.agent_paused = False
+        self.conn_paused = False
+
+    def start_container(self) -> None:
+        in_r, self.in_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        log = os.open(self.cfg["agent_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        t0 = time.monotonic()
+        proc = subprocess.run(self.cfg["command"], stdin=in_r, stdout=out_w, stderr=log,
+                              close_fds=True)
+        os.close(in_r)
+        os.close(out_w)
+        os.close(log)
+        if proc.returncode != 0:
+            write_status(self.cfg["status"], state="start_failed", code=proc.returncode)
+            sys.exit(1)
+        write_status(self.cfg["status"], state="running", holder_pid=os.getpid(),
+                     start_seconds=round(time.monotonic() - t0, 4))
+        os.set_blocking(self.in_w, False)
+        os.set_blocking(self.out_r, False)
+
+    def run(self) -> None:
+        sock_path = self.cfg["socket"]
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        self.start_container()
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.out_r, selectors.EVENT_READ, "agent")
+        while True:
+            for key, events in self.sel.select():
+                what = key.data
+                if what == "accept":
+                    self.accept()
+                elif what == "agent":
+                    if events & selectors.EVENT_READ and not self.read_agent():
+                        self.finish()
+                        return
+                elif what == "agent_w":
+                    self.flush_agent()
+                elif what == "conn":
+                    if events & selectors.EVENT_READ:
+                        self.read_conn()
+                    if self.conn is not None and events & selectors.EVENT_WRITE:
+                        self.flush_server()
+
+    # --- server side ------------------------------------------------------------------
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            self.drop_conn()
+        conn.setblocking(False)
+        self.conn = conn
+        self.conn_reader = P.FrameReader()
+        self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "conn")
+        self.conn_paused = False
+
+    def drop_conn(self) -> None:
+        if self.conn is None:
+            return
+        if self.conn in [k.fileobj for k in self.sel.get_map().values()]:
+            self.sel.unregister(self.conn)
+        self.conn.close()
+        self.conn = None
+        # whatever the old server had opened is gone: tell the agent, at a frame boundary
+        self.queue_agent(P.frame(P.RESET, 0))
+        self.to_server.clear()
+        self.update_agent_reading()
+
+    def read_conn(self) -> None:
+        try:
+            data = self.conn.recv(P.CHUNK + P.HEADER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop_conn()
+            return
+        self.conn_reader.feed(data)
+        try:
+            frames = self.conn_reader.raw_frames()
+        except P.ProtocolError:
+            self.drop_conn()
+            return
+        for _kind, raw in frames:
+            self.queue_agent(raw)
+
+    def update_conn(self) -> None:
+        """Select on the server socket for what is wanted now: reading unless the agent is
+        behind (back-pressure), writing while frames wait for the server."""
+        if self.conn is None:
+            return
+        events = 0 if self.conn_paused else selectors.EVENT_READ
+        if self.to_server:
+            events |= selectors.EVENT_WRITE
+        registered = self.conn in [k.fileobj for k in self.sel.get_map().values()]
+        if events and registered:
+            self.sel.modify(self.conn, events, "conn")
+        elif events:
+            self.sel.register(self.conn, events, "conn")
+        elif registered:
+            self.sel.unregister(self.conn)  # selectors cannot watch for no event
+
+    def flush_server(self) -> None:
+        if self.to_server:
+            try:
+                n = self.conn.send(self.to_server)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.drop_conn()
+                return
+            del self.to_server[:n]
+        self.update_conn()
+        self.update_agent_reading()
+
+    # --- agent side -------------------------------------------------------------------
+    def read_agent(self) -> bool:
+        try:
+            data = os.read(self.out_r, P.CHUNK + P.HEADER_SIZE)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.agent_reader.feed(data)
+        for _kind, raw in self.agent_reader.raw_frames():
+            self.to_server += raw
+        if self.conn is not None and self.to_server:
+            self.flush_server()
+        self.update_agent_reading()
+        return True
+
+    def update_agent_reading(self) -> None:
+        limit = BUFFER_LIMIT if self.conn is None else 4 * P.CHUNK
+        pause = len(self.to_server) >= limit
+        if pause != self.agent_paused:
+            if pause:
+                self.sel.unregister(self.out_r)
+            else:
+                self.sel.register(self.out_r, selectors.EVENT_READ, "agent")
+            self.agent_paused = pause
+
+    def queue_agent(self, raw: bytes) -> None:
+        was_empty = not self.to_agent
+        self.to_agent += raw
+        if was_empty:
+            self.flush_agent()
+
+    def flush_agent(self) -> None:
+        while self.to_agent:
+            try:
+                n = os.write(self.in_w, self.to_agent)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                self.to_agent.clear()
+                break
+            del self.to_agent[:n]
+        registered = "agent_w" in (k.data for k in self.sel.get_map().values())
+        if self.to_agent and not registered:
+            self.sel.register(self.in_w, selectors.EVENT_WRITE, "agent_w")
+        elif not self.to_agent and registered:
+            self.sel.unregister(self.in_w)
+        # back-pressure towards the server when the agent does not keep up
+        pause = len(self.to_agent) > 4 * P.CHUNK
+        if pause != self.conn_paused:
+            self.conn_paused = pause
+            self.update_conn()
+
+    def finish(self) -> None:
+        # the agent's stdout closed: the sandbox has stopped (deleted, crashed, or killed)
+        if self.conn is not None and self.to_server:
+            self.conn.setblocking(True)
+            try:
+                self.conn.sendall(self.to_server)
+            except OSError:
+                pass
+        write_status(self.cfg["status"], state="exited")
+        try:
+            os.unlink(self.cfg["socket"])
+        except OSError:
+            pass
+
+
+def main() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
+    Holder(cfg).run()
+
+
+if __name__ == "__main__":
+    main()
