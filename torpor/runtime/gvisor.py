@@ -223,6 +223,15 @@ class GVisorDriver:
         await asyncio.to_thread(self._destroy_sync, spec)
 
     def _destroy_sync(self, spec: SandboxSpec) -> None:
+        self.stop_keep_disk(spec)
+        self.layer(spec).destroy()
+        try:
+            os.unlink(self.socket_path(spec.id))
+        except FileNotFoundError:
+            pass
+
+    def stop_keep_disk(self, spec: SandboxSpec) -> None:
+        """Stop the container and its holder, unmount the layer, keep the disk image."""
         subprocess.run(self.runsc_base() + ["delete", "--force", spec.id],
                        capture_output=True)
         pid = self._status(spec.id).get("holder_pid")
@@ -237,12 +246,8 @@ class GVisorDriver:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self.layer(spec).destroy()
+        self.layer(spec).unmount()
         self.cgroup(spec.id).remove()
-        try:
-            os.unlink(self.socket_path(spec.id))
-        except FileNotFoundError:
-            pass
 
     def stats(self, spec: SandboxSpec) -> Stats:
         cg = self.cgroup(spec.id)

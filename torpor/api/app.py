@@ -1,0 +1,124 @@
+"""The native REST front door: app factory, auth, error mapping, body limits.
+
+Routes live in sibling modules, each a thin translation onto one engine call.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from torpor._version import __version__
+from torpor.errors import TooLarge, TorporError, Unauthorized
+from torpor.engine.manager import Engine
+
+log = logging.getLogger("torpor.api")
+
+
+def error_response(e: TorporError) -> JSONResponse:
+    return JSONResponse({"error": e.to_dict()}, status_code=e.status)
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413, counting as they arrive (so a
+    chunked body without Content-Length is caught too). File uploads stream and are exempt."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"] == "PUT"
+                                       and scope["path"].endswith("/files")):
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await self._too_large(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send):
+        resp = error_response(TooLarge(f"request body over {self.limit} bytes; upload files "
+                                       "with PUT /v1/sandboxes/{id}/files, which streams"))
+        await send({"type": "http.response.start", "status": resp.status_code,
+                    "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if own_engine:
+            await engine.start()
+        yield
+        if own_engine:
+            await engine.stop()
+
+    app = FastAPI(title="Torpor", version=__version__, lifespan=lifespan,
+                  description="Perpetual sandboxes for AI agents. Auth: `Authorization: "
+                              "Bearer KEY` or `X-API-Key: KEY`.")
+    app.state.engine = engine
+
+    @app.exception_handler(TorporError)
+    async def _torpor_error(request: Request, e: TorporError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        msg = f"{field or 'request'}: {first.get('msg', 'invalid')}"
+        body = {"error": {"code": "invalid", "message": msg, "field": field,
+                          "errors": [{"loc": list(map(str, x.get("loc", []))),
+                                      "msg": x.get("msg")} for x in errs]}}
+        return JSONResponse(body, status_code=422)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        return {"ok": True, "version": __version__, "runsc": engine.driver.version}
+
+    from torpor.api import commands, files, sandboxes
+
+    deps = [Depends(require_key)]
+    app.include_router(sandboxes.router, prefix="/v1", dependencies=deps)
+    app.include_router(commands.router, prefix="/v1", dependencies=deps)
+    app.include_router(files.router, prefix="/v1", dependencies=deps)
+    app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
+    return app
+
+
+def require_key(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    key = key or request.headers.get("x-api-key")
+    try:
+        return request.app.state.engine.keys.check(key)
+    except Unauthorized:
+        raise
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine

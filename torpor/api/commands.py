@@ -1,0 +1,162 @@
+"""Routes: commands and background processes."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from torpor.api.app import engine_of
+from torpor.api.schemas import (CommandResultOut, ProcessOut, RunCommand, SignalIn,
+                                StdinIn)
+from torpor.errors import Timeout, Unavailable, from_agent
+from torpor.runtime.channel import AgentError, ChannelClosed, Stream
+
+router = APIRouter(tags=["commands"])
+RESULT_CAP = 16 << 20  # bytes of stdout (and of stderr) kept in a waited-for result
+
+
+async def events(sid: str, stream: Stream) -> AsyncIterator[dict]:
+    """The stream's frames as API events; abandons the stream if the consumer goes away."""
+    dec = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+           "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+    try:
+        async for ev in stream:
+            if ev.kind == "msg":
+                if ev.msg.get("event") == "start":
+                    yield {"type": "start", "pid": ev.msg["pid"]}
+                elif ev.msg.get("event") == "truncated":
+                    yield {"type": "truncated", "lost": ev.msg["lost"]}
+                continue
+            text = dec[ev.kind].decode(ev.data)
+            if text:
+                yield {"type": ev.kind, "data": text}
+        for kind, d in dec.items():
+            tail = d.decode(b"", final=True)
+            if tail:
+                yield {"type": kind, "data": tail}
+        try:
+            info = await stream.finish()
+        except AgentError as e:
+            err = from_agent(sid, e)
+            yield {"type": "error", "error": err.to_dict(), "status": err.status}
+            return
+        yield {"type": "exit", "exit_code": info["exit_code"], "signal": info["signal"],
+               "timed_out": info["timed_out"], "pid": info["pid"]}
+    finally:
+        stream.abandon()
+
+
+def stream_response(request: Request, sid: str, stream: Stream) -> StreamingResponse:
+    sse = "text/event-stream" in request.headers.get("accept", "")
+
+    async def body():
+        async for ev in events(sid, stream):
+            line = json.dumps(ev, separators=(",", ":"))
+            yield f"event: {ev['type']}\ndata: {line}\n\n" if sse else line + "\n"
+
+    media = "text/event-stream" if sse else "application/x-ndjson"
+    return StreamingResponse(body(), media_type=media,
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@router.post("/sandboxes/{sid}/commands", responses={200: {"model": CommandResultOut},
+                                                    201: {"model": ProcessOut}})
+async def run_command(sid: str, body: RunCommand, request: Request):
+    engine = engine_of(request)
+    args = dict(argv=body.full_argv(), env=body.env, cwd=body.cwd, user=body.user,
+                timeout=body.timeout, tag=body.tag)
+    if body.background:
+        info = await engine.call(sid, "exec", background=True, stdin=body.stdin is not None,
+                                 **args)
+        if body.stdin is not None:
+            await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(ProcessOut(**info).model_dump(), status_code=201)
+    stream = await engine.open(sid, "exec", stdin=body.stdin is not None, **args)
+    if body.stdin is not None:
+        try:
+            await stream.send(body.stdin.encode())
+            await stream.send_eof()
+        except ChannelClosed:
+            pass
+    if body.stream:
+        return stream_response(request, sid, stream)
+    out = {"stdout": [], "stderr": []}
+    size = {"stdout": 0, "stderr": 0}
+    truncated = False
+    pid = None
+    async for ev in events(sid, stream):
+        t = ev["type"]
+        if t == "start":
+            pid = ev["pid"]
+        elif t in out:
+            if size[t] + len(ev["data"]) > RESULT_CAP:
+                truncated = True
+                continue
+            out[t].append(ev["data"])
+            size[t] += len(ev["data"])
+        elif t == "error":
+            raise _error(ev)
+        elif t == "exit":
+            return CommandResultOut(pid=ev["pid"], exit_code=ev["exit_code"],
+                                    stdout="".join(out["stdout"]),
+                                    stderr="".join(out["stderr"]), signal=ev["signal"],
+                                    timed_out=ev["timed_out"], truncated=truncated)
+    raise Unavailable(f"sandbox {sid}: the command's stream ended early (pid {pid})",
+                      sandbox_id=sid)
+
+
+def _error(ev: dict):
+    from torpor.errors import TorporError
+
+    e = TorporError(ev["error"].get("message", "error"))
+    e.status = ev.get("status", 500)
+    e.code = ev["error"].get("code", "internal")
+    e.extra = {k: v for k, v in ev["error"].items() if k not in ("code", "message")}
+    return e
+
+
+@router.get("/sandboxes/{sid}/processes", response_model=list[ProcessOut])
+async def list_processes(sid: str, request: Request):
+    return await engine_of(request).call(sid, "proc_list")
+
+
+@router.get("/sandboxes/{sid}/processes/{pid}", response_model=ProcessOut)
+async def process_info(sid: str, pid: int, request: Request):
+    return await engine_of(request).call(sid, "proc_info", pid=pid)
+
+
+@router.get("/sandboxes/{sid}/processes/{pid}/output")
+async def process_output(sid: str, pid: int, request: Request, follow: bool = False,
+                         offset: int | None = None):
+    engine = engine_of(request)
+    await engine.call(sid, "proc_info", pid=pid)  # 404 before the stream starts
+    stream = await engine.open(sid, "proc_follow", pid=pid, offset=offset, follow=follow)
+    return stream_response(request, sid, stream)
+
+
+@router.post("/sandboxes/{sid}/processes/{pid}/stdin")
+async def process_stdin(sid: str, pid: int, body: StdinIn, request: Request):
+    return await engine_of(request).call(sid, "proc_stdin", pid=pid, data=body.data,
+                                         eof=body.eof)
+
+
+@router.post("/sandboxes/{sid}/processes/{pid}/signal")
+async def process_signal(sid: str, pid: int, body: SignalIn, request: Request):
+    return await engine_of(request).call(sid, "proc_signal", pid=pid, signal=body.signal)
+
+
+@router.post("/sandboxes/{sid}/processes/{pid}/wait", response_model=ProcessOut)
+async def process_wait(sid: str, pid: int, request: Request, timeout: float = 60.0):
+    import asyncio
+
+    try:
+        return await engine_of(request).call(sid, "proc_wait", pid=pid, timeout=timeout)
+    except asyncio.TimeoutError:
+        raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s",
+                      sandbox_id=sid, pid=pid) from None

@@ -1,0 +1,68 @@
+"""Routes: sandboxes, templates, API keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Request, Response
+
+from torpor.api.app import engine_of
+from torpor.api.schemas import (CreateKey, CreateSandbox, EventOut, KeyOut, SandboxOut,
+                                TemplateOut)
+
+router = APIRouter()
+
+
+@router.get("/templates", response_model=list[TemplateOut], tags=["templates"])
+async def list_templates(request: Request):
+    return [t.to_dict() for t in engine_of(request).list_templates()]
+
+
+@router.post("/sandboxes", status_code=201, response_model=SandboxOut, tags=["sandboxes"])
+async def create_sandbox(body: CreateSandbox, request: Request):
+    info = await engine_of(request).create(**body.model_dump())
+    return asdict(info)
+
+
+@router.get("/sandboxes", response_model=list[SandboxOut], tags=["sandboxes"])
+async def list_sandboxes(request: Request, state: str | None = None):
+    meta = {k[len("metadata."):]: v for k, v in request.query_params.items()
+            if k.startswith("metadata.")}
+    return [asdict(i) for i in engine_of(request).list(state=state, metadata=meta)]
+
+
+@router.get("/sandboxes/{sid}", response_model=SandboxOut, tags=["sandboxes"])
+async def get_sandbox(sid: str, request: Request):
+    return asdict(engine_of(request).get(sid))
+
+
+@router.delete("/sandboxes/{sid}", status_code=204, tags=["sandboxes"])
+async def delete_sandbox(sid: str, request: Request):
+    await engine_of(request).delete(sid)
+    return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sid}/events", response_model=list[EventOut], tags=["sandboxes"])
+async def sandbox_events(sid: str, request: Request):
+    return [EventOut.model_validate(e, from_attributes=True)
+            for e in engine_of(request).events(sid)]
+
+
+@router.post("/keys", status_code=201, response_model=KeyOut, tags=["keys"])
+async def create_key(body: CreateKey, request: Request):
+    row, key = engine_of(request).keys.create(body.name)
+    out = KeyOut.model_validate(row, from_attributes=True)
+    out.key = key
+    return out
+
+
+@router.get("/keys", response_model=list[KeyOut], tags=["keys"])
+async def list_keys(request: Request):
+    return [KeyOut.model_validate(r, from_attributes=True)
+            for r in engine_of(request).keys.list()]
+
+
+@router.delete("/keys/{key_id}", status_code=204, tags=["keys"])
+async def revoke_key(key_id: str, request: Request):
+    engine_of(request).keys.revoke(key_id)
+    return Response(status_code=204)

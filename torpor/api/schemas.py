@@ -1,0 +1,150 @@
+"""Request and response bodies of the REST API (pydantic). docs/api.md is the contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Str = Field(max_length=4096)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandbox(Strict):
+    template: str = Field("base", max_length=64)
+    env: dict[str, str] = Field(default_factory=dict, max_length=1000)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=100)
+    cpu: float | None = Field(None, gt=0)
+    memory_mb: int | None = Field(None, gt=0)
+    disk_mb: int | None = Field(None, gt=0)
+
+
+class SandboxOut(BaseModel):
+    id: str
+    template: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    env: dict[str, str]
+    metadata: dict[str, str]
+    reason: str | None = None
+
+
+class TemplateOut(BaseModel):
+    name: str
+    description: str
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    user: str
+    workdir: str
+    env: dict[str, str]
+
+
+class CreateKey(Strict):
+    name: str = Field(min_length=1, max_length=128)
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+    key: str | None = None
+
+
+class EventOut(BaseModel):
+    at: datetime
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+    detail: dict
+
+
+class RunCommand(Strict):
+    cmd: str | None = Field(None, max_length=262144)
+    argv: list[str] | None = Field(None, min_length=1, max_length=10000)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, max_length=4096)
+    user: str | int = "user"
+    stdin: str | None = None
+    timeout: float | None = Field(60.0, gt=0)
+    background: bool = False
+    stream: bool = False
+    tag: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.cmd is None) == (self.argv is None):
+            raise ValueError("give exactly one of cmd (a shell string) and argv (a list)")
+        return self
+
+    def full_argv(self) -> list[str]:
+        return ["/bin/sh", "-c", self.cmd] if self.cmd is not None else list(self.argv)
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    argv: list[str]
+    tag: str | None = None
+    started_at: float
+    running: bool
+    exit_code: int | None = None
+    signal: str | None = None
+    timed_out: bool = False
+    output_bytes: int = 0
+
+
+class CommandResultOut(BaseModel):
+    pid: int
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    signal: str | None = None
+    timed_out: bool = False
+    truncated: bool = False
+
+
+class StdinIn(Strict):
+    data: str = ""
+    eof: bool = False
+
+
+class SignalIn(Strict):
+    signal: str = Field("SIGTERM", max_length=16)
+
+
+class EntryOut(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    owner: str
+    mtime: float
+    target: str | None = None
+
+
+class MkdirIn(Strict):
+    path: str = Field(max_length=4096)
+    parents: bool = True
+    user: str = "user"
+
+
+class RenameIn(Strict):
+    src: str = Field(max_length=4096)
+    dst: str = Field(max_length=4096)
+    overwrite: bool = False
+    user: str = "user"

@@ -1,0 +1,421 @@
+"""The engine: the one place that decides a sandbox's state.
+
+It owns the sandbox records (SQLite), the runtime driver, each sandbox's agent channel,
+the warm pool, the memory watchdog, and recovery after a restart. Front doors call its
+methods; none of them touches the driver or the database directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from torpor.config import Settings
+from torpor.engine.keys import KeyStore
+from torpor.errors import Invalid, NotFound, TorporError, Unavailable, from_agent
+from torpor.runtime.base import RuntimeError_, SandboxSpec
+from torpor.runtime.channel import AgentError, Channel, ChannelClosed
+from torpor.runtime.gvisor import GVisorDriver
+from torpor.storage.templates import Template, TemplateStore
+from torpor.store.db import open_db
+from torpor.store.models import EventRow, SandboxRow, now
+
+log = logging.getLogger("torpor.engine")
+
+RUNNING, CREATING, FAILED, DELETED = "running", "creating", "failed", "deleted"
+_ALPHABET = string.ascii_lowercase + string.digits
+WATCH_INTERVAL = 0.25  # seconds between memory checks of running sandboxes
+
+
+def new_id() -> str:
+    return "sbx_" + "".join(secrets.choice(_ALPHABET) for _ in range(12))
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    template: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    env: dict[str, str]
+    metadata: dict[str, str]
+    reason: str | None
+
+    @classmethod
+    def of(cls, row: SandboxRow) -> "SandboxInfo":
+        return cls(id=row.id, template=row.template, state=row.state,
+                   created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
+                   memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
+                   metadata=dict(row.meta or {}), reason=row.reason)
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self.db, self.sessions = open_db(settings.db_path)
+        self.keys = KeyStore(self.sessions)
+        self.templates = TemplateStore(self.data_dir)
+        self.templates.ensure_base()
+        self.driver = GVisorDriver(self.data_dir, runsc=settings.runsc,
+                                   platform=settings.platform)
+        self.channels: dict[str, Channel] = {}
+        self._specs: dict[str, SandboxSpec] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._pool_lock = asyncio.Lock()
+        self._pool_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    # --- start and stop -----------------------------------------------------------------
+    def ensure_admin_key(self) -> str | None:
+        """On first start, make an admin key: store its hash, write it to <data>/api-key
+        (mode 0600) and return it so the caller can print it once."""
+        if self.keys.has_any():
+            return None
+        _, key = self.keys.create("admin", admin=True)
+        path = self.settings.api_key_file
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+
+    async def start(self) -> None:
+        await self.recover()
+        self._tasks.append(asyncio.create_task(self._pool_loop()))
+        self._tasks.append(asyncio.create_task(self._watchdog_loop()))
+
+    async def stop(self) -> None:
+        """Stop the server's side only: sandboxes keep running under their holders and the
+        next server start adopts them."""
+        self._closing = True
+        for t in self._tasks + list(self._watchers.values()):
+            t.cancel()
+        for chan in list(self.channels.values()):
+            await chan.close()
+        self.channels.clear()
+        self.db.dispose()
+
+    async def recover(self) -> None:
+        """Bring back every sandbox the database says exists: adopt the running ones (their
+        holders survived us), and mark the rest failed with the reason. Nothing is dropped."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(SandboxRow).where(
+                SandboxRow.state.in_([RUNNING, CREATING]))))
+        for row in rows:
+            spec = self._spec(row)
+            if row.state == CREATING:
+                await self._fail(row.id, "the server stopped while the sandbox was created",
+                                 "restore_failed", destroy=True)
+                continue
+            try:
+                await asyncio.to_thread(self.driver.layer(spec).mount)
+                chan = await self.driver.adopt(spec)
+            except (RuntimeError_, OSError) as e:
+                if row.pooled:
+                    await self.driver.destroy(spec)
+                    self._set_state(row.id, DELETED, "pool sandbox lost at restart", "restore")
+                else:
+                    await self._fail(row.id, f"could not be adopted after restart: {e}",
+                                     "restore_failed")
+                continue
+            self._attach(row.id, spec, chan)
+            self._event(row.id, "adopted", RUNNING, RUNNING, "restart", {})
+
+    # --- records ------------------------------------------------------------------------
+    def _spec(self, row: SandboxRow) -> SandboxSpec:
+        spec = self._specs.get(row.id)
+        if spec is None:
+            tpl = self.templates.get(row.template)
+            if tpl is None:
+                raise Unavailable(f"sandbox {row.id}: template {row.template} is gone")
+            spec = SandboxSpec(id=row.id, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
+                               disk_mb=row.disk_mb, hostname="sandbox")
+            self._specs[row.id] = spec
+        return spec
+
+    def _row(self, sid: str) -> SandboxRow:
+        with self.sessions() as s:
+            row = s.get(SandboxRow, sid)
+        if row is None or row.state == DELETED or row.pooled:
+            raise NotFound(f"no sandbox {sid}; `torpor sandbox list` shows yours",
+                           sandbox_id=sid)
+        return row
+
+    def _event(self, sid: str, kind: str, from_state, to_state, reason: str | None,
+               detail: dict) -> None:
+        with self.sessions.begin() as s:
+            s.add(EventRow(sandbox_id=sid, kind=kind, from_state=from_state,
+                           to_state=to_state, reason=reason, detail=detail))
+
+    def _set_state(self, sid: str, state: str, message: str | None, reason: str) -> None:
+        with self.sessions.begin() as s:
+            row = s.get(SandboxRow, sid)
+            old = row.state
+            row.state = state
+            row.updated_at = now()
+            if state == FAILED:
+                row.reason = message
+            if state == DELETED:
+                row.deleted_at = now()
+            s.add(EventRow(sandbox_id=sid, kind="state", from_state=old, to_state=state,
+                           reason=reason, detail={"message": message} if message else {}))
+
+    async def _fail(self, sid: str, message: str, reason: str, destroy: bool = False) -> None:
+        log.warning("sandbox %s failed: %s", sid, message)
+        chan = self.channels.pop(sid, None)
+        if chan:
+            await chan.close()
+        with self.sessions() as s:
+            row = s.get(SandboxRow, sid)
+        if destroy and row is not None:
+            try:
+                await self.driver.destroy(self._spec(row))
+            except TorporError:
+                pass
+        self._set_state(sid, FAILED, message, reason)
+
+    # --- templates ----------------------------------------------------------------------
+    def list_templates(self) -> list[Template]:
+        return self.templates.list()
+
+    def template(self, name: str) -> Template:
+        tpl = self.templates.get(name)
+        if tpl is None:
+            names = [t.name for t in self.templates.list()]
+            raise NotFound(f"no template {name!r}; known templates: {', '.join(names)}",
+                           templates=names, field="template")
+        return tpl
+
+    # --- sandboxes ----------------------------------------------------------------------
+    def _validate(self, cpu: float, memory_mb: int, disk_mb: int) -> None:
+        cores = os.cpu_count() or 1
+        if not 0.1 <= cpu <= cores:
+            raise Invalid(f"cpu must be between 0.1 and {cores} (this host's cores)",
+                          field="cpu")
+        total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+        if not 64 <= memory_mb <= total_mb:
+            raise Invalid(f"memory_mb must be between 64 and {total_mb}", field="memory_mb")
+        if not 64 <= disk_mb <= 1 << 20:
+            raise Invalid("disk_mb must be between 64 and 1048576", field="disk_mb")
+
+    async def create(self, template: str = "base", env: dict | None = None,
+                     metadata: dict | None = None, cpu: float | None = None,
+                     memory_mb: int | None = None, disk_mb: int | None = None) -> SandboxInfo:
+        tpl = self.template(template)
+        cpu = float(cpu if cpu is not None else tpl.cpu)
+        memory_mb = int(memory_mb if memory_mb is not None else tpl.memory_mb)
+        disk_mb = int(disk_mb if disk_mb is not None else tpl.disk_mb)
+        self._validate(cpu, memory_mb, disk_mb)
+        env = dict(env or {})
+        metadata = dict(metadata or {})
+        pooled = await self._take_from_pool(tpl, cpu, memory_mb, disk_mb, env, metadata)
+        if pooled is not None:
+            return pooled
+        row = SandboxRow(id=new_id(), template=tpl.name, state=CREATING, cpu=cpu,
+                         memory_mb=memory_mb, disk_mb=disk_mb, env=env, meta=metadata,
+                         pooled=False)
+        with self.sessions.begin() as s:
+            s.add(row)
+        await self._boot(row, env)
+        return SandboxInfo.of(self._row(row.id))
+
+    async def _boot(self, row: SandboxRow, env: dict) -> None:
+        spec = self._spec(row)
+        try:
+            chan = await self.driver.start(spec)
+            if env:
+                await chan.call("configure", env=env)
+        except (RuntimeError_, ChannelClosed, AgentError, OSError, TimeoutError) as e:
+            await self._fail(row.id, f"could not start: {e}", "start_failed", destroy=True)
+            raise Unavailable(f"sandbox {row.id} could not start: {e}",
+                              sandbox_id=row.id) from None
+        self._attach(row.id, spec, chan)
+        self._set_state(row.id, RUNNING, None, "created")
+
+    def _attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
+        self.channels[sid] = chan
+        self._specs[sid] = spec
+        self._watchers[sid] = asyncio.create_task(self._watch_channel(sid, chan))
+
+    async def _watch_channel(self, sid: str, chan: Channel) -> None:
+        """A channel that closes while its sandbox should run means the sandbox died."""
+        await chan.closed.wait()
+        self._watchers.pop(sid, None)
+        if self._closing or self.channels.get(sid) is not chan:
+            return
+        self.channels.pop(sid, None)
+        with self.sessions() as s:
+            row = s.get(SandboxRow, sid)
+        if row is None or row.state != RUNNING:
+            return
+        spec = self._spec(row)
+        stats = self.driver.stats(spec)
+        if stats.oom_kills:
+            msg = (f"out of memory: the sandbox used more than its limit "
+                   f"({row.memory_mb} MiB) faster than processes could be stopped")
+            reason = "oom"
+        else:
+            msg = "the sandbox stopped unexpectedly (its agent exited or runsc died)"
+            reason = "crashed"
+        await self._fail(sid, msg, reason, destroy=False)
+        # stop what is left of it, keep its disk for inspection until it is deleted
+        await asyncio.to_thread(self.driver.stop_keep_disk, spec)
+
+    def list(self, state: str | None = None,
+             metadata: dict[str, str] | None = None) -> list[SandboxInfo]:
+        with self.sessions() as s:
+            q = select(SandboxRow).where(SandboxRow.pooled.is_(False))
+            q = q.where(SandboxRow.state == state) if state else q.where(
+                SandboxRow.state != DELETED)
+            rows = list(s.scalars(q.order_by(SandboxRow.created_at)))
+        out = []
+        for r in rows:
+            meta = r.meta or {}
+            if metadata and any(meta.get(k) != v for k, v in metadata.items()):
+                continue
+            out.append(SandboxInfo.of(r))
+        return out
+
+    def get(self, sid: str) -> SandboxInfo:
+        return SandboxInfo.of(self._row(sid))
+
+    async def delete(self, sid: str) -> None:
+        row = self._row(sid)
+        chan = self.channels.pop(sid, None)
+        if chan:
+            await chan.close()
+        self._set_state(sid, DELETED, None, "explicit")
+        await self.driver.destroy(self._spec(row))
+        self._specs.pop(sid, None)
+
+    def events(self, sid: str) -> list[EventRow]:
+        self._row(sid)
+        with self.sessions() as s:
+            return list(s.scalars(select(EventRow).where(EventRow.sandbox_id == sid)
+                                  .order_by(EventRow.id)))
+
+    # --- the agent ----------------------------------------------------------------------
+    async def channel(self, sid: str) -> Channel:
+        """The agent channel of a running sandbox (the engine's activity hook)."""
+        chan = self.channels.get(sid)
+        if chan is not None and not chan.closed.is_set():
+            return chan
+        row = self._row(sid)
+        if row.state == FAILED:
+            raise Unavailable(f"sandbox {sid} has failed: {row.reason}. Delete it and create "
+                              "a new one", sandbox_id=sid)
+        raise Unavailable(f"sandbox {sid} is {row.state}, not running", sandbox_id=sid)
+
+    async def call(self, sid: str, op: str, timeout: float | None = 60.0, **args: Any) -> Any:
+        chan = await self.channel(sid)
+        try:
+            return await chan.call(op, timeout=timeout, **args)
+        except AgentError as e:
+            raise from_agent(sid, e) from None
+        except ChannelClosed:
+            raise Unavailable(f"sandbox {sid}: the sandbox stopped during {op}",
+                              sandbox_id=sid) from None
+
+    async def open(self, sid: str, op: str, **args: Any):
+        chan = await self.channel(sid)
+        try:
+            return chan.open(op, **args)
+        except ChannelClosed:
+            raise Unavailable(f"sandbox {sid}: the sandbox stopped", sandbox_id=sid) from None
+
+    # --- warm pool ----------------------------------------------------------------------
+    def _pool_rows(self, template: str) -> list[SandboxRow]:
+        with self.sessions() as s:
+            return list(s.scalars(select(SandboxRow).where(
+                SandboxRow.pooled.is_(True), SandboxRow.state == RUNNING,
+                SandboxRow.template == template).order_by(SandboxRow.created_at)))
+
+    async def _take_from_pool(self, tpl: Template, cpu, memory_mb, disk_mb, env,
+                              metadata) -> SandboxInfo | None:
+        if (cpu, memory_mb, disk_mb) != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
+            return None
+        async with self._pool_lock:
+            for row in self._pool_rows(tpl.name):
+                chan = self.channels.get(row.id)
+                if chan is None or chan.closed.is_set():
+                    continue
+                with self.sessions.begin() as s:
+                    r = s.get(SandboxRow, row.id)
+                    r.pooled = False
+                    r.env = env
+                    r.meta = metadata
+                    r.created_at = r.updated_at = now()
+                    s.add(EventRow(sandbox_id=r.id, kind="handed_out", from_state=RUNNING,
+                                   to_state=RUNNING, reason="created", detail={"pool": True}))
+                self._pool_wakeup.set()
+                if env:
+                    try:
+                        await chan.call("configure", env=env)
+                    except (AgentError, ChannelClosed) as e:
+                        await self._fail(row.id, f"could not configure: {e}", "start_failed")
+                        continue
+                return SandboxInfo.of(self._row(row.id))
+        self._pool_wakeup.set()
+        return None
+
+    async def _pool_loop(self) -> None:
+        """Keep `pool_size` booted sandboxes per template, with the template's defaults."""
+        while True:
+            self._pool_wakeup.clear()
+            if self.settings.pool_size > 0:
+                for tpl in self.templates.list():
+                    while len(self._pool_rows(tpl.name)) < self.settings.pool_size:
+                        row = SandboxRow(id=new_id(), template=tpl.name, state=CREATING,
+                                         cpu=tpl.cpu, memory_mb=tpl.memory_mb,
+                                         disk_mb=tpl.disk_mb, env={}, meta={}, pooled=True)
+                        with self.sessions.begin() as s:
+                            s.add(row)
+                        try:
+                            await self._boot(row, {})
+                        except TorporError as e:
+                            log.error("warm pool: %s", e)
+                            await asyncio.sleep(5)
+                            break
+            try:
+                await asyncio.wait_for(self._pool_wakeup.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- memory watchdog -----------------------------------------------------------------
+    async def _watchdog_loop(self) -> None:
+        """gVisor has no guest OOM killer here: past the cgroup limit the host kills the
+        whole sentry. So the engine watches usage and, past the sandbox's memory_mb (plus
+        sentry overhead), kills the sandbox's largest process before the hard limit hits."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for sid, spec in list(self._specs.items()):
+                chan = self.channels.get(sid)
+                if chan is None or chan.closed.is_set():
+                    continue
+                used = self.driver.cgroup(sid).memory_bytes()
+                if used is None or used <= self.driver.soft_memory_limit(spec):
+                    continue
+                try:
+                    res = await chan.call("oom_kill", timeout=5)
+                except (AgentError, ChannelClosed, asyncio.TimeoutError):
+                    continue
+                if res.get("killed"):
+                    log.warning("sandbox %s over memory (%d MiB): killed pid %s (%s)", sid,
+                                used >> 20, res["killed"], res.get("cmdline"))
+                    self._event(sid, "oom_kill", RUNNING, RUNNING, "memory_limit",
+                                {"used_bytes": used, "limit_mb": spec.memory_mb, **res})

@@ -1,0 +1,32 @@
+"""`torpor serve`: the engine plus the REST front door under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from torpor.config import Settings
+
+
+def build(settings: Settings):
+    from torpor.api.app import create_app
+    from torpor.engine.manager import Engine
+
+    engine = Engine(settings)
+    key = engine.ensure_admin_key()
+    if key:
+        print(f"Torpor: created the admin API key (shown once, also in "
+              f"{settings.api_key_file}, mode 0600):\n  {key}", file=sys.stderr, flush=True)
+    return create_app(engine)
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build(settings)
+    print(f"Torpor listening on http://{settings.host}:{settings.port} "
+          f"(data: {settings.data_dir})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=10)
