@@ -1,0 +1,247 @@
+"""Request building shared by the sync and async clients.
+
+Each REST operation of docs/api.md is one function returning a `Call`: what to send and
+how to read the answer. The clients only send Calls (`_http.py`), so the two stay twins
+and a fix to an operation lands once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from torpor.sdk.config import CONNECT_TIMEOUT
+from torpor.sdk.models import (
+    ApiKey,
+    CommandResult,
+    EntryInfo,
+    ProcessInfo,
+    SandboxInfo,
+    Template,
+    WriteInfo,
+)
+
+T = TypeVar("T")
+NDJSON = "application/x-ndjson"
+# HTTP read timeout beyond a command's own timeout, so the server's answer wins the race
+COMMAND_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    operation: str  # for error messages: "read file /etc/hosts"
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    content: Any = None
+    headers: Mapping[str, str] | None = None
+    timeout: Any = httpx.USE_CLIENT_DEFAULT
+    sandbox_id: str | None = None
+
+    def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        params = {k: v for k, v in (self.params or {}).items() if v is not None}
+        return client.build_request(self.method, self.path, params=params, json=self.json,
+                                    content=self.content, headers=self.headers,
+                                    timeout=self.timeout)
+
+
+def _model(cls: Any) -> Callable[[httpx.Response], Any]:
+    return lambda r: cls.model_validate(r.json())
+
+
+def _models(cls: Any) -> Callable[[httpx.Response], list[Any]]:
+    return lambda r: [cls.model_validate(x) for x in r.json()]
+
+
+def _nothing(r: httpx.Response) -> None:
+    return None
+
+
+def _key(name: str) -> Callable[[httpx.Response], Any]:
+    return lambda r: r.json()[name]
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _sbx(sid: str, rest: str = "") -> str:
+    return f"/v1/sandboxes/{quote(sid, safe='')}{rest}"
+
+
+def long_timeout(seconds: float | None) -> httpx.Timeout:
+    """HTTP timeout for a call the server may hold open `seconds` (None: for ever)."""
+    read = None if seconds is None else seconds + COMMAND_GRACE
+    return httpx.Timeout(CONNECT_TIMEOUT, read=read, write=None, pool=None)
+
+
+# --- sandboxes, templates, keys ----------------------------------------------------------
+
+def create_sandbox(template: str | None, env: Mapping[str, str] | None,
+                   metadata: Mapping[str, str] | None, cpu: float | None,
+                   memory_mb: int | None, disk_mb: int | None,
+                   timeout: float | None) -> Call[SandboxInfo]:
+    body = {k: v for k, v in {"template": template, "env": env, "metadata": metadata, "cpu": cpu,
+                                  "memory_mb": memory_mb, "disk_mb": disk_mb}.items()
+            if v is not None}
+    t = httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(
+        CONNECT_TIMEOUT, read=timeout, write=timeout, pool=timeout)
+    return Call(f"create sandbox from template {template or 'base'}", "POST", "/v1/sandboxes",
+                _model(SandboxInfo), json=body, timeout=t)
+
+
+def list_sandboxes(state: str | None,
+                   metadata: Mapping[str, str] | None) -> Call[list[SandboxInfo]]:
+    params: dict[str, Any] = {"state": state}
+    params.update({f"metadata.{k}": v for k, v in (metadata or {}).items()})
+    return Call("list sandboxes", "GET", "/v1/sandboxes", _models(SandboxInfo), params=params)
+
+
+def get_sandbox(sid: str) -> Call[SandboxInfo]:
+    return Call("get sandbox", "GET", _sbx(sid), _model(SandboxInfo), sandbox_id=sid)
+
+
+def delete_sandbox(sid: str) -> Call[None]:
+    return Call("delete sandbox", "DELETE", _sbx(sid), _nothing, sandbox_id=sid)
+
+
+def list_templates() -> Call[list[Template]]:
+    return Call("list templates", "GET", "/v1/templates", _models(Template))
+
+
+def create_key(name: str) -> Call[ApiKey]:
+    return Call(f"create API key {name!r}", "POST", "/v1/keys", _model(ApiKey),
+                json={"name": name})
+
+
+def list_keys() -> Call[list[ApiKey]]:
+    return Call("list API keys", "GET", "/v1/keys", _models(ApiKey))
+
+
+def revoke_key(key_id: str) -> Call[None]:
+    return Call(f"revoke API key {key_id}", "DELETE", f"/v1/keys/{quote(key_id, safe='')}",
+                _nothing)
+
+
+# --- commands and processes --------------------------------------------------------------
+
+def run_command(sid: str, cmd: str | Sequence[str], *, env: Mapping[str, str] | None,
+                cwd: str | None, user: str | int | None, stdin: str | bytes | None,
+                timeout: float | None, background: bool, stream: bool,
+                tag: str | None) -> Call[Any]:
+    """POST .../commands. The parser suits the plain answer (CommandResult) or the
+    background one (ProcessInfo); a streamed answer is read line by line instead."""
+    if isinstance(cmd, str):
+        shell, argv = cmd, None
+    else:
+        shell, argv = None, [str(a) for a in cmd]
+        if not argv:
+            raise ValueError("cmd must be a shell string or a non-empty list of arguments")
+    if isinstance(stdin, bytes):
+        stdin = stdin.decode()  # the API carries stdin as text
+    body: dict[str, Any] = {"cmd": shell, "argv": argv, "env": dict(env or {}), "cwd": cwd,
+                            "stdin": stdin, "timeout": timeout, "background": background,
+                            "stream": stream, "tag": tag}
+    if user is not None:
+        body["user"] = user
+    what = shell if shell is not None else " ".join(argv or [])
+    parse = _model(ProcessInfo) if background else _model(CommandResult)
+    return Call(f"run {what[:80]!r}", "POST", _sbx(sid, "/commands"), parse, json=body,
+                headers={"Accept": NDJSON} if stream else None,
+                timeout=httpx.USE_CLIENT_DEFAULT if background else long_timeout(timeout),
+                sandbox_id=sid)
+
+
+def list_processes(sid: str) -> Call[list[ProcessInfo]]:
+    return Call("list processes", "GET", _sbx(sid, "/processes"), _models(ProcessInfo),
+                sandbox_id=sid)
+
+
+def get_process(sid: str, pid: int) -> Call[ProcessInfo]:
+    return Call(f"get process {pid}", "GET", _sbx(sid, f"/processes/{pid}"),
+                _model(ProcessInfo), sandbox_id=sid)
+
+
+def process_output(sid: str, pid: int, follow: bool, offset: int | None,
+                   read_timeout: float | None = None) -> Call[None]:
+    """GET .../output: an NDJSON stream, read line by line by the caller. A followed
+    stream may be silent for long: it waits `read_timeout` seconds per read (None: ever)."""
+    timeout = (httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout, write=None, pool=None)
+               if follow else httpx.USE_CLIENT_DEFAULT)
+    return Call(f"read output of process {pid}", "GET", _sbx(sid, f"/processes/{pid}/output"),
+                _nothing, params={"follow": _bool(follow), "offset": offset},
+                headers={"Accept": NDJSON}, timeout=timeout, sandbox_id=sid)
+
+
+def send_stdin(sid: str, pid: int, data: str | bytes, eof: bool) -> Call[None]:
+    if isinstance(data, bytes):
+        data = data.decode()
+    return Call(f"send stdin to process {pid}", "POST", _sbx(sid, f"/processes/{pid}/stdin"),
+                _nothing, json={"data": data, "eof": eof}, sandbox_id=sid)
+
+
+def signal_process(sid: str, pid: int, signal: str) -> Call[None]:
+    return Call(f"send {signal} to process {pid}", "POST",
+                _sbx(sid, f"/processes/{pid}/signal"), _nothing, json={"signal": signal},
+                sandbox_id=sid)
+
+
+# --- files -------------------------------------------------------------------------------
+
+def read_file(sid: str, path: str, user: str | None) -> Call[bytes]:
+    return Call(f"read file {path}", "GET", _sbx(sid, "/files"), lambda r: r.content,
+                params={"path": path, "user": user}, sandbox_id=sid)
+
+
+def write_file(sid: str, path: str, content: Any, mode: int | str | None,
+               user: str | None) -> Call[WriteInfo]:
+    """PUT .../files; `content` is bytes or a (sync or async) iterator of byte chunks."""
+    if isinstance(mode, int):
+        mode = f"{mode:04o}"
+    return Call(f"write file {path}", "PUT", _sbx(sid, "/files"), _model(WriteInfo),
+                params={"path": path, "mode": mode, "user": user}, content=content,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=long_timeout(None), sandbox_id=sid)
+
+
+def stat(sid: str, path: str, user: str | None) -> Call[EntryInfo]:
+    return Call(f"stat {path}", "GET", _sbx(sid, "/files/stat"), _model(EntryInfo),
+                params={"path": path, "user": user}, sandbox_id=sid)
+
+
+def list_dir(sid: str, path: str, depth: int, user: str | None) -> Call[list[EntryInfo]]:
+    return Call(f"list {path}", "GET", _sbx(sid, "/files/list"), _models(EntryInfo),
+                params={"path": path, "depth": depth, "user": user}, sandbox_id=sid)
+
+
+def exists(sid: str, path: str, user: str | None) -> Call[bool]:
+    return Call(f"check {path}", "GET", _sbx(sid, "/files/exists"), _key("exists"),
+                params={"path": path, "user": user}, sandbox_id=sid)
+
+
+def make_dir(sid: str, path: str, parents: bool, user: str | None) -> Call[bool]:
+    body: dict[str, Any] = {"path": path, "parents": parents}
+    if user is not None:
+        body["user"] = user
+    return Call(f"make directory {path}", "POST", _sbx(sid, "/files/mkdir"), _key("created"),
+                json=body, sandbox_id=sid)
+
+
+def rename(sid: str, src: str, dst: str, overwrite: bool, user: str | None) -> Call[str]:
+    body: dict[str, Any] = {"src": src, "dst": dst, "overwrite": overwrite}
+    if user is not None:
+        body["user"] = user
+    return Call(f"rename {src} to {dst}", "POST", _sbx(sid, "/files/rename"), _key("path"),
+                json=body, sandbox_id=sid)
+
+
+def remove(sid: str, path: str, recursive: bool, user: str | None) -> Call[None]:
+    return Call(f"remove {path}", "DELETE", _sbx(sid, "/files"), _nothing,
+                params={"path": path, "recursive": _bool(recursive), "user": user},
+                sandbox_id=sid)

@@ -1,0 +1,86 @@
+"""Small clients for what is not one sandbox: API keys and templates.
+
+`Keys` / `Templates` (sync) and `AsyncKeys` / `AsyncTemplates` (async) take the same
+`url=`, `api_key=`, `request_timeout=`, `transport=` as Sandbox, and are context managers
+that release their connections.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+import httpx
+
+from torpor.sdk import _api
+from torpor.sdk._http import AsyncSession, SyncSession
+from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
+from torpor.sdk.models import ApiKey, Template
+
+
+class _Client:
+    def __init__(self, *, url: str | None = None, api_key: str | None = None,
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                 transport: httpx.BaseTransport | None = None):
+        self._s = SyncSession(ClientConfig.resolve(url, api_key, request_timeout), transport)
+
+    def close(self) -> None:
+        self._s.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AsyncClient:
+    def __init__(self, *, url: str | None = None, api_key: str | None = None,
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self._s = AsyncSession(ClientConfig.resolve(url, api_key, request_timeout), transport)
+
+    async def close(self) -> None:
+        await self._s.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Keys(_Client):
+    """API keys: `Keys().create("ci").key` is the secret, shown only then."""
+
+    def create(self, name: str) -> ApiKey:
+        return self._s.call(_api.create_key(name))
+
+    def list(self) -> list[ApiKey]:
+        return self._s.call(_api.list_keys())
+
+    def revoke(self, key_id: str) -> None:
+        """Revoke a key by id; it gets 401 from then on."""
+        self._s.call(_api.revoke_key(key_id))
+
+
+class Templates(_Client):
+    """The templates sandboxes are created from."""
+
+    def list(self) -> list[Template]:
+        return self._s.call(_api.list_templates())
+
+
+class AsyncKeys(_AsyncClient):
+    async def create(self, name: str) -> ApiKey:
+        return await self._s.call(_api.create_key(name))
+
+    async def list(self) -> list[ApiKey]:
+        return await self._s.call(_api.list_keys())
+
+    async def revoke(self, key_id: str) -> None:
+        await self._s.call(_api.revoke_key(key_id))
+
+
+class AsyncTemplates(_AsyncClient):
+    async def list(self) -> list[Template]:
+        return await self._s.call(_api.list_templates())

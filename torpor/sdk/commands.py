@@ -1,0 +1,320 @@
+"""`sbx.commands`: run commands, stream their output, manage background processes.
+
+`Commands` / `CommandHandle` (sync) and `AsyncCommands` / `AsyncCommandHandle` (async) are
+twins: both build their requests with `_api` and read output with `_streams`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
+
+from torpor.sdk import _api
+from torpor.sdk._http import AsyncSession, SyncSession
+from torpor.sdk._streams import Callback, OutputCollector, finish, parse_event
+from torpor.sdk.errors import CommandTimeoutError, ConflictError, TorporTimeoutError
+from torpor.sdk.models import CommandResult, OutputEvent, ProcessInfo, ProcessOutput
+
+Cmd = str | Sequence[str]
+
+
+def _wait_timed_out(pid: int, timeout: float | None, out: ProcessOutput,
+                    sid: str) -> CommandTimeoutError:
+    return CommandTimeoutError(f"process {pid} still runs after {timeout}s (it was not "
+                               "killed: wait again, or kill() it)", result=out,
+                               sandbox_id=sid, operation=f"wait for process {pid}")
+
+
+# --- sync --------------------------------------------------------------------------------
+
+def _consume(session: SyncSession, call: _api.Call[Any], col: OutputCollector,
+             deadline: float | None = None) -> None:
+    resp = session.open(call)
+    lines = session.iter_lines(resp, call)
+    try:
+        for line in lines:
+            ev = parse_event(line)
+            if ev is None:
+                continue
+            hit = col.feed(ev)
+            if hit:
+                hit[0](hit[1])
+            if col.done or (deadline is not None and time.monotonic() > deadline):
+                break
+    finally:
+        lines.close()
+
+
+class CommandHandle:
+    """A background process: `pid`, `wait()`, `kill()`, `send_stdin()`, `output()`, and
+    iteration over its output events (until it exits)."""
+
+    def __init__(self, session: SyncSession, sandbox_id: str, pid: int, *,
+                 on_stdout: Callback | None = None, on_stderr: Callback | None = None):
+        self._s, self.sandbox_id, self.pid = session, sandbox_id, pid
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+
+    def __repr__(self) -> str:
+        return f"CommandHandle(sandbox_id={self.sandbox_id!r}, pid={self.pid})"
+
+    def info(self) -> ProcessInfo:
+        return self._s.call(_api.get_process(self.sandbox_id, self.pid))
+
+    def wait(self, timeout: float | None = None, *, on_stdout: Callback | None = None,
+             on_stderr: Callback | None = None, check: bool = False) -> CommandResult:
+        """Follow the output until the process exits and return its result. Callbacks
+        (default: those given to `run`) get output as it arrives, from the start.
+        Raises CommandTimeoutError if it still runs after about `timeout` seconds (the
+        process is left running) or if its own command timeout killed it."""
+        col = OutputCollector(on_stdout or self._on_stdout, on_stderr or self._on_stderr,
+                              pid=self.pid, sandbox_id=self.sandbox_id,
+                              operation=f"wait for process {self.pid}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = _api.process_output(self.sandbox_id, self.pid, True, None, timeout)
+        try:
+            _consume(self._s, call, col, deadline)
+        except TorporTimeoutError as e:
+            if isinstance(e, CommandTimeoutError) or timeout is None:
+                raise
+        if not col.done and deadline is not None and time.monotonic() >= deadline:
+            raise _wait_timed_out(self.pid, timeout, col.snapshot(), self.sandbox_id)
+        return finish(col.result(), check=check, timeout=None, sandbox_id=self.sandbox_id,
+                      operation=col.operation)
+
+    def events(self, *, follow: bool = True, offset: int | None = None
+               ) -> Iterator[OutputEvent]:
+        """Output events (stdout, stderr, exit, ...) from `offset`; with `follow`, until the
+        process exits."""
+        call = _api.process_output(self.sandbox_id, self.pid, follow, offset)
+        resp = self._s.open(call)
+        for line in self._s.iter_lines(resp, call):
+            ev = parse_event(line)
+            if ev is not None:
+                yield ev
+
+    __iter__ = events
+
+    def output(self) -> ProcessOutput:
+        """The output so far, without waiting; `exit_code` is None while it runs."""
+        col = OutputCollector(pid=self.pid, sandbox_id=self.sandbox_id,
+                              operation=f"read output of process {self.pid}")
+        _consume(self._s, _api.process_output(self.sandbox_id, self.pid, False, None), col)
+        return col.snapshot()
+
+    def send_stdin(self, data: str | bytes, *, eof: bool = False) -> None:
+        self._s.call(_api.send_stdin(self.sandbox_id, self.pid, data, eof))
+
+    def close_stdin(self) -> None:
+        self._s.call(_api.send_stdin(self.sandbox_id, self.pid, "", True))
+
+    def kill(self, signal: str = "SIGKILL") -> bool:
+        """Send `signal`; False if the process had already exited."""
+        try:
+            self._s.call(_api.signal_process(self.sandbox_id, self.pid, signal))
+        except ConflictError:
+            return False
+        return True
+
+
+class Commands:
+    """`sbx.commands`."""
+
+    def __init__(self, session: SyncSession, sandbox_id: str):
+        self._s, self._sid = session, sandbox_id
+
+    @overload
+    def run(self, cmd: Cmd, *, on_stdout: Callback | None = ..., on_stderr: Callback | None = ...,
+            background: Literal[False] = ..., timeout: float | None = ...,
+            env: Mapping[str, str] | None = ..., cwd: str | None = ...,
+            user: str | int | None = ..., stdin: str | bytes | None = ..., check: bool = ...,
+            tag: str | None = ...) -> CommandResult: ...
+
+    @overload
+    def run(self, cmd: Cmd, *, on_stdout: Callback | None = ..., on_stderr: Callback | None = ...,
+            background: Literal[True], timeout: float | None = ...,
+            env: Mapping[str, str] | None = ..., cwd: str | None = ...,
+            user: str | int | None = ..., stdin: str | bytes | None = ..., check: bool = ...,
+            tag: str | None = ...) -> CommandHandle: ...
+
+    def run(self, cmd: Cmd, *, on_stdout: Callback | None = None,
+            on_stderr: Callback | None = None, background: bool = False,
+            timeout: float | None = 60, env: Mapping[str, str] | None = None,
+            cwd: str | None = None, user: str | int | None = None,
+            stdin: str | bytes | None = None, check: bool = False,
+            tag: str | None = None) -> CommandResult | CommandHandle:
+        """Run `cmd` (a string for /bin/sh -c, or an argv list) and wait for it.
+
+        With `on_stdout` / `on_stderr`, output streams to them as it arrives. Returns a
+        CommandResult whatever the exit code (`check=True` raises CommandExitError on
+        non-zero); a run past `timeout` seconds (None: no limit) is killed and raises
+        CommandTimeoutError. `background=True` returns a CommandHandle at once."""
+        streaming = not background and (on_stdout is not None or on_stderr is not None)
+        call = _api.run_command(self._sid, cmd, env=env, cwd=cwd, user=user, stdin=stdin,
+                                timeout=timeout, background=background, stream=streaming,
+                                tag=tag)
+        if background:
+            info: ProcessInfo = self._s.call(call)
+            return CommandHandle(self._s, self._sid, info.pid, on_stdout=on_stdout,
+                                 on_stderr=on_stderr)
+        if streaming:
+            col = OutputCollector(on_stdout, on_stderr, sandbox_id=self._sid,
+                                  operation=call.operation)
+            _consume(self._s, call, col)
+            result = col.result()
+        else:
+            result = self._s.call(call)
+        return finish(result, check=check, timeout=timeout, sandbox_id=self._sid,
+                      operation=call.operation)
+
+    def list(self) -> list[ProcessInfo]:
+        return self._s.call(_api.list_processes(self._sid))
+
+    def connect(self, pid: int, *, on_stdout: Callback | None = None,
+                on_stderr: Callback | None = None) -> CommandHandle:
+        """A handle on a running (or finished) background process; NotFoundError if none."""
+        self._s.call(_api.get_process(self._sid, pid))
+        return CommandHandle(self._s, self._sid, pid, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def kill(self, pid: int, signal: str = "SIGKILL") -> bool:
+        return CommandHandle(self._s, self._sid, pid).kill(signal)
+
+    def send_stdin(self, pid: int, data: str | bytes, *, eof: bool = False) -> None:
+        self._s.call(_api.send_stdin(self._sid, pid, data, eof))
+
+
+# --- async -------------------------------------------------------------------------------
+
+async def _invoke(hit: tuple[Callback, str] | None) -> None:
+    if hit:
+        r = hit[0](hit[1])
+        if inspect.isawaitable(r):
+            await r
+
+
+async def _aconsume(session: AsyncSession, call: _api.Call[Any], col: OutputCollector,
+                    deadline: float | None = None) -> None:
+    resp = await session.open(call)
+    lines = session.iter_lines(resp, call)
+    try:
+        async for line in lines:
+            ev = parse_event(line)
+            if ev is None:
+                continue
+            await _invoke(col.feed(ev))
+            if col.done or (deadline is not None and time.monotonic() > deadline):
+                break
+    finally:
+        await lines.aclose()
+
+
+class AsyncCommandHandle:
+    """The async twin of CommandHandle; callbacks may be plain or async functions."""
+
+    def __init__(self, session: AsyncSession, sandbox_id: str, pid: int, *,
+                 on_stdout: Callback | None = None, on_stderr: Callback | None = None):
+        self._s, self.sandbox_id, self.pid = session, sandbox_id, pid
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+
+    def __repr__(self) -> str:
+        return f"AsyncCommandHandle(sandbox_id={self.sandbox_id!r}, pid={self.pid})"
+
+    async def info(self) -> ProcessInfo:
+        return await self._s.call(_api.get_process(self.sandbox_id, self.pid))
+
+    async def wait(self, timeout: float | None = None, *, on_stdout: Callback | None = None,
+                   on_stderr: Callback | None = None, check: bool = False) -> CommandResult:
+        col = OutputCollector(on_stdout or self._on_stdout, on_stderr or self._on_stderr,
+                              pid=self.pid, sandbox_id=self.sandbox_id,
+                              operation=f"wait for process {self.pid}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = _api.process_output(self.sandbox_id, self.pid, True, None, timeout)
+        try:
+            await _aconsume(self._s, call, col, deadline)
+        except TorporTimeoutError as e:
+            if isinstance(e, CommandTimeoutError) or timeout is None:
+                raise
+        if not col.done and deadline is not None and time.monotonic() >= deadline:
+            raise _wait_timed_out(self.pid, timeout, col.snapshot(), self.sandbox_id)
+        return finish(col.result(), check=check, timeout=None, sandbox_id=self.sandbox_id,
+                      operation=col.operation)
+
+    async def events(self, *, follow: bool = True, offset: int | None = None
+                     ) -> AsyncIterator[OutputEvent]:
+        call = _api.process_output(self.sandbox_id, self.pid, follow, offset)
+        resp = await self._s.open(call)
+        async for line in self._s.iter_lines(resp, call):
+            ev = parse_event(line)
+            if ev is not None:
+                yield ev
+
+    def __aiter__(self) -> AsyncIterator[OutputEvent]:
+        return self.events()
+
+    async def output(self) -> ProcessOutput:
+        col = OutputCollector(pid=self.pid, sandbox_id=self.sandbox_id,
+                              operation=f"read output of process {self.pid}")
+        await _aconsume(self._s, _api.process_output(self.sandbox_id, self.pid, False, None),
+                        col)
+        return col.snapshot()
+
+    async def send_stdin(self, data: str | bytes, *, eof: bool = False) -> None:
+        await self._s.call(_api.send_stdin(self.sandbox_id, self.pid, data, eof))
+
+    async def close_stdin(self) -> None:
+        await self._s.call(_api.send_stdin(self.sandbox_id, self.pid, "", True))
+
+    async def kill(self, signal: str = "SIGKILL") -> bool:
+        try:
+            await self._s.call(_api.signal_process(self.sandbox_id, self.pid, signal))
+        except ConflictError:
+            return False
+        return True
+
+
+class AsyncCommands:
+    """`sbx.commands` of an AsyncSandbox."""
+
+    def __init__(self, session: AsyncSession, sandbox_id: str):
+        self._s, self._sid = session, sandbox_id
+
+    async def run(self, cmd: Cmd, *, on_stdout: Callback | None = None,
+                  on_stderr: Callback | None = None, background: bool = False,
+                  timeout: float | None = 60, env: Mapping[str, str] | None = None,
+                  cwd: str | None = None, user: str | int | None = None,
+                  stdin: str | bytes | None = None, check: bool = False,
+                  tag: str | None = None) -> Any:
+        """As Commands.run; returns CommandResult, or AsyncCommandHandle if background."""
+        streaming = not background and (on_stdout is not None or on_stderr is not None)
+        call = _api.run_command(self._sid, cmd, env=env, cwd=cwd, user=user, stdin=stdin,
+                                timeout=timeout, background=background, stream=streaming,
+                                tag=tag)
+        if background:
+            info: ProcessInfo = await self._s.call(call)
+            return AsyncCommandHandle(self._s, self._sid, info.pid, on_stdout=on_stdout,
+                                      on_stderr=on_stderr)
+        if streaming:
+            col = OutputCollector(on_stdout, on_stderr, sandbox_id=self._sid,
+                                  operation=call.operation)
+            await _aconsume(self._s, call, col)
+            result = col.result()
+        else:
+            result = await self._s.call(call)
+        return finish(result, check=check, timeout=timeout, sandbox_id=self._sid,
+                      operation=call.operation)
+
+    async def list(self) -> list[ProcessInfo]:
+        return await self._s.call(_api.list_processes(self._sid))
+
+    async def connect(self, pid: int, *, on_stdout: Callback | None = None,
+                      on_stderr: Callback | None = None) -> AsyncCommandHandle:
+        await self._s.call(_api.get_process(self._sid, pid))
+        return AsyncCommandHandle(self._s, self._sid, pid, on_stdout=on_stdout,
+                                  on_stderr=on_stderr)
+
+    async def kill(self, pid: int, signal: str = "SIGKILL") -> bool:
+        return await AsyncCommandHandle(self._s, self._sid, pid).kill(signal)
+
+    async def send_stdin(self, pid: int, data: str | bytes, *, eof: bool = False) -> None:
+        await self._s.call(_api.send_stdin(self._sid, pid, data, eof))
