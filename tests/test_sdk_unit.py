@@ -518,3 +518,49 @@ def test_import_torpor_is_lazy():
             "from torpor import Sandbox, AsyncSandbox, NotFoundError; "
             "assert Sandbox.__module__ == 'torpor.sdk.sandbox'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- CLI (client side only) --------------------------------------------------------------
+
+def test_cli_exec_streams_and_exits_with_the_command_code(monkeypatch):
+    from typer.testing import CliRunner
+
+    import torpor.sdk
+    from torpor.cli.main import app
+
+    events = ndjson({"type": "start", "pid": 5}, {"type": "stdout", "data": "out\n"},
+                    {"type": "stderr", "data": "err\n"},
+                    {"type": "exit", "exit_code": 3, "signal": None, "timed_out": False})
+    rec = Recorder(lambda r: httpx.Response(200, content=events))
+
+    class MockedSandbox(Sandbox):
+        def __init__(self, sandbox_id, **kw):
+            super().__init__(sandbox_id, transport=httpx.MockTransport(rec), **kw)
+
+    monkeypatch.setattr(torpor.sdk, "Sandbox", MockedSandbox)
+    res = CliRunner().invoke(app, ["exec", "--user", "root", SID, "--", "ls", "-la"])
+    assert res.exit_code == 3
+    assert res.stdout == "out\n" and res.stderr == "err\n"
+    body = rec.body()
+    assert body["argv"] == ["ls", "-la"] and body["user"] == "root" and body["stream"] is True
+
+
+def test_cli_error_is_one_line_without_traceback():
+    from typer.testing import CliRunner
+
+    from torpor.cli.main import app
+
+    # port 1 on loopback: nothing listens, the connection is refused at once
+    res = CliRunner().invoke(app, ["--url", "http://127.0.0.1:1", "sandbox", "list"])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "torpor serve" in lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_cli_remote_path_parsing():
+    from torpor.cli.files import parse_remote
+
+    assert parse_remote(f"{SID}:/etc/hosts") == (SID, "/etc/hosts")
+    assert parse_remote(f"{SID}:") == (SID, ".")
+    assert parse_remote("./local:file") is None

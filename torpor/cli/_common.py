@@ -1,0 +1,110 @@
+"""What every CLI verb shares: the app class that turns errors into one line, the
+connection options, K=V parsing, and output helpers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+if not out.is_terminal:
+    out.width = 240  # piped tables: keep every column rather than fold them into 80
+
+
+# set by the root callback from --url / --api-key (or TORPOR_URL / TORPOR_API_KEY)
+CONNECTION: dict[str, str | None] = {"url": None, "api_key": None}
+
+
+def conn() -> dict[str, Any]:
+    """Keyword arguments for SDK clients."""
+    return dict(CONNECTION)
+
+
+def say_error(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    say_error(message)
+    raise typer.Exit(code)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a verb; a Torpor error, a local file error or Ctrl-C becomes one line on stderr
+    and a non-zero exit, not a traceback."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from torpor.sdk.errors import TorporError
+
+        try:
+            return fn(*args, **kwargs)
+        except TorporError as e:
+            fail(str(e))
+        except OSError as e:  # local files: missing, unreadable, disk full
+            fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+class App(typer.Typer):
+    """typer.Typer whose commands report errors as one line (see `_friendly`)."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("no_args_is_help", True)
+        kwargs.setdefault("add_completion", False)
+        kwargs.setdefault("rich_markup_mode", "markdown")
+        kwargs.setdefault("pretty_exceptions_show_locals", False)  # locals may hold keys
+        super().__init__(**kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(_friendly(fn))
+            return fn
+
+        return decorator
+
+
+def pairs(items: list[str] | None, what: str) -> dict[str, str] | None:
+    """["K=V", ...] -> {"K": "V"}; None when no items were given."""
+    if not items:
+        return None
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        result[key] = value
+    return result
+
+
+def when(t: datetime | None) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
