@@ -463,6 +463,8 @@ def test_async_create_run_stream_and_errors():
             return httpx.Response(201, json=INFO)
         if r.url.path.endswith("/commands"):
             return httpx.Response(200, content=agen(events))
+        if r.url.params.get("path") == "data":
+            return httpx.Response(200, content=agen(b"0123456789"))
         return error(404, "not_found", "file not found")
 
     async def main():
@@ -480,6 +482,8 @@ def test_async_create_run_stream_and_errors():
             with pytest.raises(NotFoundError) as ei:
                 await sbx.files.read("nope")
             assert ei.value.sandbox_id == SID
+            async with await sbx.files.read("data", "stream") as stream:
+                assert b"".join([c async for c in stream]) == b"0123456789"
 
     asyncio.run(main())
 
@@ -564,3 +568,11 @@ def test_cli_remote_path_parsing():
     assert parse_remote(f"{SID}:/etc/hosts") == (SID, "/etc/hosts")
     assert parse_remote(f"{SID}:") == (SID, ".")
     assert parse_remote("./local:file") is None
+
+
+def test_times_without_offset_are_utc():
+    sbx, _ = sandbox(lambda r: httpx.Response(200, json={**INFO,
+                                                         "created_at": "2026-01-02T03:04:05"}))
+    created = sbx.info().created_at
+    assert created.utcoffset() is not None and created.utcoffset().total_seconds() == 0
+    assert created.hour == 3

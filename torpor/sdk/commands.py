@@ -279,12 +279,28 @@ class AsyncCommands:
     def __init__(self, session: AsyncSession, sandbox_id: str):
         self._s, self._sid = session, sandbox_id
 
+    @overload
+    async def run(self, cmd: Cmd, *, on_stdout: Callback | None = ...,
+                  on_stderr: Callback | None = ..., background: Literal[False] = ...,
+                  timeout: float | None = ..., env: Mapping[str, str] | None = ...,
+                  cwd: str | None = ..., user: str | int | None = ...,
+                  stdin: str | bytes | None = ..., check: bool = ...,
+                  tag: str | None = ...) -> CommandResult: ...
+
+    @overload
+    async def run(self, cmd: Cmd, *, on_stdout: Callback | None = ...,
+                  on_stderr: Callback | None = ..., background: Literal[True],
+                  timeout: float | None = ..., env: Mapping[str, str] | None = ...,
+                  cwd: str | None = ..., user: str | int | None = ...,
+                  stdin: str | bytes | None = ..., check: bool = ...,
+                  tag: str | None = ...) -> AsyncCommandHandle: ...
+
     async def run(self, cmd: Cmd, *, on_stdout: Callback | None = None,
                   on_stderr: Callback | None = None, background: bool = False,
                   timeout: float | None = 60, env: Mapping[str, str] | None = None,
                   cwd: str | None = None, user: str | int | None = None,
                   stdin: str | bytes | None = None, check: bool = False,
-                  tag: str | None = None) -> Any:
+                  tag: str | None = None) -> CommandResult | AsyncCommandHandle:
         """As Commands.run; returns CommandResult, or AsyncCommandHandle if background."""
         streaming = not background and (on_stdout is not None or on_stderr is not None)
         call = _api.run_command(self._sid, cmd, env=env, cwd=cwd, user=user, stdin=stdin,

@@ -6,10 +6,13 @@ Unknown fields from a newer server are kept (`extra="allow"`), so an older SDK s
 from __future__ import annotations
 
 import signal as _signal
-from datetime import datetime
-from typing import Any, ClassVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator, model_validator
+
+# The server keeps UTC; a time it sends without an offset is UTC, not the client's zone.
+Time = Annotated[datetime, AfterValidator(lambda t: t if t.tzinfo else t.replace(tzinfo=UTC))]
 
 
 class _Model(BaseModel):
@@ -20,8 +23,8 @@ class SandboxInfo(_Model):
     id: str
     template: str
     state: str  # creating, running, failed, deleted (standby, hibernated later)
-    created_at: datetime
-    updated_at: datetime
+    created_at: Time
+    updated_at: Time
     cpu: float
     memory_mb: int
     disk_mb: int
@@ -45,9 +48,9 @@ class ApiKey(_Model):
     id: str
     name: str
     prefix: str
-    created_at: datetime
-    last_used_at: datetime | None = None
-    revoked_at: datetime | None = None
+    created_at: Time
+    last_used_at: Time | None = None
+    revoked_at: Time | None = None
     key: str | None = None  # the secret, only in the answer to `Keys.create`
 
 
@@ -55,7 +58,7 @@ class ProcessInfo(_Model):
     pid: int
     argv: list[str]
     tag: str | None = None
-    started_at: datetime
+    started_at: Time
     running: bool
     exit_code: int | None = None
     signal: str | None = None
@@ -72,7 +75,7 @@ class EntryInfo(_Model):
     uid: int
     gid: int
     owner: str
-    mtime: datetime
+    mtime: Time
     target: str | None = None  # where a symlink points
 
     @field_validator("mode", mode="before")
