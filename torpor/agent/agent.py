@@ -7,37 +7,90 @@ stdout, which are the container's stdio: they survive checkpoint and restore.
 
 It runs as root inside the sandbox (gVisor's root, not the host's) and starts user commands
 as `user` unless asked otherwise.
+
+Start-up time is part of every sandbox's creation, and inside gVisor on the ptrace platform
+each page fault is expensive: the agent imports only small modules (its own event loop,
+`miniloop`, instead of asyncio; the C half of json instead of json). Keep it that way:
+anything heavy must be imported lazily, where it is needed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import json
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fsops  # noqa: E402
-import protocol as P  # noqa: E402
-from procs import ProcessTable  # noqa: E402
+import fsops
+import miniloop
+import protocol as P
+import signames
+from procs import ProcessTable
 
 OpError = P.OpError
+CancelledError = miniloop.CancelledError
+
+# Bytes waiting for the host pipe past which writers wait, and below which they go on.
+OUT_HIGH = 4 * P.CHUNK
+OUT_LOW = 2 * P.CHUNK
+
+
+class Output:
+    """The agent's end of the channel towards the host (its stdout, non-blocking).
+
+    Frames queue here and leave once per loop iteration, just before the loop blocks: the
+    frames one wakeup produces (a MSG, a chunk of output, a CLOSE) cost one write() syscall.
+    """
+
+    def __init__(self, loop: miniloop.Loop, fd: int):
+        self.loop = loop
+        self.fd = fd
+        self.buf = bytearray()
+        self.drained = miniloop.Event()
+        self.drained.set()
+        self._watching = False  # waiting for the pipe to take more
+        loop.add_idle_hook(self.flush)
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > OUT_HIGH:
+            self.drained.clear()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        try:
+            n = os.write(self.fd, self.buf)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            # the host end is gone (EPIPE): nobody will read these frames. The agent lives
+            # on: a restore hands it a new pipe on the same descriptor.
+            n = len(self.buf)
+        if n:
+            del self.buf[:n]
+        if self.buf and not self._watching:
+            self.loop.add_writer(self.fd, self.flush)
+            self._watching = True
+        elif not self.buf and self._watching:
+            self.loop.remove_writer(self.fd)
+            self._watching = False
+        if len(self.buf) <= OUT_LOW:
+            self.drained.set()
 
 
 class Stream:
     """One stream of the channel, as the agent sees it."""
 
-    def __init__(self, agent: "Agent", sid: int):
+    def __init__(self, agent: Agent, sid: int):
         self.agent = agent
         self.sid = sid
         self.send_window = P.WINDOW
-        self._window_event = asyncio.Event()
-        self.inbox: asyncio.Queue = asyncio.Queue()  # IN payloads, None at EOF
+        self._window_event = miniloop.Event()
+        self.inbox = miniloop.Queue()  # IN payloads, None at EOF
         self.closed = False
-        self.task: asyncio.Task | None = None
+        self.task: miniloop.Task | None = None
 
     async def send(self, kind: int, data: bytes) -> None:
         """Send OUT/ERR bytes, waiting for credit and for the host pipe to drain."""
@@ -89,33 +142,25 @@ class Stream:
 
 
 class Agent:
-    def __init__(self) -> None:
+    def __init__(self, loop: miniloop.Loop, out_fd: int) -> None:
+        self.loop = loop
         self.streams: dict[int, Stream] = {}
         self.procs = ProcessTable(self)
         self.base_env: dict[str, str] = {}
-        self._writer: asyncio.WriteTransport | None = None
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self.out = Output(loop, out_fd)
 
-    # --- output -------------------------------------------------------------------------
     async def write(self, data: bytes) -> None:
-        self._writer.write(data)
-        if self._writer.get_write_buffer_size() > 4 * P.CHUNK:
-            self._drained.clear()
-            await self._drained.wait()
-
-    def pause_writing(self) -> None:
-        self._drained.clear()
-
-    def resume_writing(self) -> None:
-        self._drained.set()
+        self.out.write(data)
+        if not self.out.drained.is_set():
+            await self.out.drained.wait()
 
     # --- input --------------------------------------------------------------------------
     def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
         if kind == P.OPEN:
             st = Stream(self, sid)
             self.streams[sid] = st
-            st.task = asyncio.ensure_future(self.run_op(st, payload))
+            # run the operation up to its first wait right now: most answer without waiting
+            st.task = self.loop.create_task(self.run_op(st, payload), eager=True)
         elif kind == P.IN:
             st = self.streams.get(sid)
             if st:
@@ -138,18 +183,18 @@ class Agent:
                 st.abort()
             self.streams.clear()
         elif kind == P.PING:
-            self._writer.write(P.frame(P.PONG, sid, payload))
+            self.out.write(P.frame(P.PONG, sid, payload))
 
     async def run_op(self, st: Stream, payload: bytes) -> None:
         try:
-            req = json.loads(payload)
+            req = P.loads(payload)
             op = req.pop("op")
             handler = HANDLERS.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown operation {op!r}")
             result = await handler(self, st, **req)
             await st.close(result)
-        except asyncio.CancelledError:
+        except CancelledError:
             st.closed = True
             self.streams.pop(st.sid, None)
         except OpError as e:
@@ -159,7 +204,7 @@ class Agent:
         except OSError as e:
             code = errno.errorcode.get(e.errno or 0, "EIO")
             await st.close(error={"code": "os_error", "errno": code, "message": str(e)})
-        except Exception as e:  # the agent must survive any single operation
+        except Exception as e:  # noqa: BLE001 - the agent must survive any single operation
             await st.close(error={"code": "internal", "message": f"{type(e).__name__}: {e}"})
 
 
@@ -171,6 +216,7 @@ async def op_ping(agent: Agent, st: Stream, **_):
 async def op_configure(agent: Agent, st: Stream, env: dict | None = None):
     if env is not None:
         agent.base_env = {str(k): str(v) for k, v in env.items()}
+    agent.procs.check_compat()
     return {"env": agent.base_env}
 
 
@@ -181,7 +227,7 @@ async def op_exec(agent: Agent, st: Stream, argv, env=None, cwd=None, user="user
         return proc.info()
     await st.msg({"event": "start", "pid": proc.pid})
     if stdin:
-        asyncio.ensure_future(proc.feed_stdin(st))
+        agent.loop.create_task(proc.feed_stdin(st))
     await proc.follow(st, offset=0, blocking=True)
     return proc.info()
 
@@ -245,58 +291,51 @@ HANDLERS = {
 
 
 # --- main loop ----------------------------------------------------------------------------
-class _InProto(asyncio.Protocol):
-    def __init__(self, agent: Agent, done: asyncio.Future):
-        self.agent = agent
-        self.reader = P.FrameReader()
-        self.done = done
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        for kind, sid, payload in self.reader.frames():
-            self.agent.on_frame(kind, sid, payload)
-
-    def eof_received(self):
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def connection_lost(self, exc) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-class _OutProto(asyncio.BaseProtocol):
-    def __init__(self, agent: Agent):
-        self.agent = agent
-
-    def pause_writing(self) -> None:
-        self.agent.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.agent.resume_writing()
-
-
-async def main() -> None:
-    loop = asyncio.get_running_loop()
-    agent = Agent()
+async def serve(loop: miniloop.Loop) -> None:
+    out_fd = os.dup(1)
+    in_fd = os.dup(0)
+    # keep 0/1 away from children and stray writes: /dev/null, read-only as a child's stdin
+    # (children inherit fd 0 as it is), write-only as stdout
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_WRONLY)):
+        null = os.open("/dev/null", flags)
+        os.dup2(null, fd)
+        os.close(null)
+    os.set_blocking(out_fd, False)
+    os.set_blocking(in_fd, False)
+    agent = Agent(loop, out_fd)
     done = loop.create_future()
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    inp = os.fdopen(os.dup(0), "rb", buffering=0)
-    # keep 0/1/2 away from children and stray writes: point them at /dev/null
-    null = os.open("/dev/null", os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.close(null)
-    transport, _ = await loop.connect_write_pipe(lambda: _OutProto(agent), out)
-    transport.set_write_buffer_limits(high=8 * P.CHUNK, low=2 * P.CHUNK)
-    agent._writer = transport
-    await loop.connect_read_pipe(lambda: _InProto(agent, done), inp)
-    loop.add_signal_handler(signal.SIGCHLD, agent.procs.reap)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    transport.write(P.jframe(P.HELLO, 0, {"version": P.VERSION, "pid": os.getpid()}))
+    reader = P.FrameReader()
+
+    def on_input() -> None:
+        try:
+            data = os.read(in_fd, P.CHUNK + P.HEADER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            if data:
+                reader.feed(data)
+                for kind, sid, payload in reader.frames():
+                    agent.on_frame(kind, sid, payload)
+                return
+        except P.ProtocolError:
+            pass  # the host end is broken beyond repair: as if it had closed
+        loop.remove_reader(in_fd)
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(in_fd, on_input)
+    loop.add_signal_handler(signames.SIGCHLD, agent.procs.reap)
+    agent.out.write(P.jframe(P.HELLO, 0, {"version": P.VERSION, "pid": os.getpid()}))
     await done
     # stdin closed: the host side is gone for good (a restore hands us new pipes instead)
 
 
+def main() -> None:
+    loop = miniloop.Loop()
+    loop.run(serve(loop))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -9,30 +9,24 @@ and directories belong to the requested user (default `user`).
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import stat as _stat
 
 import protocol as P
+import users
 from protocol import OpError
 
 READ_CHUNK = P.CHUNK
 
 
-def _pw(user):
-    try:
-        if isinstance(user, int) or str(user).isdigit():
-            return pwd.getpwuid(int(user))
-        return pwd.getpwnam(str(user))
-    except KeyError:
-        raise OpError("unknown_user", f"no user {user!r} in this sandbox") from None
+def _pw(user) -> users.Account:
+    return users.lookup(user)
 
 
 def _resolve(path: str, user="user") -> str:
     if not isinstance(path, str) or not path or "\0" in path:
         raise OpError("bad_path", f"invalid path {path!r}")
     if not path.startswith("/"):
-        path = os.path.join(_pw(user).pw_dir, path)
+        path = os.path.join(_pw(user).home, path)
     return os.path.normpath(path)
 
 
@@ -52,7 +46,7 @@ def _oserror(e: OSError, path: str) -> OpError:
     return OpError("os_error", f"{path}: {e.strerror}", path=path)
 
 
-def _entry(path: str, st: os.stat_result) -> dict:
+def _entry(path: str, st: os.stat_result, snap=None) -> dict:
     mode = st.st_mode
     kind = ("dir" if _stat.S_ISDIR(mode) else "file" if _stat.S_ISREG(mode)
             else "symlink" if _stat.S_ISLNK(mode) else "other")
@@ -66,10 +60,7 @@ def _entry(path: str, st: os.stat_result) -> dict:
         "gid": st.st_gid,
         "mtime": st.st_mtime,
     }
-    try:
-        d["owner"] = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        d["owner"] = str(st.st_uid)
+    d["owner"] = users.user_name(st.st_uid, snap)
     if kind == "symlink":
         try:
             d["target"] = os.readlink(path)
@@ -95,6 +86,7 @@ async def op_list(agent, st, path, depth=1, user="user"):
     if not isinstance(depth, int) or depth < 1:
         raise OpError("bad_request", "depth must be an integer >= 1")
     out: list[dict] = []
+    snap = users.snapshot()  # one check of /etc/passwd for the whole listing
 
     def walk(d: str, level: int) -> None:
         try:
@@ -107,7 +99,7 @@ async def op_list(agent, st, path, depth=1, user="user"):
                 s = e.stat(follow_symlinks=False)
             except OSError:
                 continue
-            out.append(_entry(e.path, s))
+            out.append(_entry(e.path, s, snap))
             if level < depth and e.is_dir(follow_symlinks=False):
                 walk(e.path, level + 1)
             if len(out) > 100_000:
@@ -117,8 +109,8 @@ async def op_list(agent, st, path, depth=1, user="user"):
     return out
 
 
-def _chown(path: str, pw) -> None:
-    os.lchown(path, pw.pw_uid, pw.pw_gid)
+def _chown(path: str, acc: users.Account) -> None:
+    os.lchown(path, acc.uid, acc.gid)
 
 
 async def op_mkdir(agent, st, path, parents=True, user="user"):
@@ -250,6 +242,8 @@ async def op_remove(agent, st, path, recursive=False, user="user"):
     try:
         if os.path.isdir(p) and not os.path.islink(p):
             if recursive:
+                import shutil  # lazily: its import loads the bz2 and lzma modules
+
                 shutil.rmtree(p)
             else:
                 os.rmdir(p)

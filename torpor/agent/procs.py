@@ -4,44 +4,41 @@ Each process's stdout and stderr go into one bounded log of records. A foregroun
 follower applies back-pressure (the agent stops reading the pipes while the host has not
 taken the output), so a command that floods output blocks instead of filling memory. With
 no blocking follower the log keeps the newest LOG_LIMIT bytes and counts what it dropped.
+
+Starting a command is on every request's path, and inside gVisor each syscall costs tens of
+microseconds, so `start` does only what it must: accounts come from a cache (`users`), the
+command from a PATH index (`pathsearch`), the agent changes directory once (no getcwd, no
+way back: nothing else in the agent uses relative paths) and changes its supplementary
+groups only when the next user's differ from the last one's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import pwd
-import signal as _signal
 import time
-from collections import deque
 
+import miniloop
+import pathsearch
 import protocol as P
+import signames
+import users
 from protocol import OpError
 
 LOG_LIMIT = 4 << 20  # bytes of output kept per process
 READ_SIZE = 64 * 1024
 KEEP_EXITED = 200  # exited processes remembered for status queries
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _user(name_or_uid) -> pwd.struct_passwd:
-    try:
-        if isinstance(name_or_uid, int) or str(name_or_uid).isdigit():
-            return pwd.getpwuid(int(name_or_uid))
-        return pwd.getpwnam(str(name_or_uid))
-    except KeyError:
-        raise OpError("unknown_user", f"no user {name_or_uid!r} in this sandbox") from None
-
-
-def _groups(pw: pwd.struct_passwd) -> list[int]:
-    try:
-        return os.getgrouplist(pw.pw_name, pw.pw_gid)
-    except OSError:
-        return [pw.pw_gid]
+# Loaded into every process the agent starts (LD_PRELOAD), when it is there: works around
+# kernels (gVisor) that reject statx(AT_NO_AUTOMOUNT). See compat/statx_compat.c.
+COMPAT_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat",
+                          "libtorpor_compat.so")
+# Python ignores these at start-up and ignored signals stay ignored across exec: without
+# this, `yes | head -1` in a sandbox complains of a broken pipe instead of dying quietly.
+_DEFAULT_SIGNALS = (signames.number("SIGPIPE"), signames.number("SIGXFSZ"))
 
 
 class Proc:
-    def __init__(self, table: "ProcessTable", pid: int, argv, tag, stdin_fd, out_fd, err_fd,
+    def __init__(self, table: ProcessTable, pid: int, argv, tag, stdin_fd, out_fd, err_fd,
                  timeout):
         self.table = table
         self.pid = pid
@@ -51,27 +48,30 @@ class Proc:
         self.exit_code: int | None = None
         self.signal: str | None = None
         self.timed_out = False
-        self.exited = asyncio.Event()
+        self.exited = miniloop.Event()
         self.stdin_fd = stdin_fd
-        self.log: deque = deque()  # (offset, kind, bytes)
+        self._stdin_wait: miniloop.Future | None = None  # a writer waiting for pipe space
+        self.log = _Fifo()  # (offset, kind, bytes)
         self.log_start = 0  # offset of the first byte still in the log
         self.log_end = 0  # offset after the last byte
-        self.changed = asyncio.Event()
+        self.changed = miniloop.Event()
         self.blocking: set = set()  # followers that hold back reading: {Follower}
         self.open_pipes = 0
         self.reading_paused = False
+        self.pipes_done = miniloop.Event()
         self._fds: dict[int, int] = {}
-        loop = asyncio.get_running_loop()
+        loop = miniloop.get_loop()
         for fd, kind in ((out_fd, P.OUT), (err_fd, P.ERR)):
-            os.set_blocking(fd, False)
             self._fds[fd] = kind
             self.open_pipes += 1
             loop.add_reader(fd, self._on_readable, fd)
-        self.pipes_done = asyncio.Event()
         self._timer = loop.call_later(timeout, self._on_timeout) if timeout else None
 
     # --- output ---------------------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
+        # The read ends are blocking (setting O_NONBLOCK would cost two syscalls per command):
+        # the loop calls us only when epoll says the pipe is readable and nobody else reads
+        # it, so one read() returns at once, with data or with EOF.
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
@@ -79,8 +79,7 @@ class Proc:
         except OSError:
             data = b""
         if not data:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(fd)
+            miniloop.get_loop().forget_fd(fd)
             os.close(fd)
             del self._fds[fd]
             self.open_pipes -= 1
@@ -97,7 +96,7 @@ class Proc:
     def _trim(self) -> None:
         floor = min((f.pos for f in self.blocking), default=self.log_end)
         while self.log and self.log_end - self.log_start > LOG_LIMIT:
-            off, _, data = self.log[0]
+            off, _, data = self.log.first()
             if off + len(data) > floor:
                 break
             self.log.popleft()
@@ -108,7 +107,7 @@ class Proc:
         should_pause = self.log_end - floor >= LOG_LIMIT
         if should_pause == self.reading_paused:
             return
-        loop = asyncio.get_running_loop()
+        loop = miniloop.get_loop()
         for fd in self._fds:
             if should_pause:
                 loop.remove_reader(fd)
@@ -118,7 +117,7 @@ class Proc:
 
     def _notify(self) -> None:
         self.changed.set()
-        self.changed = asyncio.Event()
+        self.changed = miniloop.Event()
 
     def chunks_from(self, pos: int):
         """Records at or after pos: (offset, kind, bytes), the first one cut to start at pos."""
@@ -164,21 +163,24 @@ class Proc:
 
     # --- input and control ------------------------------------------------------------------
     async def write_stdin(self, data: bytes) -> None:
-        if self.stdin_fd is None:
-            raise OpError("stdin_closed", f"process {self.pid} has no open stdin")
         view = memoryview(data)
-        loop = asyncio.get_running_loop()
         while view:
+            if self.stdin_fd is None:
+                raise OpError("stdin_closed", f"process {self.pid} has no open stdin")
             try:
                 n = os.write(self.stdin_fd, view)
                 view = view[n:]
             except BlockingIOError:
-                fut = loop.create_future()
-                loop.add_writer(self.stdin_fd, fut.set_result, None)
+                loop = miniloop.get_loop()
+                fd = self.stdin_fd
+                fut = self._stdin_wait = loop.create_future()
+                loop.add_writer(fd, _resolve, fut)
                 try:
                     await fut
                 finally:
-                    loop.remove_writer(self.stdin_fd)
+                    self._stdin_wait = None
+                    if self.stdin_fd == fd:
+                        loop.remove_writer(fd)
             except BrokenPipeError:
                 self.close_stdin()
                 raise OpError("stdin_closed", f"process {self.pid} closed its stdin") from None
@@ -187,24 +189,29 @@ class Proc:
         try:
             async for chunk in st.read_in():
                 await self.write_stdin(chunk)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - the exec's result reports what happened
             pass
         finally:
             self.close_stdin()
 
     def close_stdin(self) -> None:
-        if self.stdin_fd is not None:
-            try:
-                os.close(self.stdin_fd)
-            except OSError:
-                pass
-            self.stdin_fd = None
+        fd = self.stdin_fd
+        if fd is None:
+            return
+        self.stdin_fd = None
+        # a writer may be waiting on this fd: take it off the loop before the number is freed
+        miniloop.get_loop().forget_fd(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        if self._stdin_wait is not None:
+            _resolve(self._stdin_wait)  # the writer wakes up and finds stdin closed
 
     def send_signal(self, name) -> None:
-        try:
-            sig = _signal.Signals[name] if isinstance(name, str) else _signal.Signals(int(name))
-        except (KeyError, ValueError):
-            raise OpError("bad_signal", f"unknown signal {name!r}") from None
+        sig = signames.number(name)
+        if sig is None:
+            raise OpError("bad_signal", f"unknown signal {name!r}")
         if self.exited.is_set():
             raise OpError("not_running", f"process {self.pid} has exited")
         try:
@@ -216,14 +223,14 @@ class Proc:
         if not self.exited.is_set():
             self.timed_out = True
             try:
-                os.killpg(self.pid, _signal.SIGKILL)
+                os.killpg(self.pid, signames.SIGKILL)
             except OSError:
                 pass
 
     def on_exit(self, status: int) -> None:
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            self.signal = _signal.Signals(sig).name
+            self.signal = signames.name(sig)
             self.exit_code = 128 + sig
         else:
             self.exit_code = os.WEXITSTATUS(status)
@@ -248,6 +255,45 @@ class Proc:
         }
 
 
+class _Fifo:
+    """Append at the end, pop from the front, iterate in order: the two uses of a deque here,
+    without importing collections (milliseconds of start-up inside gVisor)."""
+
+    __slots__ = ("_head", "_items")
+
+    def __init__(self):
+        self._items: list = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def __iter__(self):
+        items = self._items
+        for i in range(self._head, len(items)):
+            yield items[i]
+
+    def append(self, item) -> None:
+        self._items.append(item)
+
+    def first(self):
+        return self._items[self._head]
+
+    def popleft(self):
+        item = self._items[self._head]
+        self._items[self._head] = None
+        self._head += 1
+        if self._head >= 64 and self._head * 2 >= len(self._items):
+            del self._items[:self._head]
+            self._head = 0
+        return item
+
+
+def _resolve(fut: miniloop.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Follower:
     __slots__ = ("pos",)
 
@@ -259,7 +305,16 @@ class ProcessTable:
     def __init__(self, agent):
         self.agent = agent
         self.procs: dict[int, Proc] = {}
-        self.exited_order: deque = deque()
+        self.exited_order = _Fifo()
+        self._groups: tuple | None = None  # the agent's supplementary groups, as last set
+        self.compat_env: dict[str, str] = {}
+        self.check_compat()
+
+    def check_compat(self) -> None:
+        """Look for the compat library again (at start, and when the host configures us: a
+        restored sandbox may run on a host whose agent bundle differs)."""
+        exists = os.path.exists(COMPAT_LIB)
+        self.compat_env = {"LD_PRELOAD": COMPAT_LIB} if exists else {}
 
     def all(self):
         return list(self.procs.values())
@@ -273,51 +328,55 @@ class ProcessTable:
     def start(self, argv, env, cwd, user, want_stdin, timeout, tag) -> Proc:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise OpError("bad_request", "argv must be a non-empty list of strings")
-        pw = _user(user)
+        acc = users.lookup(user)
         full_env = {
             "PATH": DEFAULT_PATH,
-            "HOME": pw.pw_dir,
-            "USER": pw.pw_name,
-            "LOGNAME": pw.pw_name,
-            "SHELL": pw.pw_shell or "/bin/sh",
+            "HOME": acc.home,
+            "USER": acc.name,
+            "LOGNAME": acc.name,
+            "SHELL": acc.shell or "/bin/sh",
             "LANG": "C.UTF-8",
             "TERM": "xterm-256color",
+            **self.compat_env,
         }
         full_env.update(self.agent.base_env)
         full_env.update({str(k): str(v) for k, v in env.items()})
-        cwd = cwd or pw.pw_dir
-        if not os.path.isdir(cwd):
-            raise OpError("bad_cwd", f"working directory {cwd!r} does not exist in the sandbox")
-        exe = argv[0]
-        if "/" not in exe:
-            from shutil import which
-
-            found = which(exe, path=full_env.get("PATH", DEFAULT_PATH))
-            if not found:
-                raise OpError("not_found", f"command {exe!r} not found in PATH")
-            exe = found
+        cwd = cwd or acc.home
+        try:
+            # the child inherits our directory; chdir also checks that cwd is one (one
+            # syscall instead of isdir + getcwd + chdir + chdir back)
+            os.chdir(cwd)
+        except (OSError, ValueError, TypeError):
+            raise OpError("bad_cwd",
+                          f"working directory {cwd!r} does not exist in the sandbox") from None
         in_r = in_w = None
         if want_stdin:
             in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        actions = [
-            (os.POSIX_SPAWN_DUP2, in_r, 0) if in_r is not None
-            else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out_w, 1),
-            (os.POSIX_SPAWN_DUP2, err_w, 2),
-        ]
-        pid = self._spawn(exe, argv, full_env, cwd, pw, actions)
-        for fd in (in_r, out_w, err_w):
-            if fd is not None:
-                os.close(fd)
+        # the agent's own fd 0 is /dev/null, opened read-only: without a pipe the child
+        # simply inherits it
+        actions = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        if in_r is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
+        try:
+            pid = self._spawn(argv, full_env, acc, actions)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                if fd is not None:
+                    os.close(fd)
         if in_w is not None:
             os.set_blocking(in_w, False)
         proc = Proc(self, pid, argv, tag, in_w, out_r, err_r, timeout)
         self.procs[pid] = proc
         return proc
 
-    def _spawn(self, exe, argv, env, cwd, pw, actions) -> int:
+    def _spawn(self, argv, env, acc: users.Account, actions) -> int:
         """posix_spawn (vfork: ~2x faster than fork under gVisor) as another user.
 
         CPython will not vfork when asked to change uid, so the agent sets its own real ids
@@ -325,28 +384,43 @@ class ProcessTable:
         child's exec then sets the saved ids too. The agent is single-threaded, so nothing
         runs with the borrowed ids, and it takes its own back right after.
         """
-        old_cwd = os.getcwd()
-        switch = pw.pw_uid != 0
+        if self._groups != acc.groups:
+            os.setgroups(acc.groups)
+            self._groups = acc.groups
+        switch = acc.uid != 0 or acc.gid != 0
+        exe = argv[0]
         try:
-            os.chdir(cwd)
             if switch:
-                os.setgroups(_groups(pw))
-                os.setresgid(pw.pw_gid, 0, 0)
-                os.setresuid(pw.pw_uid, 0, 0)
-            else:
-                os.setgroups(_groups(pw))
-            return os.posix_spawn(exe, argv, env, file_actions=actions, setsid=True,
-                                  resetids=switch)
+                os.setresgid(acc.gid, 0, 0)
+                os.setresuid(acc.uid, 0, 0)
+            if "/" in exe:
+                return self._spawn_one(exe, argv, env, actions, switch)
+            # like execvp: go on past what this user may not execute, report it if nothing
+            # else is found
+            denied = None
+            for path in pathsearch.candidates(exe, env.get("PATH", DEFAULT_PATH)):
+                try:
+                    return self._spawn_one(path, argv, env, actions, switch)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except PermissionError as e:
+                    denied = denied or e
+            if denied is not None:
+                raise denied
+            raise OpError("not_found", f"command {exe!r} not found in PATH")
         except FileNotFoundError:
-            raise OpError("not_found", f"command {argv[0]!r} not found") from None
+            raise OpError("not_found", f"command {exe!r} not found") from None
         except PermissionError as e:
-            raise OpError("permission_denied", f"cannot run {argv[0]!r}: {e}") from None
+            raise OpError("permission_denied", f"cannot run {exe!r}: {e}") from None
         finally:
             if switch:
                 os.setresuid(0, 0, 0)
                 os.setresgid(0, 0, 0)
-            os.setgroups([0])
-            os.chdir(old_cwd)
+
+    @staticmethod
+    def _spawn_one(path, argv, env, actions, resetids: bool) -> int:
+        return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
+                              resetids=resetids, setsigdef=_DEFAULT_SIGNALS)
 
     def reap(self) -> None:
         while True:
@@ -387,7 +461,7 @@ class ProcessTable:
             return {"killed": None}
         pid, pages, cmd = best
         try:
-            os.kill(pid, _signal.SIGKILL)
+            os.kill(pid, signames.SIGKILL)
         except OSError:
             return {"killed": None}
         return {"killed": pid, "rss_bytes": pages * os.sysconf("SC_PAGE_SIZE"), "cmdline": cmd}
