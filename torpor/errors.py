@@ -60,13 +60,16 @@ _AGENT = {
     "bad_request": Invalid, "bad_path": Invalid, "bad_cwd": Invalid, "bad_signal": Invalid,
     "exists": Conflict, "is_directory": Conflict, "not_directory": Conflict,
     "not_running": Conflict, "stdin_closed": Conflict, "permission_denied": Conflict,
-    "no_space": TooLarge, "too_many": TooLarge,
+    "no_space": TooLarge, "too_many": TooLarge, "channel_closed": Unavailable,
 }
 
 
 def from_agent(sandbox_id: str, err) -> TorporError:
     """Map an AgentError (runtime.channel) onto an engine error naming the sandbox."""
     cls = _AGENT.get(err.code, TorporError)
+    if err.code == "channel_closed":
+        return cls(f"sandbox {sandbox_id} stopped while the operation ran; its state and "
+                   "events say why", sandbox_id=sandbox_id)
     extra = {k: v for k, v in err.detail.items() if k not in ("code", "message")}
     e = cls(f"sandbox {sandbox_id}: {err.message}", sandbox_id=sandbox_id,
             agent_code=err.code, **extra)

@@ -39,20 +39,26 @@ class BodyLimit:
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
                 return await self._too_large(send)
         seen = 0
+        answered = False
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, answered
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge()
+                    # answer now and tell the app the client left, so it stops reading
+                    if not answered:
+                        answered = True
+                        await self._too_large(send)
+                    return {"type": "http.disconnect"}
             return msg
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await self._too_large(send)
+        async def guarded_send(msg):
+            if not answered:
+                await send(msg)
+
+        await self.app(scope, counting_receive, guarded_send)
 
     async def _too_large(self, send):
         resp = error_response(TooLarge(f"request body over {self.limit} bytes; upload files "
@@ -60,10 +66,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": resp.status_code,
                     "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:

@@ -70,8 +70,8 @@ async def run_command(sid: str, body: RunCommand, request: Request):
     args = dict(argv=body.full_argv(), env=body.env, cwd=body.cwd, user=body.user,
                 timeout=body.timeout, tag=body.tag)
     if body.background:
-        info = await engine.call(sid, "exec", background=True, stdin=body.stdin is not None,
-                                 **args)
+        # a background process keeps a stdin pipe, so it can be fed later
+        info = await engine.call(sid, "exec", background=True, stdin=True, **args)
         if body.stdin is not None:
             await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
         from fastapi.responses import JSONResponse

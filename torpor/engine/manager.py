@@ -132,6 +132,8 @@ class Engine:
                 else:
                     await self._fail(row.id, f"could not be adopted after restart: {e}",
                                      "restore_failed")
+                    # whatever still runs of it is unreachable: stop it, keep its disk
+                    await asyncio.to_thread(self.driver.stop_keep_disk, spec)
                 continue
             self._attach(row.id, spec, chan)
             self._event(row.id, "adopted", RUNNING, RUNNING, "restart", {})

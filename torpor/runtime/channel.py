@@ -123,7 +123,8 @@ class Stream:
     def abandon(self) -> None:
         """Stop caring about the stream: the agent stops following, processes keep running."""
         if not self.done.is_set():
-            self.chan._send(P.frame(P.CLOSE, self.sid))
+            if not self.chan.closed.is_set():
+                self.chan._send(P.frame(P.CLOSE, self.sid))
             self.chan.streams.pop(self.sid, None)
             self.error = {"code": "abandoned", "message": "stream abandoned"}
             self._finish()

@@ -283,10 +283,45 @@ class GVisorDriver:
 
 
 def _alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie (a killed holder whose parent, the
+    server that started it, is gone stays a zombie until init reaps it)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
+
+
+def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
+    """Stop every sandbox under a data dir and undo its mounts and holders: the operator's
+    last resort (and the test suite's teardown). Returns what it removed."""
+    data_dir = Path(data_dir).resolve()
+    done = []
+    state = data_dir / "runsc"
+    if state.is_dir():
+        p = subprocess.run([runsc, "--root", str(state), "list", "-q"], capture_output=True,
+                           text=True)
+        for cid in p.stdout.split():
+            subprocess.run([runsc, "--root", str(state), "delete", "--force", cid],
+                           capture_output=True)
+            done.append(f"container {cid}")
+    for status in data_dir.glob("sandboxes/*/status.json"):
+        try:
+            pid = json.loads(status.read_text()).get("holder_pid")
+        except (OSError, ValueError):
+            continue
+        if pid and _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                done.append(f"holder {pid}")
+            except ProcessLookupError:
+                pass
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f]
+    for m in reversed(mounts):
+        if m.startswith(str(data_dir) + "/"):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+            done.append(f"mount {m}")
+    for sdir in data_dir.glob("sandboxes/*"):
+        Cgroup(f"/torpor/{sdir.name}").remove()
+    return done

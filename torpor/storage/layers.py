@@ -72,7 +72,7 @@ class Layer:
         for d in (self.usr, self.rootfs, self.disk):
             if d.exists() and mounted(d):
                 p = subprocess.run(["umount", str(d)], capture_output=True, text=True)
-                if p.returncode != 0:
+                if p.returncode != 0 and mounted(d):
                     # something still holds it (a dying runsc gofer): detach lazily
                     _run("umount", "-l", str(d))
 

@@ -1,0 +1,44 @@
+# Torpor: `make serve` runs the server, `make test` runs the suite. Both install what is
+# missing first (Debian packages, the venv) and are safe to run again.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+DATA ?= $(or $(TORPOR_DATA),/var/lib/torpor)
+HOST ?= 127.0.0.1
+PORT ?= 7070
+APT_PKGS := runsc e2fsprogs mount util-linux iproute2 python3 python3-venv gcc libc6-dev
+
+.PHONY: serve test deps venv lint bench clean-test
+
+serve: deps venv compat
+	$(VENV)/bin/torpor serve --host $(HOST) --port $(PORT) --data-dir $(DATA)
+
+test: deps venv compat
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian packages: only asks apt when something is missing, so a second run is instant.
+deps:
+	@missing=""; \
+	for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check torpor tests bench
+
+bench: deps venv compat
+	$(VENV)/bin/python bench/foundation.py
+
+-include mk/compat.mk
+# mk/compat.mk defines `compat` (the in-sandbox statx fix); keep the target if it is absent
+compat::

@@ -1,0 +1,122 @@
+"""Shared fixtures: a real `torpor serve` on loopback with its own data dir, real runsc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `torpor serve` subprocess. Stop it with SIGTERM or SIGKILL; start it again on the
+    same data dir to test restarts."""
+
+    def __init__(self, data_dir: Path, pool_size: int = 1):
+        self.data_dir = data_dir
+        self.pool_size = pool_size
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self) -> "Server":
+        env = dict(os.environ, TORPOR_DATA=str(self.data_dir),
+                   TORPOR_POOL_SIZE=str(self.pool_size))
+        cmd = [sys.executable, "-c", "from torpor.cli.main import app; app()", "serve",
+               "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
+               str(self.data_dir), "--pool-size", str(self.pool_size)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server did not answer: {self.log.read_text()[-3000:]}")
+        self.key = (self.data_dir / "api-key").read_text().strip()
+        return self
+
+    def client(self, key: str | None = None, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout,
+                            headers={"Authorization": f"Bearer {key or self.key}"})
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+def make_data_dir() -> Path:
+    # short, so the holders' Unix socket paths stay far below the 108-byte limit
+    return Path(tempfile.mkdtemp(prefix="tpt-", dir="/tmp"))
+
+
+def teardown_data_dir(server: Server) -> None:
+    from torpor.runtime.gvisor import purge
+
+    server.stop(signal.SIGKILL)
+    purge(server.data_dir)
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    if os.geteuid() != 0:
+        pytest.exit("the integration suite runs sandboxes and needs root", returncode=2)
+    srv = Server(make_data_dir(), pool_size=1).start()
+    yield srv
+    teardown_data_dir(srv)
+
+
+@pytest.fixture(scope="session")
+def api(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def sandbox(api):
+    r = api.post("/v1/sandboxes", json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    yield sid
+    api.delete(f"/v1/sandboxes/{sid}")
+
+
+def run(api, sid: str, cmd: str, **kw) -> dict:
+    r = api.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()

@@ -1,0 +1,66 @@
+"""Resource limits: memory (the offender dies, the sandbox lives), CPU, pids."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import run
+
+from torpor.runtime.gvisor import GVisorDriver
+
+
+def test_memory_hog_is_killed_and_sandbox_lives(api):
+    sid = api.post("/v1/sandboxes", json={"memory_mb": 256}).json()["id"]
+    try:
+        hog = ("python3 -c \"import time\nchunks=[]\nfor i in range(200):\n"
+               "  chunks.append(bytearray(16<<20)); time.sleep(0.02)\"")
+        out = run(api, sid, hog, timeout=120)
+        assert out["exit_code"] == 137
+        out = run(api, sid, "python3 -c 'x = bytearray(1 << 30)'", timeout=120)
+        assert out["exit_code"] == 137
+        assert run(api, sid, "echo alive")["stdout"] == "alive\n"
+        info = api.get(f"/v1/sandboxes/{sid}").json()
+        assert info["state"] == "running"
+        events = api.get(f"/v1/sandboxes/{sid}/events").json()
+        kills = [e for e in events if e["kind"] == "oom_kill"]
+        assert kills and kills[0]["detail"]["limit_mb"] == 256
+        assert "python3" in kills[0]["detail"]["cmdline"]
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_cpu_and_pids_limits_reach_the_cgroup(server, api):
+    sid = api.post("/v1/sandboxes", json={"cpu": 0.5}).json()["id"]
+    try:
+        cg = GVisorDriver(server.data_dir).cgroup(sid)
+        if cg.v2:
+            quota, period = (cg._path("cpu") / "cpu.max").read_text().split()
+        else:
+            quota = (cg._path("cpu") / "cpu.cfs_quota_us").read_text().strip()
+            period = (cg._path("cpu") / "cpu.cfs_period_us").read_text().strip()
+        assert int(quota) / int(period) == 0.5
+        pids = (cg._path("pids") / "pids.max").read_text().strip()
+        assert pids.isdigit() and int(pids) > 0
+        # a busy loop gets about half a core
+        t0 = cg.cpu_seconds()
+        run(api, sid, "timeout 2 sh -c 'while :; do :; done'; true", timeout=30)
+        used = cg.cpu_seconds() - t0
+        assert used < 1.6, f"used {used:.2f} CPU seconds in 2 s with cpu=0.5"
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_fork_bomb_is_contained(server, api):
+    sid = api.post("/v1/sandboxes", json={}).json()["id"]
+    other = api.post("/v1/sandboxes", json={}).json()["id"]
+    try:
+        run(api, sid, "bomb() { bomb | bomb & }; (bomb) >/dev/null 2>&1 & sleep 5; echo done",
+            timeout=60)
+        time.sleep(1)
+        # the neighbour and the host are unaffected
+        assert run(api, other, "echo fine")["stdout"] == "fine\n"
+        info = api.get(f"/v1/sandboxes/{sid}").json()
+        assert info["state"] in ("running", "failed")
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+        api.delete(f"/v1/sandboxes/{other}")

@@ -1,0 +1,84 @@
+"""The server can die at any moment: no record is lost, sandboxes keep running under their
+holders and the next server adopts them; what cannot be adopted is marked failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from conftest import Server, make_data_dir, run, teardown_data_dir
+
+
+@pytest.fixture
+def own_server():
+    srv = Server(make_data_dir(), pool_size=0).start()
+    yield srv
+    teardown_data_dir(srv)
+
+
+def test_sigkill_then_restart_adopts_running_sandboxes(own_server):
+    srv = own_server
+    with srv.client() as c:
+        sid = c.post("/v1/sandboxes", json={"metadata": {"k": "v"}}).json()["id"]
+        doomed = c.post("/v1/sandboxes", json={}).json()["id"]
+        run(c, sid, "echo 42 > /home/user/state")
+        pid = c.post(f"/v1/sandboxes/{sid}/commands",
+                     json={"cmd": "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; "
+                                  "sleep 0.1; done", "background": True}).json()["pid"]
+    srv.stop(signal.SIGKILL)
+
+    # while the server is down, one sandbox loses its holder: it cannot be adopted
+    status = json.loads((srv.data_dir / "sandboxes" / doomed / "status.json").read_text())
+    os.kill(status["holder_pid"], signal.SIGKILL)
+
+    srv.start()
+    with srv.client() as c:
+        info = c.get(f"/v1/sandboxes/{sid}").json()
+        assert info["state"] == "running" and info["metadata"] == {"k": "v"}
+        procs = c.get(f"/v1/sandboxes/{sid}/processes").json()
+        assert any(p["pid"] == pid and p["running"] for p in procs)
+        first = int(run(c, sid, "cat /tmp/count")["stdout"])
+        assert run(c, sid, "cat /home/user/state")["stdout"] == "42\n"
+        import time
+
+        time.sleep(0.5)
+        assert int(run(c, sid, "cat /tmp/count")["stdout"]) > first
+
+        bad = c.get(f"/v1/sandboxes/{doomed}").json()
+        assert bad["state"] == "failed" and "holder" in bad["reason"]
+        r = c.post(f"/v1/sandboxes/{doomed}/commands", json={"cmd": "true"})
+        assert r.status_code == 503 and "failed" in r.json()["error"]["message"]
+        # a failed sandbox can still be deleted, and then nothing of it remains
+        assert c.delete(f"/v1/sandboxes/{doomed}").status_code == 204
+
+
+def test_sigterm_then_restart(own_server):
+    srv = own_server
+    with srv.client() as c:
+        sid = c.post("/v1/sandboxes", json={}).json()["id"]
+        run(c, sid, "echo before > /tmp/x")
+    srv.stop(signal.SIGTERM)
+    assert srv.proc.returncode is not None
+    srv.start()
+    with srv.client() as c:
+        assert run(c, sid, "cat /tmp/x")["stdout"] == "before\n"
+        events = [e["kind"] for e in c.get(f"/v1/sandboxes/{sid}/events").json()]
+        assert "adopted" in events
+
+
+def test_sandbox_that_dies_is_marked_failed_not_lost(own_server):
+    srv = own_server
+    with srv.client() as c:
+        sid = c.post("/v1/sandboxes", json={}).json()["id"]
+        # kill the sandbox's sentry from the host, as a crash would
+        os.system(f"runsc --root {srv.data_dir}/runsc kill {sid} KILL >/dev/null 2>&1")
+        import time
+
+        for _ in range(100):
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            if info["state"] == "failed":
+                break
+            time.sleep(0.1)
+        assert info["state"] == "failed" and info["reason"]
