@@ -459,6 +459,9 @@ class Loop:
         # one has nothing left to do
         _sig.signal(sig, _noop_handler)
 
+    def handled_signals(self) -> tuple[int, ...]:
+        return tuple(self._signals)
+
     def remove_signal_handler(self, sig: int) -> bool:
         if self._signals.pop(sig, None) is None:
             return False
