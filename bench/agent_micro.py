@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from torpor.runtime import gvisor  # noqa: E402
-from torpor.runtime.base import SandboxSpec  # noqa: E402
-from torpor.storage.templates import TemplateStore  # noqa: E402
+from torpor.runtime import gvisor
+from torpor.runtime.base import SandboxSpec
+from torpor.storage.templates import TemplateStore
 
 
 def stats(samples_ms: list[float]) -> dict:
@@ -108,8 +107,11 @@ async def bench(args) -> dict:
 
 
 def machine() -> dict:
-    runsc = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout
-    return {"uname": " ".join(platform.uname()), "nproc": os.cpu_count(),
+    def out(*argv) -> str:
+        return subprocess.run(argv, check=False, capture_output=True, text=True).stdout.strip()
+
+    runsc = out("runsc", "--version")
+    return {"uname": out("uname", "-a"), "nproc": int(out("nproc") or os.cpu_count()),
             "runsc": runsc.splitlines()[0] if runsc else None,
             "loadavg": os.getloadavg()}
 
