@@ -468,3 +468,146 @@ def test_compat_library_is_preloaded_when_present(agent):
     assert lines[1] == "ok"
     res = run(agent, ["sh", "-c", 'echo "$LD_PRELOAD"'], env={"LD_PRELOAD": ""})
     assert bytes(res.out) == b"\n"
+
+
+# --- the agent's building blocks, in this process -----------------------------------------
+@pytest.fixture
+def agent_modules(monkeypatch):
+    """The agent's modules as the agent imports them (top-level names, from its dir)."""
+    monkeypatch.syspath_prepend(str(AGENT_DIR))
+    import miniloop
+    import pathsearch
+    import users
+
+    return miniloop, users, pathsearch
+
+
+def test_miniloop_tasks_timers_and_cancellation(agent_modules):
+    ml, _, _ = agent_modules
+    log = []
+
+    async def sleeper():
+        try:
+            await ml.sleep(60)
+        except ml.CancelledError:
+            log.append("cancelled at await")
+            raise
+
+    async def queue_reader(q):
+        return [await q.get(), await q.get()]
+
+    async def main():
+        loop = ml.get_loop()
+        t = loop.create_task(sleeper())
+        await ml.sleep(0)
+        assert t.cancel()
+        await ml.sleep(0.01)
+        assert t.cancelled()
+        h = loop.call_later(0.01, log.append, "timer not cancelled")
+        h.cancel()
+        loop.call_later(0.02, log.append, "timer")
+        q = ml.Queue()
+        reader = loop.create_task(queue_reader(q))
+        q.put_nowait(1)
+        loop.call_soon(q.put_nowait, 2)
+        assert await reader == [1, 2]
+        ev = ml.Event()
+        waiter = loop.create_task(ev.wait())
+        loop.call_later(0.01, ev.set)
+        assert await waiter is True
+        await ml.sleep(0.03)
+        # a task that catches its cancellation lives on, as in asyncio
+        async def stubborn():
+            try:
+                await ml.sleep(60)
+            except ml.CancelledError:
+                return "kept going"
+        s = loop.create_task(stubborn(), eager=True)
+        s.cancel()
+        assert await s == "kept going"
+        return "done"
+
+    assert ml.run(main()) == "done"
+    assert log == ["cancelled at await", "timer"]
+
+
+def test_miniloop_readers_writers_and_signals(agent_modules):
+    ml, _, _ = agent_modules
+    got = []
+
+    async def main():
+        loop = ml.get_loop()
+        r, w = os.pipe()
+        done = loop.create_future()
+
+        def readable():
+            got.append(os.read(r, 100))
+            loop.remove_reader(r)
+            done.set_result(None)
+
+        loop.add_reader(r, readable)
+        wrote = loop.create_future()
+        loop.add_writer(w, lambda: (os.write(w, b"hi"), loop.remove_writer(w),
+                                    wrote.set_result(None)))
+        await wrote
+        await done
+        os.close(r)
+        os.close(w)
+        sig = loop.create_future()
+        loop.add_signal_handler(signal.SIGUSR1, lambda: sig.done() or sig.set_result("usr1"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        result = await sig
+        loop.remove_signal_handler(signal.SIGUSR1)
+        return result
+
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        assert ml.run(main()) == "usr1"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        signal.set_wakeup_fd(-1)
+    assert got == [b"hi"]
+
+
+def test_accounts_cache_follows_file_changes(agent_modules, tmp_path, monkeypatch):
+    _, users, _ = agent_modules
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\nann:x:1000:1000::/home/ann:/bin/sh\n")
+    group.write_text("root:x:0:\nann:x:1000:\nwheel:x:10:ann,bob\n")
+    old = time.time() - 60  # not "racy": the cache may keep it
+    for p in (passwd, group):
+        os.utime(p, (old, old))
+    monkeypatch.setattr(users, "PASSWD", str(passwd))
+    monkeypatch.setattr(users, "GROUP", str(group))
+    monkeypatch.setattr(users, "_snap", None)
+    ann = users.lookup("ann")
+    assert (ann.uid, ann.gid, ann.home, ann.groups) == (1000, 1000, "/home/ann", (1000, 10))
+    assert users.lookup(1000) is ann and users.lookup("1000") is ann
+    snap = users.snapshot()
+    assert users.snapshot() is snap  # unchanged files: no re-read
+    with group.open("a") as f:
+        f.write("docker:x:20:ann\n")
+    os.utime(group, (old + 1, old + 1))
+    assert users.lookup("ann").groups == (1000, 10, 20)
+    assert users.user_name(1000) == "ann"
+
+
+def test_path_index_follows_directory_changes(agent_modules, tmp_path):
+    _, _, pathsearch = agent_modules
+    d1, d2 = tmp_path / "a", tmp_path / "b"
+    d1.mkdir()
+    d2.mkdir()
+    (d2 / "tool").write_text("")
+    old = time.time() - 60  # not "racy": the index may keep them
+    for d in (d1, d2):
+        os.utime(d, (old, old))
+    path = f"{d1}:{d2}:relative"
+    assert list(pathsearch.candidates("tool", path)) == [f"{d2}/tool", "relative/tool"]
+    kept = pathsearch._index[str(d2)].names
+    assert list(pathsearch.candidates("tool", path)) == [f"{d2}/tool", "relative/tool"]
+    assert pathsearch._index[str(d2)].names is kept  # unchanged: not listed again
+    (d1 / "tool").write_text("")  # changes d1's mtime
+    assert next(iter(pathsearch.candidates("tool", path))) == f"{d1}/tool"
+    (d1 / "tool").unlink()
+    (d2 / "tool").unlink()
+    assert list(pathsearch.candidates("tool", path)) == ["relative/tool"]
