@@ -315,9 +315,33 @@ class Server:
         return self.cleanup_dir()
 
     def cleanup_dir(self) -> list[str]:
+        """Delete every container under the data dir (and wait for it), then purge (holders,
+        mounts, cgroups), then remove the dir. gvisor.purge alone asks `runsc list -q`,
+        which runsc does not know (the flag is -quiet): it then deletes no container, and
+        removes the cgroups while the sandboxes are still exiting, so they stay behind."""
         from torpor.runtime import gvisor
-        left = []
-        if self.data_dir.exists():
-            left = gvisor.purge(self.data_dir)
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        from torpor.runtime.cgroups import Cgroup
+        left: list[str] = []
+        if not self.data_dir.exists():
+            return left
+        state = self.data_dir / "runsc"
+        if state.is_dir():
+            p = subprocess.run(["runsc", "--root", str(state), "list", "--quiet"],
+                               capture_output=True, text=True, check=False)
+            for cid in p.stdout.split():
+                subprocess.run(["runsc", "--root", str(state), "delete", "--force", cid],
+                               capture_output=True, check=False)
+                left.append(f"container {cid}")
+        sids = [d.name for d in self.data_dir.glob("sandboxes/*")]
+        left += gvisor.purge(self.data_dir)
+        deadline = time.monotonic() + 5
+        for sid in sids:
+            cg = Cgroup(f"/torpor/{sid}")
+            while cg.leftovers() and time.monotonic() < deadline:
+                cg.remove()
+                if cg.leftovers():
+                    time.sleep(0.1)
+            if cg.leftovers():
+                left.append(f"cgroup /torpor/{sid} could not be removed")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
         return left

@@ -555,7 +555,7 @@ class Bench:
         self.a = self.b = None
         state = self.raw_dir / "state"
         if state.is_dir():
-            p = subprocess.run([RUNSC, "--root", str(state), "list", "-q"],
+            p = subprocess.run([RUNSC, "--root", str(state), "list", "--quiet"],
                                capture_output=True, text=True, check=False)
             for cid in p.stdout.split():
                 subprocess.run([RUNSC, "--root", str(state), "delete", "--force", cid],
