@@ -412,6 +412,7 @@ def test_fs_small_operations(agent, tmp_path):
     ("fs_list", {"path": "/", "depth": 0, "user": "root"}, "bad_request"),
     ("fs_stat", {"path": "", "user": "root"}, "bad_path"),
     ("fs_remove", {"path": "/", "user": "root"}, "bad_path"),
+    ("fs_remove", {"path": "/usr", "user": "root"}, "not_empty"),
 ])
 def test_errors_are_codes(agent, op, args, code):
     res = agent.call(op, **args)

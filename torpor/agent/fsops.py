@@ -8,6 +8,7 @@ and directories belong to the requested user (default `user`).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as _stat
 
@@ -41,7 +42,9 @@ def _oserror(e: OSError, path: str) -> OpError:
         return OpError("not_directory", f"{path}: not a directory", path=path)
     if isinstance(e, PermissionError):
         return OpError("permission_denied", f"{path}: permission denied", path=path)
-    if e.errno == 28:
+    if e.errno == errno.ENOTEMPTY:
+        return OpError("not_empty", f"{path}: directory not empty", path=path)
+    if e.errno == errno.ENOSPC:
         return OpError("no_space", f"{path}: no space left on the sandbox disk", path=path)
     return OpError("os_error", f"{path}: {e.strerror}", path=path)
 
