@@ -412,12 +412,19 @@ def test_fs_small_operations(agent, tmp_path):
     ("fs_list", {"path": "/", "depth": 0, "user": "root"}, "bad_request"),
     ("fs_stat", {"path": "", "user": "root"}, "bad_path"),
     ("fs_remove", {"path": "/", "user": "root"}, "bad_path"),
-    ("fs_remove", {"path": "/usr", "user": "root"}, "not_empty"),
 ])
 def test_errors_are_codes(agent, op, args, code):
     res = agent.call(op, **args)
     assert res.result is None
     assert res.error["code"] == code, res.error
+
+
+def test_removing_a_non_empty_directory_needs_recursive(agent, tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    res = agent.call("fs_remove", path=str(tmp_path / "d"), user="root")
+    assert res.error["code"] == "not_empty"
+    agent.ok("fs_remove", path=str(tmp_path / "d"), user="root", recursive=True)
+    assert not (tmp_path / "d").exists()
 
 
 def test_bad_signal_and_exited_process(agent):
