@@ -27,6 +27,7 @@ AGENT_DIR = Path(os.environ.get("TORPOR_TEST_AGENT_DIR")
 AGENT = AGENT_DIR / "agent.py"
 # The sandbox runs the host's Debian interpreter; use it here too when there is one.
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+NATIVE = any(AGENT_DIR.glob("compat/_torpor_native*.so"))
 HANG_GUARD = 60.0  # seconds without a frame after which a test fails instead of hanging
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent runs as root")
@@ -35,10 +36,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent runs as roo
 class Agent:
     """A host end of the channel, synchronous, for tests."""
 
-    def __init__(self, spawn: str = "default"):
+    def __init__(self, native: bool = True):
         env = dict(os.environ)
-        if spawn == "posix_spawn":
-            env["TORPOR_AGENT_SPAWN"] = "posix_spawn"
+        self.native = native and NATIVE
+        if not native:
+            env["TORPOR_AGENT_NATIVE"] = "0"
         self.proc = subprocess.Popen([PYTHON, "-s", "-B", str(AGENT)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      cwd="/", env=env)
@@ -172,11 +174,8 @@ class Result:
         self.error: dict | None = None
 
 
-FAST_SPAWN = any(AGENT_DIR.glob("compat/_torpor_spawn*.so"))
-
-
-# Both ways of starting processes: compat/spawn.c when it is built, os.posix_spawn always.
-@pytest.fixture(params=["default", "posix_spawn"] if FAST_SPAWN else ["default"])
+# Both ways: with compat/native.c when it is built, and without (os.posix_spawn) always.
+@pytest.fixture(params=[True, False] if NATIVE else [False], ids=lambda n: f"native={n}")
 def agent(request):
     a = Agent(request.param)
     try:
@@ -468,11 +467,13 @@ def test_path_lookup_follows_changes_and_skips_non_executables(agent, tmp_path):
 
 
 # --- the compat library -------------------------------------------------------------------
-def test_compat_library_is_preloaded_when_present(agent):
+def test_compat_library_is_preloaded_when_present_and_needed(agent):
     lib = AGENT_DIR / "compat" / "libtorpor_compat.so"
     res = run(agent, ["sh", "-c", 'echo "$LD_PRELOAD"; ls -la / >/dev/null && echo ok'])
     lines = bytes(res.out).decode().splitlines()
-    assert lines[0] == (str(lib) if lib.exists() else "")
+    # with native.c the agent asks the kernel, and the host's accepts AT_NO_AUTOMOUNT;
+    # without it the agent must assume the fix is needed
+    assert lines[0] == (str(lib) if lib.exists() and not agent.native else "")
     assert lines[1] == "ok"
     res = run(agent, ["sh", "-c", 'echo "$LD_PRELOAD"'], env={"LD_PRELOAD": ""})
     assert bytes(res.out) == b"\n"

@@ -9,12 +9,13 @@ Starting a command is on every request's path, and inside gVisor each syscall co
 microseconds, so `start` does only what it must: accounts come from a cache (`users`), the
 command from a PATH index (`pathsearch`), the agent changes directory once (no getcwd, no
 way back: nothing else in the agent uses relative paths), and the process starts through
-compat/spawn.c when it is built (~10 syscalls in the child before the exec, where glibc's
+compat/native.c when it is built (~10 syscalls in the child before the exec, where glibc's
 posix_spawn makes ~130), else through os.posix_spawn.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -31,33 +32,35 @@ READ_SIZE = 64 * 1024
 KEEP_EXITED = 200  # exited processes remembered for status queries
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _COMPAT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat")
-# Loaded into every process the agent starts (LD_PRELOAD), when it is there: works around
-# kernels (gVisor) that reject statx(AT_NO_AUTOMOUNT). See compat/statx_compat.c.
+# Loaded into every process the agent starts (LD_PRELOAD) when it is there and the kernel
+# needs it: works around kernels (gVisor) that reject statx(AT_NO_AUTOMOUNT). See
+# compat/statx_compat.c. Loading it costs every process ~1 ms in gVisor.
 COMPAT_LIB = os.path.join(_COMPAT_DIR, "libtorpor_compat.so")
+AT_NO_AUTOMOUNT = 0x800
 # Python ignores these at start-up and ignored signals stay ignored across exec: without
 # this, `yes | head -1` in a sandbox complains of a broken pipe instead of dying quietly.
 _DEFAULT_SIGNALS = (signames.number("SIGPIPE"), signames.number("SIGXFSZ"))
 # Signals with a handler in this process (CPython's for SIGINT, and the loop's): a child
-# that shares our memory until its exec must not run them (see compat/spawn.c).
+# that shares our memory until its exec must not run them (see compat/native.c).
 _HANDLED_SIGNALS = (signames.number("SIGINT"),)
 
 
-def _load_fast_spawn():
-    """compat/_torpor_spawn (compat/spawn.c), when it was built for this interpreter."""
-    if os.environ.get("TORPOR_AGENT_SPAWN") == "posix_spawn":  # for tests of the fallback
+def _load_native():
+    """compat/_torpor_native (compat/native.c), when it was built for this interpreter."""
+    if os.environ.get("TORPOR_AGENT_NATIVE") == "0":  # for tests of the fallback
         return None
     sys.path.append(_COMPAT_DIR)
     try:
-        import _torpor_spawn
+        import _torpor_native
 
-        return _torpor_spawn
+        return _torpor_native
     except ImportError:
         return None
     finally:
         sys.path.remove(_COMPAT_DIR)
 
 
-_fast_spawn = _load_fast_spawn()
+_native = _load_native()
 
 
 class Proc:
@@ -313,7 +316,7 @@ class _Fifo:
 
 
 class _FastSpawner:
-    """compat/spawn.c: the child resets the signals we handle and takes the user's ids
+    """compat/native.c: the child resets the signals we handle and takes the user's ids
     itself; the agent changes nothing of its own."""
 
     def __init__(self, table: ProcessTable, env: dict, acc: users.Account, fds):
@@ -334,7 +337,7 @@ class _FastSpawner:
         return False
 
     def spawn(self, path, argv) -> int:
-        return _fast_spawn.spawn(path, argv, self.env, self.fds, self.ids, True, self.resets)
+        return _native.spawn(path, argv, self.env, self.fds, self.ids, True, self.resets)
 
 
 class _PosixSpawner:
@@ -396,10 +399,14 @@ class ProcessTable:
         self.check_compat()
 
     def check_compat(self) -> None:
-        """Look for the compat library again (at start, and when the host configures us: a
-        restored sandbox may run on a host whose agent bundle differs)."""
-        exists = os.path.exists(COMPAT_LIB)
-        self.compat_env = {"LD_PRELOAD": COMPAT_LIB} if exists else {}
+        """Decide again whether to preload the statx fix (at start, and when the host
+        configures us: a restored sandbox may run on another runsc, or another agent bundle).
+        Without compat/native.c to ask the kernel, assume it needs the fix."""
+        needed = True
+        if _native is not None:
+            needed = _native.statx_errno("/", AT_NO_AUTOMOUNT) == errno.EINVAL
+        use = needed and os.path.exists(COMPAT_LIB)
+        self.compat_env = {"LD_PRELOAD": COMPAT_LIB} if use else {}
 
     def all(self):
         return list(self.procs.values())
@@ -468,7 +475,7 @@ class ProcessTable:
             # root's children inherit the agent's groups: keep them root's
             os.setgroups(acc.groups)
             self._groups = acc.groups
-        make = _FastSpawner if _fast_spawn is not None else _PosixSpawner
+        make = _FastSpawner if _native is not None else _PosixSpawner
         spawner = make(self, env, acc, fds)
         try:
             with spawner:

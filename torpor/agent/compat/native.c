@@ -1,9 +1,10 @@
 /*
- * _torpor_spawn: start a process the way posix_spawn() does (vfork-style clone, then
- * execve), with far fewer system calls in the child. A CPython extension for the agent;
- * the agent falls back to os.posix_spawn when it is not built.
+ * _torpor_native: the system calls the agent needs and Python does not offer. A CPython
+ * extension; the agent does without it (os.posix_spawn, and the statx fix always loaded)
+ * when it is not built.
  *
- * Why: glibc's posix_spawn child cannot know which signals have handlers, so before the
+ * spawn(): start a process the way posix_spawn() does (vfork-style clone, then execve),
+ * with far fewer system calls in the child. Why: glibc's posix_spawn child cannot know which signals have handlers, so before the
  * exec it asks for and resets the disposition of every signal: 128 rt_sigaction() calls
  * (glibc 2.36). On gVisor's ptrace platform every system call of the child is a round trip
  * through the sentry, and those calls took ~2 ms of each command. The agent knows which
@@ -27,6 +28,11 @@
  *   setsid      bool
  *   sigdefault  sequence of signal numbers reset to SIG_DFL in the child
  * Raises OSError with the child's errno when the exec (or the id change) fails.
+ *
+ * statx_errno(path, flags) -> 0 or the errno of statx(AT_FDCWD, path, flags, basic stats):
+ * lets the agent ask the kernel whether it has the AT_NO_AUTOMOUNT bug that
+ * libtorpor_compat.so works around, so that it preloads the library (~1 ms per process
+ * started, in gVisor) only where it is needed.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -37,6 +43,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -261,19 +268,36 @@ done:
     return result;
 }
 
+static PyObject *statx_errno(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *path_obj;
+    int flags;
+    if (!PyArg_ParseTuple(args, "O&i:statx_errno", PyUnicode_FSConverter, &path_obj, &flags))
+        return NULL;
+    struct statx buf;
+    long r = syscall(SYS_statx, AT_FDCWD, PyBytes_AS_STRING(path_obj), flags, STATX_BASIC_STATS,
+                     &buf);
+    Py_DECREF(path_obj);
+    return PyLong_FromLong(r < 0 ? errno : 0);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS,
      "spawn(path, argv, env, dup2, ids, setsid, sigdefault) -> pid"},
+    {"statx_errno", statx_errno, METH_VARARGS,
+     "statx_errno(path, flags) -> 0, or the errno statx() fails with"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_torpor_spawn",
-    "posix_spawn without glibc's per-signal loop in the child (see spawn.c)", -1, methods,
+    PyModuleDef_HEAD_INIT, "_torpor_native",
+    "system calls the torpor agent needs and Python does not offer (see native.c)", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__torpor_spawn(void)
+PyMODINIT_FUNC PyInit__torpor_native(void)
 {
     return PyModule_Create(&module);
 }
