@@ -540,6 +540,22 @@ def test_miniloop_tasks_timers_and_cancellation(agent_modules):
     assert log == ["cancelled at await", "timer"]
 
 
+def test_miniloop_survives_a_failing_callback(agent_modules, capsys):
+    ml, _, _ = agent_modules
+
+    def boom():
+        raise ValueError("boom")
+
+    async def main():
+        loop = ml.get_loop()
+        loop.call_soon(boom)
+        await ml.sleep(0.01)
+        return "alive"
+
+    assert ml.run(main()) == "alive"
+    assert "ValueError: boom" in capsys.readouterr().err
+
+
 def test_miniloop_readers_writers_and_signals(agent_modules):
     ml, _, _ = agent_modules
     got = []

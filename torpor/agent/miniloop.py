@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import os
 import select
+import sys
 import time
 
 try:
@@ -79,7 +80,10 @@ class Handle:
 
     def _run(self) -> None:
         if not self._cancelled:
-            self._cb(*self._args)
+            try:
+                self._cb(*self._args)
+            except Exception:  # noqa: BLE001 - one failed callback must not stop the loop
+                _report_callback_error(self._cb)
 
 
 class TimerHandle(Handle):
@@ -554,6 +558,14 @@ class Loop:
 
 def _noop_handler(signum, frame) -> None:
     pass
+
+
+def _report_callback_error(cb) -> None:
+    """What asyncio's default exception handler does: tell stderr (the agent's log), go on."""
+    import traceback  # only now: it is not small
+
+    sys.stderr.write(f"miniloop: exception in callback {cb!r}\n{traceback.format_exc()}")
+    sys.stderr.flush()
 
 
 def run(coro):
