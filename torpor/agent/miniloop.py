@@ -2,7 +2,8 @@
 
 Inside gVisor on the ptrace platform every page fault and every syscall is expensive, and
 `import asyncio` alone adds ~190 ms to the agent's start (it pulls in ssl, socket,
-concurrent.futures, threading, ...). This module is small and imports only builtins.
+concurrent.futures, threading, ...). This module is small and imports only what the
+interpreter has loaded anyway or builds in (heapq, select, _signal).
 
 What it offers, with asyncio's meaning where the names overlap:
 
