@@ -328,6 +328,9 @@ async def serve(loop: miniloop.Loop) -> None:
     loop.add_reader(in_fd, on_input)
     loop.add_signal_handler(signames.SIGCHLD, agent.procs.reap)
     agent.out.write(P.jframe(P.HELLO, 0, {"version": P.VERSION, "pid": os.getpid()}))
+    # after the HELLO has left (idle hooks run first): the host's side of the start and
+    # the agent's warm-up overlap
+    loop.call_later(0, agent.procs.warm_up)
     await done
     # stdin closed: the host side is gone for good (a restore hands us new pipes instead)
 
