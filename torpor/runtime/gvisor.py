@@ -299,7 +299,7 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
     done = []
     state = data_dir / "runsc"
     if state.is_dir():
-        p = subprocess.run([runsc, "--root", str(state), "list", "-q"], capture_output=True,
+        p = subprocess.run([runsc, "--root", str(state), "list", "--quiet"], capture_output=True,
                            text=True)
         for cid in p.stdout.split():
             subprocess.run([runsc, "--root", str(state), "delete", "--force", cid],

@@ -27,6 +27,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import protocol as P  # noqa: E402
 
 BUFFER_LIMIT = 16 << 20  # agent frames kept while no server is connected
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Adopt the sandbox's processes when `runsc run --detach` exits. Without this they are
+    reparented to PID 1, which on some hosts reaps only every second or two, and every
+    `runsc delete` waits for that reaping (measured: 1.2-2 s per delete)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap(until: float | None = None) -> None:
+    """Collect exited children; with `until` (a monotonic time), keep at it until no child
+    is left or that time has come."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            continue
+        if until is None or time.monotonic() > until:
+            return
+        time.sleep(0.005)
 
 
 def write_status(path: str, **status) -> None:
@@ -78,12 +104,25 @@ class Holder:
         self.listener.listen(4)
         self.listener.setblocking(False)
         self.start_container()
+        # SIGCHLD from adopted sandbox processes wakes the loop through this pipe
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(wake_r, selectors.EVENT_READ, "sigchld")
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
         self.sel.register(self.out_r, selectors.EVENT_READ, "agent")
         while True:
             for key, events in self.sel.select():
                 what = key.data
-                if what == "accept":
+                if what == "sigchld":
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                    reap()
+                elif what == "accept":
                     self.accept()
                 elif what == "agent":
                     if events & selectors.EVENT_READ and not self.read_agent():
@@ -237,6 +276,10 @@ class Holder:
             os.unlink(self.cfg["socket"])
         except OSError:
             pass
+        # the sentry is gone; wait for the gofer too, so nothing is left to PID 1
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        reap(until=time.monotonic() + 10)
 
 
 def main() -> None:
@@ -244,6 +287,7 @@ def main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with open(sys.argv[1]) as f:
         cfg = json.load(f)
+    become_subreaper()
     Holder(cfg).run()
 
 

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import functools
+import ssl
+
 import httpx
 
 from torpor.sdk._api import Call
@@ -61,13 +64,21 @@ def _timeout(config: ClientConfig) -> httpx.Timeout:
     return httpx.Timeout(config.request_timeout, connect=CONNECT_TIMEOUT)
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: httpx builds a new one (loading the CA bundle, ~27 ms)
+    for every client otherwise, and every Sandbox holds its own client."""
+    return ssl.create_default_context()
+
+
 class SyncSession:
     """One httpx.Client bound to a server and key."""
 
     def __init__(self, config: ClientConfig, transport: httpx.BaseTransport | None = None):
         self.config = config
         self.client = httpx.Client(base_url=config.url, headers=config.headers(),
-                                   timeout=_timeout(config), transport=transport)
+                                   timeout=_timeout(config), transport=transport,
+                                   verify=_tls())
 
     def call(self, call: Call[T]) -> T:
         with transport_errors(self.config.url, call):
@@ -117,7 +128,8 @@ class AsyncSession:
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
         self.client = httpx.AsyncClient(base_url=config.url, headers=config.headers(),
-                                        timeout=_timeout(config), transport=transport)
+                                        timeout=_timeout(config), transport=transport,
+                                        verify=_tls())
 
     async def call(self, call: Call[T]) -> T:
         with transport_errors(self.config.url, call):
