@@ -197,6 +197,14 @@ def test_hello_ping_and_pong(agent):
     assert agent.ok("ping") == {"pid": agent.pid}
 
 
+def test_sighup_rearms_the_channel(agent):
+    # what the host sends after `runsc restore`; at any other time it changes nothing
+    os.kill(agent.pid, signal.SIGHUP)
+    agent.send(P.PING, 0, b"after-hup")
+    assert agent.recv(0) == (P.PONG, 0, b"after-hup")
+    assert bytes(run(agent, ["echo", "ok"]).out) == b"ok\n"
+
+
 def test_stdin_eof_ends_the_agent():
     a = Agent()
     a.proc.stdin.close()

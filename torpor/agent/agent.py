@@ -79,6 +79,13 @@ class Output:
         if len(self.buf) <= OUT_LOW:
             self.drained.set()
 
+    def rearm(self) -> None:
+        """Register again with epoll (see `serve`), and try to write at once."""
+        if self._watching:
+            self.loop.remove_writer(self.fd)
+            self._watching = False
+        self.flush()
+
 
 class Stream:
     """One stream of the channel, as the agent sees it."""
@@ -327,6 +334,20 @@ async def serve(loop: miniloop.Loop) -> None:
 
     loop.add_reader(in_fd, on_input)
     loop.add_signal_handler(signames.SIGCHLD, agent.procs.reap)
+
+    def rearm() -> None:
+        # After `runsc restore` (runsc 20221219 at least), the container's stdio are new
+        # host pipes, and epoll never again reports the restored stdin readable (nor stdout
+        # writable): the agent would sit deaf. Registering the fds with epoll anew makes it
+        # hear them again, so the host sends SIGHUP (`runsc kill ID HUP`) after a restore.
+        # Harmless at any other time.
+        loop.remove_reader(in_fd)
+        loop.add_reader(in_fd, on_input)
+        agent.out.rearm()
+        agent.procs.check_compat()  # perhaps another runsc, or another agent bundle
+        on_input()
+
+    loop.add_signal_handler(signames.SIGHUP, rearm)
     agent.out.write(P.jframe(P.HELLO, 0, {"version": P.VERSION, "pid": os.getpid()}))
     # after the HELLO has left (idle hooks run first): the host's side of the start and
     # the agent's warm-up overlap

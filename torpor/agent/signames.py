@@ -26,6 +26,7 @@ for _name, _value in sorted(_BY_NAME.items(), key=lambda kv: (kv[1], kv[0])):
 SIGKILL = _BY_NAME["SIGKILL"]
 SIGCHLD = _BY_NAME["SIGCHLD"]
 SIGPIPE = _BY_NAME["SIGPIPE"]
+SIGHUP = _BY_NAME["SIGHUP"]
 
 
 def number(sig) -> int | None:
