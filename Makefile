@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= $(or $(TORPOR_DATA),/var/lib/torpor)
 HOST ?= 127.0.0.1
 PORT ?= 7070
-APT_PKGS := runsc e2fsprogs mount util-linux iproute2 python3 python3-venv gcc libc6-dev
+APT_PKGS := runsc e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev
 
 .PHONY: serve test deps venv lint bench clean-test
 
@@ -15,6 +15,7 @@ serve: deps venv compat
 	$(VENV)/bin/torpor serve --host $(HOST) --port $(PORT) --data-dir $(DATA)
 
 test: deps venv compat
+	$(VENV)/bin/ruff check torpor tests bench
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian packages: only asks apt when something is missing, so a second run is instant.

@@ -36,14 +36,15 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = dict(os.environ, TORPOR_DATA=str(self.data_dir),
                    TORPOR_POOL_SIZE=str(self.pool_size))
         cmd = [sys.executable, "-c", "from torpor.cli.main import app; app()", "serve",
                "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
                str(self.data_dir), "--pool-size", str(self.pool_size)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=ROOT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

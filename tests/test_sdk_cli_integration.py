@@ -10,8 +10,13 @@ import sys
 import pytest
 
 from torpor import AsyncSandbox, Sandbox
-from torpor.sdk.errors import (AuthError, CommandExitError, CommandTimeoutError,
-                               InvalidRequestError, NotFoundError)
+from torpor.sdk.errors import (
+    AuthError,
+    CommandExitError,
+    CommandTimeoutError,
+    InvalidRequestError,
+    NotFoundError,
+)
 
 
 @pytest.fixture
@@ -77,7 +82,7 @@ def _cli(server, *args, input=None):
     env = dict(os.environ, TORPOR_URL=server.url, TORPOR_API_KEY=server.key)
     return subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
                            *args], env=env, capture_output=True, text=True, input=input,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_cli_exec_files_and_exit_codes(server, tmp_path):

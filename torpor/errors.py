@@ -61,6 +61,7 @@ _AGENT = {
     "exists": Conflict, "is_directory": Conflict, "not_directory": Conflict,
     "not_running": Conflict, "stdin_closed": Conflict, "permission_denied": Conflict,
     "no_space": TooLarge, "too_many": TooLarge, "channel_closed": Unavailable,
+    "not_empty": Conflict,
 }
 
 

@@ -282,6 +282,10 @@ async def op_oom_kill(agent: Agent, st: Stream, **_):
     return agent.procs.kill_largest()
 
 
+async def op_pids_kill(agent: Agent, st: Stream, **_):
+    return agent.procs.kill_runaway()
+
+
 HANDLERS = {
     "ping": op_ping,
     "configure": op_configure,
@@ -293,6 +297,7 @@ HANDLERS = {
     "proc_signal": op_proc_signal,
     "proc_wait": op_proc_wait,
     "oom_kill": op_oom_kill,
+    "pids_kill": op_pids_kill,
     **fsops.HANDLERS,
 }
 

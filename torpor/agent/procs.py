@@ -28,6 +28,7 @@ import users
 from protocol import OpError
 
 LOG_LIMIT = 4 << 20  # bytes of output kept per process
+EXIT_GRACE = 0.1  # seconds a finished command waits for output still in its pipes
 READ_SIZE = 64 * 1024
 KEEP_EXITED = 200  # exited processes remembered for status queries
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -75,6 +76,7 @@ class Proc:
         self.signal: str | None = None
         self.timed_out = False
         self.exited = miniloop.Event()
+        self.grace_over = False
         self.stdin_fd = stdin_fd
         self._stdin_wait: miniloop.Future | None = None  # a writer waiting for pipe space
         self.log = _Fifo()  # (offset, kind, bytes)
@@ -172,7 +174,8 @@ class Proc:
                     if blocking:
                         self._trim()
                         self._apply_backpressure()
-                if self.pipes_done.is_set() and self.exited.is_set() and f.pos >= self.log_end:
+                if (self.exited.is_set() and f.pos >= self.log_end
+                        and (self.pipes_done.is_set() or self.grace_over)):
                     break
                 if not live and f.pos >= self.log_end:
                     break
@@ -253,7 +256,15 @@ class Proc:
             except OSError:
                 pass
 
+    def _end_grace(self) -> None:
+        self.grace_over = True
+        self._notify()
+
     def on_exit(self, status: int) -> None:
+        # A command is done when its process exits, even if something it left running in
+        # the background (`cmd &`) still holds its stdout: followers get EXIT_GRACE more
+        # for what is in flight, then finish; later output stays in the log.
+        miniloop.get_loop().call_later(EXIT_GRACE, self._end_grace)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             self.signal = signames.name(sig)
@@ -543,27 +554,70 @@ class ProcessTable:
                 if p is not None and p.exited.is_set():
                     del self.procs[old]
 
-    def kill_largest(self) -> dict:
-        """Kill the process using the most memory in the sandbox (the agent excepted)."""
-        best = None
+    def _sessions(self) -> dict[int, list[tuple[int, int]]]:
+        """Processes of the sandbox by session, as (pid, resident bytes); the agent's own
+        session is left out."""
         me = os.getpid()
+        mine = os.getsid(me)
+        page = os.sysconf("SC_PAGE_SIZE")
+        sessions: dict[int, list[tuple[int, int]]] = {}
         for name in os.listdir("/proc"):
             if not name.isdigit() or int(name) == me:
                 continue
             try:
-                with open(f"/proc/{name}/statm") as f:
-                    rss_pages = int(f.read().split()[1])
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                sid, rss = int(fields[3]), int(fields[21]) * page
             except (OSError, ValueError, IndexError):
                 continue
-            if best is None or rss_pages > best[1]:
-                best = (int(name), rss_pages, cmd)
-        if best is None:
-            return {"killed": None}
-        pid, pages, cmd = best
+            if sid != mine:
+                sessions.setdefault(sid, []).append((int(name), rss))
+        return sessions
+
+    def _kill_session(self, sid: int, procs: list[tuple[int, int]]) -> dict:
+        # each command runs in a session of its own: this ends the command and everything
+        # it started, and nothing else; stop them all first so that none forks on
+        biggest = max(procs, key=lambda p: p[1])
         try:
-            os.kill(pid, signames.SIGKILL)
+            with open(f"/proc/{biggest[0]}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
-            return {"killed": None}
-        return {"killed": pid, "rss_bytes": pages * os.sysconf("SC_PAGE_SIZE"), "cmdline": cmd}
+            cmd = ""
+        for sig in (signames.SIGSTOP, signames.SIGKILL):
+            for pid, _ in procs:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        return {"killed": biggest[0], "processes": len(procs), "session": sid,
+                "rss_bytes": sum(r for _, r in procs), "cmdline": cmd}
+
+    def _stop_the_world(self, pick) -> dict:
+        """Stop every process but the agent with one kill(-1) (the agent is init, which
+        kill(-1) spares), so that a runaway neither grows nor competes with the agent for
+        CPU while it looks for the culprit; kill the session `pick` chooses; resume the rest.
+        Processes a user had stopped on purpose are resumed too."""
+        try:
+            os.kill(-1, signames.SIGSTOP)
+        except OSError:
+            pass
+        try:
+            sessions = self._sessions()
+            if not sessions:
+                return {"killed": None}
+            sid, procs = max(sessions.items(), key=pick)
+            return self._kill_session(sid, procs)
+        finally:
+            try:
+                os.kill(-1, signames.SIGCONT)
+            except OSError:
+                pass
+
+    def kill_runaway(self) -> dict:
+        """Kill the session with the most processes (a fork bomb and its offspring)."""
+        return self._stop_the_world(lambda kv: len(kv[1]))
+
+    def kill_largest(self) -> dict:
+        """Kill the session using the most memory: the command that grew past the limit,
+        with what it started (a single hog, or many small processes)."""
+        return self._stop_the_world(lambda kv: sum(r for _, r in kv[1]))

@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from torpor._version import __version__
-from torpor.errors import TooLarge, TorporError, Unauthorized
 from torpor.engine.manager import Engine
+from torpor.errors import TooLarge, TorporError
 
 log = logging.getLogger("torpor.api")
 
@@ -116,10 +116,7 @@ def require_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
     key = key or request.headers.get("x-api-key")
-    try:
-        return request.app.state.engine.keys.check(key)
-    except Unauthorized:
-        raise
+    return request.app.state.engine.keys.check(key)  # raises Unauthorized
 
 
 def engine_of(request: Request) -> Engine:

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from torpor.api.app import engine_of
-from torpor.api.schemas import (CommandResultOut, ProcessOut, RunCommand, SignalIn,
-                                StdinIn)
+from torpor.api.schemas import CommandResultOut, ProcessOut, RunCommand, SignalIn, StdinIn
 from torpor.errors import Timeout, Unavailable, from_agent
 from torpor.runtime.channel import AgentError, ChannelClosed, Stream
 
@@ -67,8 +66,8 @@ def stream_response(request: Request, sid: str, stream: Stream) -> StreamingResp
                                                     201: {"model": ProcessOut}})
 async def run_command(sid: str, body: RunCommand, request: Request):
     engine = engine_of(request)
-    args = dict(argv=body.full_argv(), env=body.env, cwd=body.cwd, user=body.user,
-                timeout=body.timeout, tag=body.tag)
+    args = {"argv": body.full_argv(), "env": body.env, "cwd": body.cwd, "user": body.user,
+            "timeout": body.timeout, "tag": body.tag}
     if body.background:
         # a background process keeps a stdin pipe, so it can be fed later
         info = await engine.call(sid, "exec", background=True, stdin=True, **args)
@@ -153,10 +152,9 @@ async def process_signal(sid: str, pid: int, body: SignalIn, request: Request):
 
 @router.post("/sandboxes/{sid}/processes/{pid}/wait", response_model=ProcessOut)
 async def process_wait(sid: str, pid: int, request: Request, timeout: float = 60.0):
-    import asyncio
 
     try:
         return await engine_of(request).call(sid, "proc_wait", pid=pid, timeout=timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s",
                       sandbox_id=sid, pid=pid) from None

@@ -7,8 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request, Response
 
 from torpor.api.app import engine_of
-from torpor.api.schemas import (CreateKey, CreateSandbox, EventOut, KeyOut, SandboxOut,
-                                TemplateOut)
+from torpor.api.schemas import CreateKey, CreateSandbox, EventOut, KeyOut, SandboxOut, TemplateOut
 
 router = APIRouter()
 

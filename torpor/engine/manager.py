@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import string
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -32,7 +33,7 @@ log = logging.getLogger("torpor.engine")
 
 RUNNING, CREATING, FAILED, DELETED = "running", "creating", "failed", "deleted"
 _ALPHABET = string.ascii_lowercase + string.digits
-WATCH_INTERVAL = 0.25  # seconds between memory checks of running sandboxes
+WATCH_INTERVAL = 0.1  # seconds between memory and task checks of running sandboxes
 
 
 def new_id() -> str:
@@ -54,7 +55,7 @@ class SandboxInfo:
     reason: str | None
 
     @classmethod
-    def of(cls, row: SandboxRow) -> "SandboxInfo":
+    def of(cls, row: SandboxRow) -> SandboxInfo:
         return cls(id=row.id, template=row.template, state=row.state,
                    created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
                    memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
@@ -76,6 +77,7 @@ class Engine:
         self.channels: dict[str, Channel] = {}
         self._specs: dict[str, SandboxSpec] = {}
         self._watchers: dict[str, asyncio.Task] = {}
+        self._pids_mark: dict[str, int] = {}  # host threads at the last runaway kill
         self._pool_lock = asyncio.Lock()
         self._pool_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -395,8 +397,25 @@ class Engine:
                             break
             try:
                 await asyncio.wait_for(self._pool_wakeup.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
+
+    async def _stop_runaway(self, sid: str, chan: Channel, pids: tuple[int, int]) -> None:
+        """Past the pids cgroup limit the sentry cannot make threads and dies, so before that
+        the agent kills the command session with the most processes (a fork bomb)."""
+        t0 = time.monotonic()
+        try:
+            res = await chan.call("pids_kill", timeout=5)
+        except (TimeoutError, AgentError, ChannelClosed) as e:
+            log.warning("sandbox %s near its task limit (%d/%d): the agent did not stop the "
+                        "runaway in %.1fs (%r)", sid, pids[0], pids[1], time.monotonic() - t0, e)
+            return
+        if res.get("killed"):
+            log.warning("sandbox %s near its task limit (%d/%d host threads): killed %d "
+                        "processes of session %s (%s)", sid, pids[0], pids[1],
+                        res.get("processes", 0), res.get("session"), res.get("cmdline"))
+            self._event(sid, "pids_kill", RUNNING, RUNNING, "pids_limit",
+                        {"host_threads": pids[0], "limit": pids[1], **res})
 
     # --- memory watchdog -----------------------------------------------------------------
     async def _watchdog_loop(self) -> None:
@@ -405,16 +424,25 @@ class Engine:
         sentry overhead), kills the sandbox's largest process before the hard limit hits."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            self.driver.reap_holders()
             for sid, spec in list(self._specs.items()):
                 chan = self.channels.get(sid)
                 if chan is None or chan.closed.is_set():
                     continue
-                used = self.driver.cgroup(sid).memory_bytes()
+                cg = self.driver.cgroup(sid)
+                pids = cg.pids()
+                # the sentry keeps the host threads it made (Go never ends them), so the
+                # count is a high-water mark: act again only once it has grown further
+                if (pids and pids[0] > 0.4 * pids[1]
+                        and pids[0] > self._pids_mark.get(sid, 0) + 256):
+                    self._pids_mark[sid] = pids[0]
+                    await self._stop_runaway(sid, chan, pids)
+                used = cg.memory_bytes()
                 if used is None or used <= self.driver.soft_memory_limit(spec):
                     continue
                 try:
                     res = await chan.call("oom_kill", timeout=5)
-                except (AgentError, ChannelClosed, asyncio.TimeoutError):
+                except (TimeoutError, AgentError, ChannelClosed):
                     continue
                 if res.get("killed"):
                     log.warning("sandbox %s over memory (%d MiB): killed pid %s (%s)", sid,

@@ -25,7 +25,7 @@ class SandboxSpec:
     cpu: float
     memory_mb: int
     disk_mb: int
-    pids: int = 1024
+    pids: int = 512  # processes the sandbox may run at once
     hostname: str = "sandbox"
     env: dict[str, str] = field(default_factory=dict)
 

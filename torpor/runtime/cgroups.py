@@ -64,6 +64,15 @@ class Cgroup:
                 return int(v)
         return 0
 
+    def pids(self) -> tuple[int, int] | None:
+        """(host tasks now, the limit) of the pids controller."""
+        cur = self._read("pids", "pids.current")
+        limit = self._read("pids", "pids.max")
+        if cur is None or limit is None:
+            return None
+        limit = limit.strip()
+        return int(cur), (int(limit) if limit.isdigit() else 1 << 30)
+
     def cpu_seconds(self) -> float | None:
         if self.v2:
             text = self._read("cpu", "cpu.stat")

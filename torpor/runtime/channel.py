@@ -40,7 +40,7 @@ class Event:
 
 
 class Stream:
-    def __init__(self, chan: "Channel", sid: int):
+    def __init__(self, chan: Channel, sid: int):
         self.chan = chan
         self.sid = sid
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
@@ -144,17 +144,17 @@ class Channel:
         self._pings: dict[bytes, asyncio.Future] = {}
 
     @classmethod
-    async def connect(cls, socket_path: str) -> "Channel":
+    async def connect(cls, socket_path: str) -> Channel:
         reader, writer = await asyncio.open_unix_connection(socket_path, limit=4 << 20)
         return cls(reader, writer)
 
     async def wait_ready(self, timeout: float) -> dict:
         """Wait for the agent's HELLO; it arrives once after start (buffered by the holder
         if nobody was connected). An adopted sandbox's agent is checked with a ping instead."""
-        done, _ = await asyncio.wait(
+        _, pending = await asyncio.wait(
             [asyncio.ensure_future(self._hello.wait()), asyncio.ensure_future(self.closed.wait())],
             timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for t in _:
+        for t in pending:
             t.cancel()
         if self.hello is None:
             if self.closed.is_set():
@@ -239,7 +239,7 @@ class Channel:
         st = self.open(op, **args)
         try:
             return await asyncio.wait_for(st.finish(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             st.abandon()
             raise
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from torpor.runtime.cgroups import Cgroup
 from torpor.runtime.channel import Channel, ChannelClosed
 from torpor.storage.layers import Layer
 
+log = logging.getLogger("torpor.runtime")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 HOLDER = Path(__file__).resolve().parent / "holder.py"
 CAPS = [
@@ -33,7 +35,11 @@ CAPS = [
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
 SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, doubled
+# On the ptrace platform every task in the sandbox costs the host ~15-20 threads (the
+# sentry's thread for it plus ptrace stubs): measured 45 threads idle, +300 per 20 sleeps.
+HOST_THREADS_PER_PROCESS = 20
 PIDS_OVERHEAD = 256  # host threads of the sentry and gofer themselves
+PID_MAX = 4194304  # the kernel's maximum; Debian's default of 32768 fits ~1600 sandbox tasks
 
 
 def find_host_python() -> tuple[str, str, str]:
@@ -52,8 +58,24 @@ def find_host_python() -> tuple[str, str, str]:
     return exe, loader, os.path.dirname(loader)
 
 
+def raise_pid_max() -> None:
+    """Sandbox tasks cost the host many threads here (see HOST_THREADS_PER_PROCESS), so the
+    host's PID space must be large, as on any container host; raise it if it is small."""
+    path = "/proc/sys/kernel/pid_max"
+    try:
+        with open(path) as f:
+            current = int(f.read())
+        if current < PID_MAX:
+            with open(path, "w") as f:
+                f.write(str(PID_MAX))
+            log.info("raised kernel.pid_max from %d to %d", current, PID_MAX)
+    except (OSError, ValueError) as e:
+        log.warning("could not raise kernel.pid_max (%s): a fork bomb in one sandbox may "
+                    "exhaust the host's PIDs sooner", e)
+
+
 def runsc_version(runsc: str) -> str:
-    p = subprocess.run([runsc, "--version"], capture_output=True, text=True)
+    p = subprocess.run([runsc, "--version"], check=False, capture_output=True, text=True)
     return p.stdout.split("\n")[0].replace("runsc version ", "").strip()
 
 
@@ -75,8 +97,10 @@ class GVisorDriver:
         for d in (self.state_dir, self.sock_dir, self.sandboxes_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        self._holders: list[subprocess.Popen] = []
         self.python, self.loader, self.libdir = find_host_python()
         self.version = runsc_version(self.runsc)
+        raise_pid_max()
 
     # --- paths ------------------------------------------------------------------------
     def sandbox_dir(self, sid: str) -> Path:
@@ -142,7 +166,7 @@ class GVisorDriver:
                 "resources": {
                     "memory": {"limit": hard_mb << 20},
                     "cpu": {"quota": int(spec.cpu * period), "period": period},
-                    "pids": {"limit": spec.pids + PIDS_OVERHEAD},
+                    "pids": {"limit": self.host_threads_limit(spec)},
                 },
                 "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
             },
@@ -165,10 +189,7 @@ class GVisorDriver:
         cfg = {"id": spec.id, "socket": sock, "command": command,
                "agent_log": str(d / "agent.log"), "status": str(status)}
         (d / "holder.json").write_text(json.dumps(cfg))
-        with open(d / "holder.log", "ab") as log:
-            subprocess.Popen([sys.executable, "-I", "-S", str(HOLDER), str(d / "holder.json")],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True, close_fds=True, cwd=str(d))
+        self._holders.append(self._spawn_holder(d))
         deadline = time.monotonic() + self.start_timeout
         chan = None
         while chan is None:
@@ -186,6 +207,18 @@ class GVisorDriver:
             await chan.close()
             raise RuntimeError_(f"{e}; {self._start_failure(spec.id)}") from None
         return chan
+
+    @staticmethod
+    def _spawn_holder(d: Path) -> subprocess.Popen:
+        with open(d / "holder.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-I", "-S", str(HOLDER), str(d / "holder.json")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                close_fds=True, cwd=str(d))
+
+    def reap_holders(self) -> None:
+        """Collect holders that exited (they are the server's children until it dies)."""
+        self._holders = [p for p in self._holders if p.poll() is None]
 
     def _status(self, sid: str) -> dict:
         try:
@@ -233,7 +266,7 @@ class GVisorDriver:
     def stop_keep_disk(self, spec: SandboxSpec) -> None:
         """Stop the container and its holder, unmount the layer, keep the disk image."""
         subprocess.run(self.runsc_base() + ["delete", "--force", spec.id],
-                       capture_output=True)
+                       check=False, capture_output=True)
         pid = self._status(spec.id).get("holder_pid")
         if pid and _alive(pid):
             # it exits by itself once the container's stdout closes; do not wait long
@@ -253,6 +286,9 @@ class GVisorDriver:
         cg = self.cgroup(spec.id)
         return Stats(memory_bytes=cg.memory_bytes(), cpu_seconds=cg.cpu_seconds(),
                      disk_bytes=self.layer(spec).disk_bytes(), oom_kills=cg.oom_kills())
+
+    def host_threads_limit(self, spec: SandboxSpec) -> int:
+        return spec.pids * HOST_THREADS_PER_PROCESS + PIDS_OVERHEAD
 
     def soft_memory_limit(self, spec: SandboxSpec) -> int:
         """Usage past this and the engine kills the sandbox's largest process."""
@@ -299,11 +335,11 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
     done = []
     state = data_dir / "runsc"
     if state.is_dir():
-        p = subprocess.run([runsc, "--root", str(state), "list", "--quiet"], capture_output=True,
+        p = subprocess.run([runsc, "--root", str(state), "list", "--quiet"], check=False, capture_output=True,
                            text=True)
         for cid in p.stdout.split():
             subprocess.run([runsc, "--root", str(state), "delete", "--force", cid],
-                           capture_output=True)
+                           check=False, capture_output=True)
             done.append(f"container {cid}")
     for status in data_dir.glob("sandboxes/*/status.json"):
         try:
@@ -320,7 +356,7 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
         mounts = [line.split()[1] for line in f]
     for m in reversed(mounts):
         if m.startswith(str(data_dir) + "/"):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+            subprocess.run(["umount", "-l", m], check=False, capture_output=True)
             done.append(f"mount {m}")
     for sdir in data_dir.glob("sandboxes/*"):
         Cgroup(f"/torpor/{sdir.name}").remove()

@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "agent"))
-import protocol as P  # noqa: E402
+import protocol as P
 
 BUFFER_LIMIT = 16 << 20  # agent frames kept while no server is connected
 PR_SET_CHILD_SUBREAPER = 36
@@ -80,7 +80,7 @@ class Holder:
         log = os.open(self.cfg["agent_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         t0 = time.monotonic()
         proc = subprocess.run(self.cfg["command"], stdin=in_r, stdout=out_w, stderr=log,
-                              close_fds=True)
+                              close_fds=True, check=False)
         os.close(in_r)
         os.close(out_w)
         os.close(log)

@@ -6,12 +6,11 @@ They add the key, turn error answers into typed errors, and turn transport failu
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
-
-import functools
-import ssl
 
 import httpx
 

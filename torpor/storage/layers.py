@@ -23,7 +23,7 @@ class StorageError(Exception):
 
 
 def _run(*argv: str) -> None:
-    p = subprocess.run(argv, capture_output=True, text=True)
+    p = subprocess.run(argv, check=False, capture_output=True, text=True)
     if p.returncode != 0:
         raise StorageError(f"{' '.join(argv)} failed: {p.stderr.strip() or p.stdout.strip()}")
 
@@ -71,7 +71,7 @@ class Layer:
     def unmount(self) -> None:
         for d in (self.usr, self.rootfs, self.disk):
             if d.exists() and mounted(d):
-                p = subprocess.run(["umount", str(d)], capture_output=True, text=True)
+                p = subprocess.run(["umount", str(d)], check=False, capture_output=True, text=True)
                 if p.returncode != 0 and mounted(d):
                     # something still holds it (a dying runsc gofer): detach lazily
                     _run("umount", "-l", str(d))
