@@ -28,6 +28,13 @@ class Settings:
     default_memory_mb: int = 512
     default_disk_mb: int = 4096
     default_timeout: float = 60.0
+    # standby: idle seconds before standby, then before hibernation (0 turns one off)
+    standby_after: float = float(os.environ.get("TORPOR_STANDBY_AFTER", "15"))
+    hibernate_after: float = float(os.environ.get("TORPOR_HIBERNATE_AFTER", "600"))
+    # fraction of host memory in use past which idle sandboxes hibernate, oldest first
+    memory_watermark: float = float(os.environ.get("TORPOR_MEMORY_WATERMARK", "0.85"))
+    # a graceful stop hibernates sandboxes for at most this long, then exits
+    shutdown_timeout: float = float(os.environ.get("TORPOR_SHUTDOWN_TIMEOUT", "60"))
     log_level: str = os.environ.get("TORPOR_LOG_LEVEL", "info")
 
     @property

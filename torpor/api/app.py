@@ -102,12 +102,13 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def healthz():
         return {"ok": True, "version": __version__, "runsc": engine.driver.version}
 
-    from torpor.api import commands, files, sandboxes
+    from torpor.api import commands, files, lifecycle, sandboxes
 
     deps = [Depends(require_key)]
     app.include_router(sandboxes.router, prefix="/v1", dependencies=deps)
     app.include_router(commands.router, prefix="/v1", dependencies=deps)
     app.include_router(files.router, prefix="/v1", dependencies=deps)
+    app.include_router(lifecycle.router, prefix="/v1", dependencies=deps)
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
     return app
 

@@ -71,6 +71,8 @@ async def run_command(sid: str, body: RunCommand, request: Request):
     if body.background:
         # a background process keeps a stdin pipe, so it can be fed later
         info = await engine.call(sid, "exec", background=True, stdin=True, **args)
+        if body.keep_alive:
+            engine.standby.hold_process(sid, info["pid"])
         if body.stdin is not None:
             await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
         from fastapi.responses import JSONResponse

@@ -21,6 +21,43 @@ class CreateSandbox(Strict):
     cpu: float | None = Field(None, gt=0)
     memory_mb: int | None = Field(None, gt=0)
     disk_mb: int | None = Field(None, gt=0)
+    standby_after: float | None = Field(None, ge=0)
+    hibernate_after: float | None = Field(None, ge=0)
+    ttl: float | None = Field(None, ge=0)
+    idle_ttl: float | None = Field(None, ge=0)
+    expire_action: Literal["delete", "hibernate"] | None = None
+
+
+class UpdateSandbox(Strict):
+    standby_after: float | None = Field(None, ge=0)
+    hibernate_after: float | None = Field(None, ge=0)
+    ttl: float | None = Field(None, ge=0)
+    idle_ttl: float | None = Field(None, ge=0)
+    expire_action: Literal["delete", "hibernate"] | None = None
+
+
+class KeepAliveIn(Strict):
+    seconds: float = Field(300, gt=0, le=3600)
+
+
+class KeepAliveOut(BaseModel):
+    hold_id: str
+    seconds: float
+
+
+class UsageOut(BaseModel):
+    sandbox_id: str
+    state: str
+    cpu_seconds: float
+    memory_gib_seconds: float
+    seconds_by_state: dict[str, float]
+    disk_bytes: int
+    metadata: dict[str, str]
+
+
+class UsageSummary(BaseModel):
+    sandboxes: list[UsageOut]
+    total: dict[str, float]
 
 
 class SandboxOut(BaseModel):
@@ -35,6 +72,12 @@ class SandboxOut(BaseModel):
     env: dict[str, str]
     metadata: dict[str, str]
     reason: str | None = None
+    standby_after: float
+    hibernate_after: float
+    ttl: float | None = None
+    idle_ttl: float | None = None
+    expire_action: str
+    last_active_at: datetime | None = None
 
 
 class TemplateOut(BaseModel):
@@ -82,6 +125,9 @@ class RunCommand(Strict):
     background: bool = False
     stream: bool = False
     tag: str | None = Field(None, max_length=256)
+    # a running background process with keep_alive holds the sandbox out of standby
+    # (for at most an hour: a forgotten one cannot pin it forever)
+    keep_alive: bool = False
 
     @model_validator(mode="after")
     def _one_of(self):

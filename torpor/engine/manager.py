@@ -21,6 +21,8 @@ from sqlalchemy import select
 
 from torpor.config import Settings
 from torpor.engine.keys import KeyStore
+from torpor.engine.metering import Metering
+from torpor.engine.standby import HIBERNATED, STANDBY, Standby, to_datetime
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable, from_agent
 from torpor.runtime.base import RuntimeError_, SandboxSpec
 from torpor.runtime.channel import AgentError, Channel, ChannelClosed
@@ -53,13 +55,22 @@ class SandboxInfo:
     env: dict[str, str]
     metadata: dict[str, str]
     reason: str | None
+    standby_after: float
+    hibernate_after: float
+    ttl: float | None
+    idle_ttl: float | None
+    expire_action: str
+    last_active_at: datetime | None
 
     @classmethod
-    def of(cls, row: SandboxRow) -> SandboxInfo:
+    def of(cls, row: SandboxRow, last_active: datetime | None = None) -> SandboxInfo:
         return cls(id=row.id, template=row.template, state=row.state,
                    created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
                    memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
-                   metadata=dict(row.meta or {}), reason=row.reason)
+                   metadata=dict(row.meta or {}), reason=row.reason,
+                   standby_after=row.standby_after, hibernate_after=row.hibernate_after,
+                   ttl=row.ttl, idle_ttl=row.idle_ttl, expire_action=row.expire_action,
+                   last_active_at=last_active or row.last_active_at)
 
 
 class Engine:
@@ -75,6 +86,10 @@ class Engine:
         self.driver = GVisorDriver(self.data_dir, runsc=settings.runsc,
                                    platform=settings.platform)
         self.channels: dict[str, Channel] = {}
+        self._state: dict[str, str] = {}  # cache of the records' states, for the hot path
+        self._pooled: set[str] = set()  # booted, waiting in the warm pool
+        self.standby = Standby(self)
+        self.metering = Metering(self)
         self._specs: dict[str, SandboxSpec] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self._pids_mark: dict[str, int] = {}  # host threads at the last runaway kill
@@ -100,12 +115,19 @@ class Engine:
         await self.recover()
         self._tasks.append(asyncio.create_task(self._pool_loop()))
         self._tasks.append(asyncio.create_task(self._watchdog_loop()))
+        self._tasks.append(asyncio.create_task(self.standby.loop()))
 
-    async def stop(self) -> None:
-        """Stop the server's side only: sandboxes keep running under their holders and the
-        next server start adopts them."""
+    async def stop(self, hibernate: bool = True) -> None:
+        """Stop the server. With `hibernate` (a graceful stop) every running or standby
+        sandbox is hibernated first, within `shutdown_timeout`; the rest (and all of them
+        after a kill) keep running under their holders and the next start adopts them."""
+        for t in self._tasks:
+            t.cancel()
+        if hibernate:
+            await self.standby.hibernate_all(time.monotonic() + self.settings.shutdown_timeout)
+        self.metering.flush()
         self._closing = True
-        for t in self._tasks + list(self._watchers.values()):
+        for t in list(self._watchers.values()):
             t.cancel()
         for chan in list(self.channels.values()):
             await chan.close()
@@ -117,16 +139,20 @@ class Engine:
         holders survived us), and mark the rest failed with the reason. Nothing is dropped."""
         with self.sessions() as s:
             rows = list(s.scalars(select(SandboxRow).where(
-                SandboxRow.state.in_([RUNNING, CREATING]))))
+                SandboxRow.state.in_([RUNNING, CREATING, STANDBY, HIBERNATED]))))
         for row in rows:
             spec = self._spec(row)
+            self._state[row.id] = row.state
+            if row.state == HIBERNATED:
+                continue  # its image waits on disk; the first request restores it
             if row.state == CREATING:
                 await self._fail(row.id, "the server stopped while the sandbox was created",
                                  "restore_failed", destroy=True)
                 continue
             try:
                 await asyncio.to_thread(self.driver.layer(spec).mount)
-                chan = await self.driver.adopt(spec)
+                # a frozen agent cannot answer a ping: adopt it as it is, wake it on request
+                chan = await self.driver.adopt(spec, ping=row.state != STANDBY)
             except (RuntimeError_, OSError) as e:
                 if row.pooled:
                     await self.driver.destroy(spec)
@@ -138,7 +164,7 @@ class Engine:
                     await asyncio.to_thread(self.driver.stop_keep_disk, spec)
                 continue
             self._attach(row.id, spec, chan)
-            self._event(row.id, "adopted", RUNNING, RUNNING, "restart", {})
+            self._event(row.id, "adopted", row.state, row.state, "restart", {})
 
     # --- records ------------------------------------------------------------------------
     def _spec(self, row: SandboxRow) -> SandboxSpec:
@@ -166,21 +192,34 @@ class Engine:
             s.add(EventRow(sandbox_id=sid, kind=kind, from_state=from_state,
                            to_state=to_state, reason=reason, detail=detail))
 
-    def _set_state(self, sid: str, state: str, message: str | None, reason: str) -> None:
+    def _set_state(self, sid: str, state: str, message: str | None, reason: str,
+                   duration_ms: int | None = None, extra: dict | None = None) -> None:
+        detail = dict(extra or {})
+        if message:
+            detail["message"] = message
+        if duration_ms is not None:
+            detail["duration_ms"] = duration_ms
         with self.sessions.begin() as s:
             row = s.get(SandboxRow, sid)
             old = row.state
             row.state = state
             row.updated_at = now()
+            if sid in self.standby.activity:
+                row.last_active_at = to_datetime(self.standby.activity[sid].last)
             if state == FAILED:
                 row.reason = message
             if state == DELETED:
                 row.deleted_at = now()
             s.add(EventRow(sandbox_id=sid, kind="state", from_state=old, to_state=state,
-                           reason=reason, detail={"message": message} if message else {}))
+                           reason=reason, detail=detail))
+        self._state[sid] = state
 
     async def _fail(self, sid: str, message: str, reason: str, destroy: bool = False) -> None:
         log.warning("sandbox %s failed: %s", sid, message)
+        try:
+            self.metering.bank(sid)
+        except OSError:
+            pass
         chan = self.channels.pop(sid, None)
         if chan:
             await chan.close()
@@ -219,7 +258,8 @@ class Engine:
 
     async def create(self, template: str = "base", env: dict | None = None,
                      metadata: dict | None = None, cpu: float | None = None,
-                     memory_mb: int | None = None, disk_mb: int | None = None) -> SandboxInfo:
+                     memory_mb: int | None = None, disk_mb: int | None = None,
+                     **policy) -> SandboxInfo:
         tpl = self.template(template)
         cpu = float(cpu if cpu is not None else tpl.cpu)
         memory_mb = int(memory_mb if memory_mb is not None else tpl.memory_mb)
@@ -227,16 +267,50 @@ class Engine:
         self._validate(cpu, memory_mb, disk_mb)
         env = dict(env or {})
         metadata = dict(metadata or {})
-        pooled = await self._take_from_pool(tpl, cpu, memory_mb, disk_mb, env, metadata)
+        policy = self._policy(policy)
+        pooled = await self._take_from_pool(tpl, cpu, memory_mb, disk_mb, env, metadata,
+                                            policy)
         if pooled is not None:
             return pooled
         row = SandboxRow(id=new_id(), template=tpl.name, state=CREATING, cpu=cpu,
                          memory_mb=memory_mb, disk_mb=disk_mb, env=env, meta=metadata,
-                         pooled=False)
+                         pooled=False, **policy)
         with self.sessions.begin() as s:
             s.add(row)
         await self._boot(row, env)
-        return SandboxInfo.of(self._row(row.id))
+        self.standby.touch(row.id)
+        return self.get(row.id)
+
+    def _policy(self, given: dict) -> dict:
+        """Idle timers and expiry, with the server's defaults for what is not given."""
+        out = {"standby_after": self.settings.standby_after,
+               "hibernate_after": self.settings.hibernate_after,
+               "ttl": None, "idle_ttl": None, "expire_action": "delete"}
+        out.update({k: v for k, v in given.items() if v is not None})
+        for k in ("standby_after", "hibernate_after", "ttl", "idle_ttl"):
+            if out[k] is not None and out[k] < 0:
+                raise Invalid(f"{k} must be >= 0 seconds (0 turns it off)", field=k)
+        if out["expire_action"] not in ("delete", "hibernate"):
+            raise Invalid("expire_action must be delete or hibernate", field="expire_action")
+        return out
+
+    def update(self, sid: str, **fields) -> SandboxInfo:
+        """Change a sandbox's idle timers or expiry; the next idle check uses them."""
+        self._row(sid)
+        changes = {k: v for k, v in fields.items() if v is not None}
+        with self.sessions() as s:
+            row = s.get(SandboxRow, sid)
+            merged = self._policy({k: getattr(row, k) for k in (
+                "standby_after", "hibernate_after", "ttl", "idle_ttl", "expire_action")}
+                | changes)
+        with self.sessions.begin() as s:
+            row = s.get(SandboxRow, sid)
+            for k, v in merged.items():
+                setattr(row, k, v)
+            row.updated_at = now()
+        self._event(sid, "updated", None, None, "explicit", changes)
+        self.standby.touch(sid)
+        return self.get(sid)
 
     async def _boot(self, row: SandboxRow, env: dict) -> None:
         spec = self._spec(row)
@@ -249,6 +323,8 @@ class Engine:
             raise Unavailable(f"sandbox {row.id} could not start: {e}",
                               sandbox_id=row.id) from None
         self._attach(row.id, spec, chan)
+        if row.pooled:
+            self._pooled.add(row.id)
         self._set_state(row.id, RUNNING, None, "created")
 
     def _attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
@@ -263,9 +339,11 @@ class Engine:
         if self._closing or self.channels.get(sid) is not chan:
             return
         self.channels.pop(sid, None)
+        if sid in self.standby.transitioning:
+            return  # a hibernation stops the container on purpose
         with self.sessions() as s:
             row = s.get(SandboxRow, sid)
-        if row is None or row.state != RUNNING:
+        if row is None or row.state not in (RUNNING, STANDBY):
             return
         spec = self._spec(row)
         stats = self.driver.stats(spec)
@@ -280,6 +358,13 @@ class Engine:
         # stop what is left of it, keep its disk for inspection until it is deleted
         await asyncio.to_thread(self.driver.stop_keep_disk, spec)
 
+    def live_rows(self) -> list[SandboxRow]:
+        """Records of the sandboxes that exist (not pooled, not failed or deleted)."""
+        with self.sessions() as s:
+            return list(s.scalars(select(SandboxRow).where(
+                SandboxRow.pooled.is_(False),
+                SandboxRow.state.in_([RUNNING, STANDBY, HIBERNATED]))))
+
     def list(self, state: str | None = None,
              metadata: dict[str, str] | None = None) -> list[SandboxInfo]:
         with self.sessions() as s:
@@ -292,20 +377,30 @@ class Engine:
             meta = r.meta or {}
             if metadata and any(meta.get(k) != v for k, v in metadata.items()):
                 continue
-            out.append(SandboxInfo.of(r))
+            out.append(self._info(r))
         return out
 
-    def get(self, sid: str) -> SandboxInfo:
-        return SandboxInfo.of(self._row(sid))
+    def _info(self, row: SandboxRow) -> SandboxInfo:
+        a = self.standby.activity.get(row.id)
+        return SandboxInfo.of(row, to_datetime(a.last) if a else None)
 
-    async def delete(self, sid: str) -> None:
+    def get(self, sid: str) -> SandboxInfo:
+        return self._info(self._row(sid))
+
+    async def delete(self, sid: str, reason: str = "explicit") -> None:
         row = self._row(sid)
+        if row.state in (RUNNING, STANDBY):
+            try:
+                self.metering.bank(sid)
+            except OSError:
+                pass
         chan = self.channels.pop(sid, None)
         if chan:
             await chan.close()
-        self._set_state(sid, DELETED, None, "explicit")
+        self._set_state(sid, DELETED, None, reason)
         await self.driver.destroy(self._spec(row))
         self._specs.pop(sid, None)
+        self.standby.activity.pop(sid, None)
 
     def events(self, sid: str) -> list[EventRow]:
         self._row(sid)
@@ -315,7 +410,13 @@ class Engine:
 
     # --- the agent ----------------------------------------------------------------------
     async def channel(self, sid: str) -> Channel:
-        """The agent channel of a running sandbox (the engine's activity hook)."""
+        """The agent channel of a sandbox, resumed first if it is in standby or hibernated.
+        Every API call on a sandbox comes through here: this is what counts as activity."""
+        if self._state.get(sid) != RUNNING:
+            row = self._row(sid)
+            if row.state in (STANDBY, HIBERNATED):
+                await self.standby.resume(sid, "request")
+        self.standby.touch(sid)
         chan = self.channels.get(sid)
         if chan is not None and not chan.closed.is_set():
             return chan
@@ -350,7 +451,7 @@ class Engine:
                 SandboxRow.template == template).order_by(SandboxRow.created_at)))
 
     async def _take_from_pool(self, tpl: Template, cpu, memory_mb, disk_mb, env,
-                              metadata) -> SandboxInfo | None:
+                              metadata, policy) -> SandboxInfo | None:
         if (cpu, memory_mb, disk_mb) != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
             return None
         async with self._pool_lock:
@@ -361,9 +462,12 @@ class Engine:
                 with self.sessions.begin() as s:
                     r = s.get(SandboxRow, row.id)
                     r.pooled = False
+                    self._pooled.discard(row.id)
                     r.env = env
                     r.meta = metadata
                     r.created_at = r.updated_at = now()
+                    for k, v in policy.items():
+                        setattr(r, k, v)
                     s.add(EventRow(sandbox_id=r.id, kind="handed_out", from_state=RUNNING,
                                    to_state=RUNNING, reason="created", detail={"pool": True}))
                 self._pool_wakeup.set()
@@ -373,7 +477,8 @@ class Engine:
                     except (AgentError, ChannelClosed) as e:
                         await self._fail(row.id, f"could not configure: {e}", "start_failed")
                         continue
-                return SandboxInfo.of(self._row(row.id))
+                self.standby.touch(row.id)
+                return self.get(row.id)
         self._pool_wakeup.set()
         return None
 
@@ -425,9 +530,10 @@ class Engine:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             self.driver.reap_holders()
+            in_use: dict[str, int] = {}
             for sid, spec in list(self._specs.items()):
                 chan = self.channels.get(sid)
-                if chan is None or chan.closed.is_set():
+                if chan is None or chan.closed.is_set() or self._state.get(sid) != RUNNING:
                     continue
                 cg = self.driver.cgroup(sid)
                 pids = cg.pids()
@@ -438,6 +544,8 @@ class Engine:
                     self._pids_mark[sid] = pids[0]
                     await self._stop_runaway(sid, chan, pids)
                 used = cg.memory_bytes()
+                if used is not None:
+                    in_use[sid] = used
                 if used is None or used <= self.driver.soft_memory_limit(spec):
                     continue
                 try:
@@ -449,3 +557,4 @@ class Engine:
                                 used >> 20, res["killed"], res.get("cmdline"))
                     self._event(sid, "oom_kill", RUNNING, RUNNING, "memory_limit",
                                 {"used_bytes": used, "limit_mb": spec.memory_mb, **res})
+            self.metering.sample({k: v for k, v in in_use.items() if k not in self._pooled})

@@ -84,6 +84,11 @@ class Cgroup:
         v = self._read("cpuacct", "cpuacct.usage")
         return int(v) / 1e9 if v else None
 
+    def frozen(self) -> bool:
+        if self.v2:
+            return (self._read("", "cgroup.freeze") or "0").strip() == "1"
+        return (self._read("freezer", "freezer.state") or "").strip() == "FROZEN"
+
     def freeze(self, frozen: bool) -> None:
         if self.v2:
             (self._path("") / "cgroup.freeze").write_text("1" if frozen else "0")

@@ -181,12 +181,13 @@ class GVisorDriver:
         cmd = self.runsc_base() + ["run", "--detach", "--bundle", str(d), spec.id]
         return await self._start_holder(spec, cmd)
 
-    async def _start_holder(self, spec: SandboxSpec, command: list[str]) -> Channel:
+    async def _start_holder(self, spec: SandboxSpec, command: list[str],
+                            restored: bool = False) -> Channel:
         d = self.sandbox_dir(spec.id)
         sock = self.socket_path(spec.id)
         status = d / "status.json"
         status.unlink(missing_ok=True)
-        cfg = {"id": spec.id, "socket": sock, "command": command,
+        cfg = {"id": spec.id, "socket": sock, "command": command, "restored": restored,
                "agent_log": str(d / "agent.log"), "status": str(status)}
         (d / "holder.json").write_text(json.dumps(cfg))
         self._holders.append(self._spawn_holder(d))
@@ -202,11 +203,98 @@ class GVisorDriver:
                     raise RuntimeError_(f"sandbox {spec.id}: holder did not come up") from None
                 await asyncio.sleep(0.002)
         try:
-            await chan.wait_ready(max(deadline - time.monotonic(), 1.0))
-        except (ChannelClosed, TimeoutError) as e:
+            if restored:
+                await self._wake_restored(spec, chan, deadline)
+            else:
+                await chan.wait_ready(max(deadline - time.monotonic(), 1.0))
+        except (ChannelClosed, TimeoutError, OSError) as e:
             await chan.close()
             raise RuntimeError_(f"{e}; {self._start_failure(spec.id)}") from None
         return chan
+
+    async def _wake_restored(self, spec: SandboxSpec, chan: Channel, deadline: float) -> None:
+        """A restored agent's epoll does not see its new stdin until it re-registers it:
+        SIGHUP tells it to (this runsc hands restored processes new pipes but no event)."""
+        while self._status(spec.id).get("state") != "running":
+            if self._status(spec.id).get("state") == "start_failed" or chan.closed.is_set():
+                raise ChannelClosed("runsc restore failed")
+            if time.monotonic() > deadline:
+                raise TimeoutError("runsc restore did not finish in time")
+            await asyncio.sleep(0.002)
+        proc = await asyncio.create_subprocess_exec(
+            *self.runsc_base(), "kill", spec.id, "HUP",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise ChannelClosed(f"runsc kill HUP failed: {err.decode().strip()}")
+        await chan.ping(timeout=max(deadline - time.monotonic(), 1.0))
+
+    # --- standby and hibernation ------------------------------------------------------
+    def freeze(self, spec: SandboxSpec, frozen: bool) -> None:
+        """Stop (or let go on) every task of the sandbox; memory stays resident."""
+        self.cgroup(spec.id).freeze(frozen)
+
+    def is_frozen(self, spec: SandboxSpec) -> bool:
+        return self.cgroup(spec.id).frozen()
+
+    def image_dir(self, sid: str) -> Path:
+        return self.sandbox_dir(sid) / "image"
+
+    def image_bytes(self, sid: str) -> int:
+        d = self.image_dir(sid)
+        return sum(f.stat().st_blocks * 512 for f in d.iterdir()) if d.is_dir() else 0
+
+    async def hibernate(self, spec: SandboxSpec) -> dict:
+        """Checkpoint the sandbox to disk and stop it: no process is left on the host.
+        Writes into a fresh directory and swaps it in only when complete, so a failed
+        checkpoint (disk full, refusal) leaves the sandbox running and any older image."""
+        final = self.image_dir(spec.id)
+        tmp = final.with_name("image.new")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if self.is_frozen(spec):
+            self.freeze(spec, False)  # runsc pauses it itself; a frozen sentry cannot answer
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *self.runsc_base(), "checkpoint", "--image-path", str(tmp), spec.id,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError_(f"sandbox {spec.id}: checkpoint failed: "
+                                f"{err.decode(errors='replace').strip()[-500:]}")
+        seconds = time.monotonic() - t0
+        await asyncio.to_thread(self._after_checkpoint, spec, tmp, final)
+        return {"seconds": round(seconds, 3), "image_bytes": self.image_bytes(spec.id)}
+
+    def _after_checkpoint(self, spec: SandboxSpec, tmp: Path, final: Path) -> None:
+        # the container stopped; its holder exits when stdout closes. Clear runsc's record
+        # so the id can be restored, and keep the disk mounted for the restore.
+        subprocess.run(self.runsc_base() + ["delete", "--force", spec.id], check=False,
+                       capture_output=True)
+        old = final.with_name("image.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.cgroup(spec.id).remove()
+
+    async def restore(self, spec: SandboxSpec) -> Channel:
+        """Start a hibernated sandbox from its image. The image is kept: the caller removes
+        it (`drop_image`) once the sandbox answered."""
+        img = self.image_dir(spec.id)
+        if not (img / "checkpoint.img").is_file():
+            raise RuntimeError_(f"sandbox {spec.id}: its checkpoint image is missing ({img})")
+        await asyncio.to_thread(self.layer(spec).mount)
+        await asyncio.to_thread(subprocess.run, self.runsc_base() + ["delete", "--force", spec.id],
+                                check=False, capture_output=True)
+        cmd = self.runsc_base() + ["restore", "--detach", "--image-path", str(img),
+                                   "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
+        return await self._start_holder(spec, cmd, restored=True)
+
+    def drop_image(self, sid: str) -> None:
+        shutil.rmtree(self.image_dir(sid), ignore_errors=True)
 
     @staticmethod
     def _spawn_holder(d: Path) -> subprocess.Popen:
@@ -238,7 +326,7 @@ class GVisorDriver:
                 tail += f" [{name}: {text[-600:]}]"
         return f"sandbox {sid} failed to start (runsc {self.version}){tail}"
 
-    async def adopt(self, spec: SandboxSpec) -> Channel:
+    async def adopt(self, spec: SandboxSpec, ping: bool = True) -> Channel:
         st = self._status(spec.id)
         if st.get("state") != "running":
             raise RuntimeError_(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
@@ -247,7 +335,8 @@ class GVisorDriver:
             raise RuntimeError_(f"sandbox {spec.id}: its holder process is gone")
         try:
             chan = await Channel.connect(self.socket_path(spec.id))
-            await chan.ping(timeout=10)
+            if ping:
+                await chan.ping(timeout=10)
         except (OSError, ChannelClosed, TimeoutError) as e:
             raise RuntimeError_(f"sandbox {spec.id}: agent does not answer ({e})") from None
         return chan
@@ -265,6 +354,11 @@ class GVisorDriver:
 
     def stop_keep_disk(self, spec: SandboxSpec) -> None:
         """Stop the container and its holder, unmount the layer, keep the disk image."""
+        try:
+            if self.is_frozen(spec):
+                self.freeze(spec, False)  # frozen tasks would not die until thawed
+        except OSError:
+            pass
         subprocess.run(self.runsc_base() + ["delete", "--force", spec.id],
                        check=False, capture_output=True)
         pid = self._status(spec.id).get("holder_pid")

@@ -111,6 +111,10 @@ class Holder:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.sel.register(wake_r, selectors.EVENT_READ, "sigchld")
+        if self.cfg.get("restored"):
+            # a restored agent still holds the streams of the server that was connected at
+            # checkpoint time: have it drop them before anything else reaches it
+            self.queue_agent(P.frame(P.RESET, 0))
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
         self.sel.register(self.out_r, selectors.EVENT_READ, "agent")
         while True:

@@ -54,6 +54,17 @@ class SandboxRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # standby: seconds without activity before standby, then before hibernation; 0 = never
+    standby_after: Mapped[float] = mapped_column(Float, default=15.0)
+    hibernate_after: Mapped[float] = mapped_column(Float, default=600.0)
+    ttl: Mapped[float | None] = mapped_column(Float, nullable=True)  # maximum age, seconds
+    idle_ttl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expire_action: Mapped[str] = mapped_column(String(16), default="delete")
+    last_active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                            nullable=True)
+    # metering carried across cgroup lifetimes (a restore makes a new cgroup)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_gib_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class EventRow(Base):

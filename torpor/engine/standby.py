@@ -1,0 +1,297 @@
+"""Perpetual standby: activity, idle timers, standby (frozen), hibernation (on disk), wake.
+
+A sandbox is `running`; after `standby_after` seconds without activity it goes to `standby`
+(every task frozen in its cgroup, memory resident, no CPU); after `hibernate_after` more it
+is `hibernated` (checkpointed to disk, nothing of it left on the host). Any request that
+needs it resumes it first, once, however many requests arrive together.
+
+Activity is: an API call on the sandbox (the engine calls `touch`), a stream open on its
+channel (command output, process follow, file transfer), and keep-alive holds (explicit,
+or a process started with keep_alive), each bounded by `max_hold` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from torpor.errors import Conflict, Invalid, Unavailable
+from torpor.runtime.base import RuntimeError_
+from torpor.runtime.channel import AgentError, ChannelClosed
+from torpor.store.models import SandboxRow, now
+
+if TYPE_CHECKING:
+    from torpor.engine.manager import Engine
+
+log = logging.getLogger("torpor.standby")
+
+RUNNING, STANDBY, HIBERNATED, FAILED, DELETED = (
+    "running", "standby", "hibernated", "failed", "deleted")
+IDLE_TICK = 1.0  # seconds between idle checks
+MAX_HOLD = 3600.0  # the longest a keep-alive hold lasts, so a forgotten one cannot pin
+RETRY_AFTER = 60.0  # seconds before an automatic hibernation that failed is tried again
+
+
+@dataclass
+class Activity:
+    last: float = field(default_factory=time.monotonic)
+    holds: dict[str, float] = field(default_factory=dict)  # hold id -> monotonic expiry
+    proc_holds: dict[int, float] = field(default_factory=dict)  # pid -> monotonic expiry
+    failed_at: float = 0.0  # last failed automatic hibernation
+
+
+class Standby:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.activity: dict[str, Activity] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.transitioning: set[str] = set()  # channel closes here are expected
+
+    # --- activity -------------------------------------------------------------------------
+    def act(self, sid: str) -> Activity:
+        a = self.activity.get(sid)
+        if a is None:
+            a = self.activity[sid] = Activity()
+        return a
+
+    def touch(self, sid: str) -> None:
+        self.act(sid).last = time.monotonic()
+
+    def hold(self, sid: str, seconds: float) -> tuple[str, float]:
+        if not 0 < seconds <= MAX_HOLD:
+            raise Invalid(f"a keep-alive hold lasts 0 < seconds <= {MAX_HOLD:.0f}",
+                          field="seconds")
+        hid = "hold_" + secrets.token_hex(6)
+        self.act(sid).holds[hid] = time.monotonic() + seconds
+        self.touch(sid)
+        return hid, seconds
+
+    def release(self, sid: str, hid: str) -> None:
+        if self.act(sid).holds.pop(hid, None) is None:
+            from torpor.errors import NotFound
+
+            raise NotFound(f"sandbox {sid}: no keep-alive hold {hid}", sandbox_id=sid)
+        self.touch(sid)
+
+    def hold_process(self, sid: str, pid: int, seconds: float = MAX_HOLD) -> None:
+        self.act(sid).proc_holds[pid] = time.monotonic() + min(seconds, MAX_HOLD)
+
+    def open_streams(self, sid: str) -> int:
+        chan = self.engine.channels.get(sid)
+        return len(chan.streams) if chan is not None else 0
+
+    async def busy(self, sid: str) -> bool:
+        """True if something other than time says the sandbox is in use."""
+        a = self.act(sid)
+        t = time.monotonic()
+        if self.open_streams(sid):
+            return True
+        a.holds = {h: exp for h, exp in a.holds.items() if exp > t}
+        if a.holds:
+            return True
+        a.proc_holds = {p: exp for p, exp in a.proc_holds.items() if exp > t}
+        for pid in list(a.proc_holds):
+            try:
+                info = await self.engine.channels[sid].call("proc_info", timeout=5, pid=pid)
+            except (TimeoutError, AgentError, ChannelClosed, KeyError):
+                info = {"running": False}
+            if info.get("running"):
+                return True
+            a.proc_holds.pop(pid, None)
+        return False
+
+    def idle_seconds(self, sid: str) -> float:
+        return time.monotonic() - self.act(sid).last
+
+    def lock(self, sid: str) -> asyncio.Lock:
+        lk = self.locks.get(sid)
+        if lk is None:
+            lk = self.locks[sid] = asyncio.Lock()
+        return lk
+
+    # --- transitions ----------------------------------------------------------------------
+    async def standby(self, sid: str, reason: str, force: bool = False) -> None:
+        e = self.engine
+        async with self.lock(sid):
+            row = e._row(sid)
+            if row.state != RUNNING:
+                if row.state in (STANDBY, HIBERNATED):
+                    return
+                raise Conflict(f"sandbox {sid} is {row.state}; only a running sandbox can go "
+                               "to standby", sandbox_id=sid)
+            if not force and self.open_streams(sid):
+                raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
+                               "(command output, follows, transfers); close them first",
+                               sandbox_id=sid)
+            t0 = time.monotonic()
+            await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
+            e._set_state(sid, STANDBY, None, reason, _ms(t0))
+
+    async def hibernate(self, sid: str, reason: str, force: bool = False) -> None:
+        e = self.engine
+        async with self.lock(sid):
+            row = e._row(sid)
+            if row.state == HIBERNATED:
+                return
+            if row.state not in (RUNNING, STANDBY):
+                raise Conflict(f"sandbox {sid} is {row.state}; it cannot hibernate",
+                               sandbox_id=sid)
+            if not force and self.open_streams(sid):
+                raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
+                               "(command output, follows, transfers); close them first",
+                               sandbox_id=sid)
+            spec = e._specs[sid]
+            t0 = time.monotonic()
+            self.transitioning.add(sid)
+            try:
+                e.metering.bank(sid)  # the cgroup's CPU count goes away with the container
+                result = await e.driver.hibernate(spec)
+            except (RuntimeError_, OSError) as err:
+                self.transitioning.discard(sid)
+                self.act(sid).failed_at = time.monotonic()
+                e._event(sid, "hibernate_failed", row.state, row.state, reason,
+                         {"error": str(err)})
+                log.warning("sandbox %s: hibernation failed, it stays %s: %s", sid,
+                            row.state, err)
+                raise Unavailable(f"sandbox {sid} could not hibernate and stays {row.state}: "
+                                  f"{err}", sandbox_id=sid) from None
+            chan = e.channels.pop(sid, None)
+            if chan is not None:
+                await chan.close()
+            self.transitioning.discard(sid)
+            e._set_state(sid, HIBERNATED, None, reason, _ms(t0), result)
+
+    async def resume(self, sid: str, reason: str) -> None:
+        """Bring a sandbox in standby or hibernated back to running; a no-op otherwise."""
+        e = self.engine
+        state = e._state.get(sid)
+        if state == RUNNING:
+            return
+        async with self.lock(sid):
+            row = e._row(sid)
+            if row.state == RUNNING:
+                return
+            t0 = time.monotonic()
+            spec = e._spec(row)
+            if row.state == STANDBY:
+                await asyncio.to_thread(e.driver.freeze, spec, False)
+                e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": STANDBY})
+            elif row.state == HIBERNATED:
+                self.transitioning.add(sid)
+                try:
+                    chan = await e.driver.restore(spec)
+                except (RuntimeError_, OSError) as err:
+                    self.transitioning.discard(sid)
+                    # the image stays on disk: never removed before a restore succeeded
+                    await e._fail(sid, f"could not resume from hibernation: {err}",
+                                  "restore_failed")
+                    raise Unavailable(f"sandbox {sid} could not be resumed: {err}",
+                                      sandbox_id=sid) from None
+                self.transitioning.discard(sid)
+                e._attach(sid, spec, chan)
+                e.driver.drop_image(sid)
+                e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": HIBERNATED})
+            else:
+                raise Unavailable(f"sandbox {sid} is {row.state}", sandbox_id=sid)
+            self.touch(sid)
+
+    # --- automatic ------------------------------------------------------------------------
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_TICK)
+            try:
+                await self.tick()
+            except Exception:  # the loop must outlive any one sandbox's trouble
+                log.exception("standby loop")
+
+    async def tick(self) -> None:
+        e = self.engine
+        for row in e.live_rows():
+            sid = row.id
+            idle = self.idle_seconds(sid)
+            age = (now() - row.created_at).total_seconds()
+            if row.ttl and age >= row.ttl:
+                await self._expire(row, f"older than its ttl of {row.ttl:.0f}s")
+                continue
+            if row.idle_ttl and idle >= row.idle_ttl and not await self._busy_quiet(row):
+                await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s")
+                continue
+            if row.state == RUNNING and row.standby_after and idle >= row.standby_after:
+                if not await self._busy_quiet(row):
+                    await self._try(self.standby(sid, "idle"))
+            elif (row.state == STANDBY and row.hibernate_after
+                  and idle >= row.standby_after + row.hibernate_after
+                  and time.monotonic() - self.act(sid).failed_at > RETRY_AFTER):
+                await self._try(self.hibernate(sid, "idle"))
+        await self.relieve_memory_pressure()
+
+    async def _busy_quiet(self, row: SandboxRow) -> bool:
+        if row.state != RUNNING:
+            return False
+        return await self.busy(row.id)
+
+    async def _expire(self, row: SandboxRow, why: str) -> None:
+        log.info("sandbox %s expired (%s): %s", row.id, why, row.expire_action)
+        if row.expire_action == "hibernate":
+            if row.state != HIBERNATED:
+                await self._try(self.hibernate(row.id, "expired", force=True))
+        else:
+            await self._try(self.engine.delete(row.id, reason="expired"))
+
+    async def relieve_memory_pressure(self) -> None:
+        """Past the watermark of host memory in use, hibernate the least recently active
+        sandboxes (standby first, then idle running ones) until under it again."""
+        e = self.engine
+        watermark = e.settings.memory_watermark
+        if not watermark or _host_memory_used_fraction() < watermark:
+            return
+        rows = [r for r in e.live_rows() if r.state in (RUNNING, STANDBY)]
+        rows.sort(key=lambda r: (r.state != STANDBY, -self.idle_seconds(r.id)))
+        for row in rows:
+            if _host_memory_used_fraction() < watermark:
+                return
+            if row.state == RUNNING and await self.busy(row.id):
+                continue
+            if time.monotonic() - self.act(row.id).failed_at <= RETRY_AFTER:
+                continue
+            await self._try(self.hibernate(row.id, "memory_pressure"))
+
+    async def _try(self, coro) -> None:
+        try:
+            await coro
+        except (Conflict, Unavailable) as err:
+            log.info("%s", err.message)
+
+    async def hibernate_all(self, deadline: float) -> None:
+        """On shutdown: hibernate what runs or stands by, until the deadline."""
+        for row in self.engine.live_rows():
+            if row.state not in (RUNNING, STANDBY):
+                continue
+            if time.monotonic() > deadline:
+                log.warning("shutdown: out of time; %s stays %s (adopted at next start)",
+                            row.id, row.state)
+                continue
+            await self._try(self.hibernate(row.id, "shutdown", force=True))
+
+
+def _ms(t0: float) -> int:
+    return int((time.monotonic() - t0) * 1000)
+
+
+def _host_memory_used_fraction() -> float:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            info[k] = int(v.split()[0])
+    return 1 - info["MemAvailable"] / info["MemTotal"]
+
+
+def to_datetime(mono: float) -> datetime:
+    """A monotonic instant as wall-clock time (for last_active_at)."""
+    return datetime.fromtimestamp(time.time() - (time.monotonic() - mono), tz=now().tzinfo)
