@@ -252,7 +252,8 @@ class GVisorDriver:
         tmp = final.with_name("image.new")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if self.is_frozen(spec):
+        was_frozen = self.is_frozen(spec)
+        if was_frozen:
             self.freeze(spec, False)  # runsc pauses it itself; a frozen sentry cannot answer
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
@@ -261,6 +262,8 @@ class GVisorDriver:
         _, err = await proc.communicate()
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            if was_frozen:
+                self.freeze(spec, True)  # back to standby, as it was
             raise RuntimeError_(f"sandbox {spec.id}: checkpoint failed: "
                                 f"{err.decode(errors='replace').strip()[-500:]}")
         seconds = time.monotonic() - t0
