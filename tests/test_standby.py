@@ -278,3 +278,27 @@ def test_corrupt_image_fails_with_reason_and_keeps_files(own_server):
         info = c.get(f"/v1/sandboxes/{sid}").json()
         assert info["state"] == "failed" and "resume" in info["reason"]
         assert Path(img).exists()  # never removed before a restore succeeded
+
+
+def test_deleted_open_file_refuses_hibernation_instead_of_losing_the_sandbox(api, sbx):
+    # this runsc's checkpoint panics on a file deleted while open on disk: refuse first
+    code = ("import tempfile, time\n"
+            "disk = tempfile.TemporaryFile(dir='/home/user')\n"
+            "mem = tempfile.TemporaryFile(dir='/dev/shm')\n"
+            "time.sleep(1000)\n")
+    api.put(f"/v1/sandboxes/{sbx}/files", params={"path": "/home/user/hold.py"},
+            content=code.encode())
+    pid = api.post(f"/v1/sandboxes/{sbx}/commands",
+                   json={"cmd": "python3 /home/user/hold.py", "background": True}).json()["pid"]
+    wait_for(lambda: "deleted" in run(api, sbx, "ls -l /proc/*/fd 2>/dev/null")["stdout"])
+    r = api.post(f"/v1/sandboxes/{sbx}/hibernate")
+    assert r.status_code == 409
+    problems = r.json()["error"]["problems"]
+    assert [p["path"].startswith("/home/user/") for p in problems] == [True]
+    assert run(api, sbx, "echo alive")["stdout"] == "alive\n"
+    events = [e["kind"] for e in api.get(f"/v1/sandboxes/{sbx}/events").json()]
+    assert "hibernate_refused" in events
+    api.post(f"/v1/sandboxes/{sbx}/processes/{pid}/signal", json={"signal": "SIGKILL"})
+    api.post(f"/v1/sandboxes/{sbx}/processes/{pid}/wait")
+    assert api.post(f"/v1/sandboxes/{sbx}/hibernate").status_code == 200
+    assert run(api, sbx, "echo back")["stdout"] == "back\n"

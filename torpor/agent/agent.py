@@ -286,6 +286,54 @@ async def op_pids_kill(agent: Agent, st: Stream, **_):
     return agent.procs.kill_runaway()
 
 
+# file systems whose files live in the sentry's memory: checkpointed with it
+_MEMORY_FS = {"tmpfs", "devpts", "proc", "sysfs", "mqueue", "devtmpfs"}
+
+
+async def op_hibernate_check(agent: Agent, st: Stream, **_):
+    """What would make a checkpoint fail here: this runsc panics (and the sandbox dies)
+    when a file on a host-backed file system is deleted while a process holds it open."""
+    mounts = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                mounts.append((parts[1], parts[2]))
+    mounts.sort(key=lambda m: len(m[0]), reverse=True)
+
+    def fstype(path: str) -> str:
+        for mnt, kind in mounts:
+            if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+                return kind
+        return "?"
+
+    problems = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if not target.endswith(" (deleted)") or not target.startswith("/"):
+                continue
+            path = target[: -len(" (deleted)")]
+            if fstype(path) in _MEMORY_FS:
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = ""
+            problems.append({"pid": int(pid), "fd": int(fd), "path": path, "cmdline": cmd})
+    return {"problems": problems}
+
+
 HANDLERS = {
     "ping": op_ping,
     "configure": op_configure,
@@ -298,6 +346,7 @@ HANDLERS = {
     "proc_wait": op_proc_wait,
     "oom_kill": op_oom_kill,
     "pids_kill": op_pids_kill,
+    "hibernate_check": op_hibernate_check,
     **fsops.HANDLERS,
 }
 

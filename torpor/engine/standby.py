@@ -146,6 +146,7 @@ class Standby:
                                "(command output, follows, transfers); close them first",
                                sandbox_id=sid)
             spec = e._specs[sid]
+            await self._check_hibernatable(sid, row.state, reason)
             t0 = time.monotonic()
             self.transitioning.add(sid)
             try:
@@ -165,6 +166,34 @@ class Standby:
                 await chan.close()
             self.transitioning.discard(sid)
             e._set_state(sid, HIBERNATED, None, reason, _ms(t0), result)
+
+    async def _check_hibernatable(self, sid: str, state: str, reason: str) -> None:
+        """Refuse (409) what this runsc cannot checkpoint without killing the sandbox."""
+        e = self.engine
+        chan = e.channels.get(sid)
+        if chan is None:
+            return
+        frozen = state == STANDBY
+        if frozen:
+            await asyncio.to_thread(e.driver.freeze, e._specs[sid], False)
+        try:
+            res = await chan.call("hibernate_check", timeout=30)
+        except (AgentError, ChannelClosed, TimeoutError) as err:
+            res = {"problems": [{"error": f"the agent did not answer the check: {err}"}]}
+        finally:
+            if frozen:
+                await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
+        problems = res.get("problems") or []
+        if problems:
+            self.act(sid).failed_at = time.monotonic()
+            e._event(sid, "hibernate_refused", state, state, reason, {"problems": problems[:20]})
+            first = problems[0]
+            raise Conflict(
+                f"sandbox {sid} cannot hibernate: process {first.get('pid')} "
+                f"({first.get('cmdline', '')[:80]}) holds {first.get('path')}, a file deleted "
+                "while open on disk, which this runsc cannot checkpoint. Close it, or keep "
+                "such files in /dev/shm; the sandbox stays " + state,
+                sandbox_id=sid, problems=problems[:20])
 
     async def resume(self, sid: str, reason: str) -> None:
         """Bring a sandbox in standby or hibernated back to running; a no-op otherwise."""
