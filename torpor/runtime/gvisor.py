@@ -290,8 +290,11 @@ class GVisorDriver:
         if not (img / "checkpoint.img").is_file():
             raise RuntimeError_(f"sandbox {spec.id}: its checkpoint image is missing ({img})")
         await asyncio.to_thread(self.layer(spec).mount)
-        await asyncio.to_thread(subprocess.run, self.runsc_base() + ["delete", "--force", spec.id],
-                                check=False, capture_output=True)
+        if any(self.state_dir.glob(f"*{spec.id}*")):
+            # runsc still has a record of it (the server died between checkpoint and delete)
+            await asyncio.to_thread(subprocess.run,
+                                    self.runsc_base() + ["delete", "--force", spec.id],
+                                    check=False, capture_output=True)
         cmd = self.runsc_base() + ["restore", "--detach", "--image-path", str(img),
                                    "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
         return await self._start_holder(spec, cmd, restored=True)
