@@ -514,6 +514,234 @@ def test_async_write_streams_async_generator_lazily():
     assert log == [e for i in range(20) for e in (("made", i), ("recv", 1000))]
 
 
+# --- standby, hibernation, timers, holds, usage, events ----------------------------------
+
+TIMERS = {"standby_after": 15.0, "hibernate_after": 600.0, "ttl": None, "idle_ttl": 3600.0,
+          "expire_action": "hibernate", "last_active_at": "2026-01-02T03:05:00"}
+USAGE = {"sandbox_id": SID, "state": "hibernated", "cpu_seconds": 1.25,
+         "memory_gib_seconds": 3.5, "seconds_by_state": {"running": 20.0, "standby": 600.5,
+                                                         "hibernated": 7200.0},
+         "disk_bytes": 123456, "metadata": {"team": "x"}}
+EVENTS = [
+    {"at": NOW, "kind": "state", "from_state": "creating", "to_state": "running",
+     "reason": "created", "detail": {}},
+    {"at": NOW, "kind": "updated", "from_state": None, "to_state": None,
+     "reason": "explicit", "detail": {"ttl": 60}},
+    {"at": NOW, "kind": "state", "from_state": "standby", "to_state": "hibernated",
+     "reason": "idle", "detail": {"duration_ms": 840, "seconds": 0.8, "image_bytes": 9000}},
+]
+
+
+def lifecycle(r: httpx.Request) -> httpx.Response:
+    """A server for the standby calls: answers by method and path."""
+    p = r.url.path
+    if p.endswith("/standby"):
+        return httpx.Response(200, json={**INFO, **TIMERS, "state": "standby"})
+    if p.endswith("/hibernate"):
+        return httpx.Response(200, json={**INFO, **TIMERS, "state": "hibernated"})
+    if p.endswith("/resume"):
+        return httpx.Response(200, json={**INFO, **TIMERS})
+    if r.method == "PATCH":
+        return httpx.Response(200, json={**INFO, **TIMERS, **json.loads(r.content)})
+    if p.endswith("/keepalive"):
+        return httpx.Response(201, json={"hold_id": "hold_0a1b2c",
+                                         "seconds": json.loads(r.content)["seconds"]})
+    if "/keepalive/" in p:
+        return httpx.Response(204)
+    if p == "/v1/usage":
+        return httpx.Response(200, json={"sandboxes": [USAGE, {**USAGE, "sandbox_id": "sbx_2"}],
+                                         "total": {"cpu_seconds": 2.5,
+                                                   "memory_gib_seconds": 7.0,
+                                                   "disk_bytes": 246912.0}})
+    if p.endswith("/usage"):
+        return httpx.Response(200, json=USAGE)
+    if p.endswith("/events"):
+        return httpx.Response(200, json=EVENTS)
+    if p.endswith("/commands"):
+        return httpx.Response(201, json=PROC)
+    if p == "/v1/sandboxes":
+        return httpx.Response(201, json={**INFO, **TIMERS})
+    return error(404, "not_found", f"no route {r.method} {p}")
+
+
+def test_create_sends_timers_and_zero_turns_one_off():
+    rec = Recorder(lambda r: httpx.Response(201, json={**INFO, **TIMERS}))
+    Sandbox.create(standby_after=60, hibernate_after=0, ttl=86400, idle_ttl=None,
+                   expire_action="hibernate", url=URL, api_key="k",
+                   transport=httpx.MockTransport(rec))
+    assert rec.body() == {"template": "base", "standby_after": 60, "hibernate_after": 0,
+                          "ttl": 86400, "expire_action": "hibernate"}
+
+
+def test_sandbox_info_parses_timers_and_tolerates_an_older_server():
+    sbx, _ = sandbox(lambda r: httpx.Response(200, json={**INFO, **TIMERS}))
+    i = sbx.info()
+    assert (i.standby_after, i.hibernate_after, i.ttl, i.idle_ttl, i.expire_action) == (
+        15.0, 600.0, None, 3600.0, "hibernate")
+    assert i.last_active_at.utcoffset().total_seconds() == 0 and i.last_active_at.minute == 5
+    sbx, _ = sandbox(lambda r: httpx.Response(200, json=INFO))  # no standby fields at all
+    i = sbx.info()
+    assert i.standby_after is None and i.last_active_at is None and i.expire_action is None
+
+
+def test_standby_hibernate_resume_post_and_return_info():
+    sbx, rec = sandbox(lifecycle)
+    assert sbx.standby().state == "standby"
+    assert (rec.last.method, rec.last.url.path) == ("POST", f"/v1/sandboxes/{SID}/standby")
+    assert rec.last.content == b""
+    assert sbx.hibernate().state == "hibernated"
+    assert (rec.last.method, rec.last.url.path) == ("POST", f"/v1/sandboxes/{SID}/hibernate")
+    # a checkpoint may outlast the per-request timeout (120 s)
+    assert rec.last.extensions["timeout"]["read"] > 600
+    assert sbx.resume().state == "running"
+    assert (rec.last.method, rec.last.url.path) == ("POST", f"/v1/sandboxes/{SID}/resume")
+
+
+def test_standby_conflict_and_failed_hibernation_map_to_errors():
+    sbx, _ = sandbox(lambda r: error(409, "conflict", "sandbox has 1 open streams"))
+    with pytest.raises(ConflictError, match="open streams") as ei:
+        sbx.standby()
+    assert ei.value.operation == "put sandbox in standby"
+    sbx, _ = sandbox(lambda r: error(503, "unavailable", "could not hibernate, stays running"))
+    with pytest.raises(ServerUnavailableError, match="stays running"):
+        sbx.hibernate()
+
+
+def test_update_patches_only_what_is_given():
+    sbx, rec = sandbox(lifecycle)
+    info = sbx.update(ttl=0, expire_action="delete")
+    assert (rec.last.method, rec.last.url.path) == ("PATCH", f"/v1/sandboxes/{SID}")
+    assert rec.body() == {"ttl": 0, "expire_action": "delete"}  # 0 is sent: it turns ttl off
+    assert info.ttl == 0 and info.expire_action == "delete"
+    sbx.update(standby_after=30.5, hibernate_after=120, idle_ttl=900)
+    assert rec.body() == {"standby_after": 30.5, "hibernate_after": 120, "idle_ttl": 900}
+    n = len(rec.requests)
+    with pytest.raises(ValueError, match="nothing to update"):
+        sbx.update()
+    assert len(rec.requests) == n  # nothing sent
+
+
+def test_hold_and_release():
+    sbx, rec = sandbox(lifecycle)
+    assert sbx.hold() == "hold_0a1b2c"
+    assert (rec.last.method, rec.last.url.path) == ("POST", f"/v1/sandboxes/{SID}/keepalive")
+    assert rec.body() == {"seconds": 300}
+    sbx.hold(90.5)
+    assert rec.body() == {"seconds": 90.5}
+    sbx.release("hold_0a1b2c")
+    assert (rec.last.method, rec.last.url.path) == (
+        "DELETE", f"/v1/sandboxes/{SID}/keepalive/hold_0a1b2c")
+
+
+def test_keep_alive_holds_for_the_block_and_releases_after():
+    sbx, rec = sandbox(lifecycle)
+    with sbx.keep_alive(600) as hold_id:
+        assert hold_id == "hold_0a1b2c"
+        assert [(r.method, r.url.path.rsplit("/", 1)[-1]) for r in rec.requests] == [
+            ("POST", "keepalive")]
+        assert rec.body() == {"seconds": 600}
+    assert (rec.last.method, rec.last.url.path.rsplit("/", 1)[-1]) == ("DELETE", "hold_0a1b2c")
+
+    # the block's error wins over a failed release, and the release is still tried
+    def release_fails(r):
+        return error(503, "unavailable", "restarting") if r.method == "DELETE" else lifecycle(r)
+
+    sbx, rec = sandbox(release_fails)
+    with pytest.raises(KeyError), sbx.keep_alive():
+        raise KeyError("in the block")
+    assert rec.last.method == "DELETE"
+
+    # a hold gone by the end (lapsed, or the sandbox was deleted) is no error ...
+    sbx, _ = sandbox(lambda r: error(404, "not_found", "no hold") if r.method == "DELETE"
+                     else lifecycle(r))
+    with sbx.keep_alive(1):
+        pass
+    # ... but a release that fails otherwise is reported
+    sbx, _ = sandbox(release_fails)
+    with pytest.raises(ServerUnavailableError), sbx.keep_alive():
+        pass
+
+
+def test_usage_of_one_and_of_all():
+    sbx, rec = sandbox(lifecycle)
+    u = sbx.usage()
+    assert (rec.last.method, rec.last.url.path) == ("GET", f"/v1/sandboxes/{SID}/usage")
+    assert (u.sandbox_id, u.state, u.cpu_seconds, u.memory_gib_seconds, u.disk_bytes) == (
+        SID, "hibernated", 1.25, 3.5, 123456)
+    assert u.seconds_by_state == {"running": 20.0, "standby": 600.5, "hibernated": 7200.0}
+    assert u.metadata == {"team": "x"}
+
+    rec = Recorder(lifecycle)
+    report = Sandbox.usage_all(state="hibernated", metadata={"team": "x"}, url=URL,
+                               api_key="k", transport=httpx.MockTransport(rec))
+    assert rec.last.url.path == "/v1/usage"
+    assert dict(rec.last.url.params) == {"state": "hibernated", "metadata.team": "x"}
+    assert [x.sandbox_id for x in report.sandboxes] == [SID, "sbx_2"]
+    assert report.total.disk_bytes == 246912 and isinstance(report.total.disk_bytes, int)
+    assert report.total.cpu_seconds == 2.5
+    Sandbox.usage_all(url=URL, api_key="k", transport=httpx.MockTransport(rec))
+    assert dict(rec.last.url.params) == {}
+
+
+def test_events_parse_with_durations():
+    sbx, rec = sandbox(lifecycle)
+    evs = sbx.events()
+    assert (rec.last.method, rec.last.url.path) == ("GET", f"/v1/sandboxes/{SID}/events")
+    assert [e.kind for e in evs] == ["state", "updated", "state"]
+    first, updated, hib = evs
+    assert (first.from_state, first.to_state, first.reason) == ("creating", "running",
+                                                                "created")
+    assert first.duration_ms is None and first.at.utcoffset().total_seconds() == 0
+    assert updated.from_state is None and updated.detail == {"ttl": 60}
+    assert hib.duration_ms == 840 and hib.detail["image_bytes"] == 9000
+
+
+def test_run_keep_alive_is_sent_only_when_asked():
+    sbx, rec = sandbox(lifecycle)
+    h = sbx.commands.run("sleep 9", background=True, keep_alive=True)
+    assert h.pid == 42
+    assert rec.body()["keep_alive"] is True and rec.body()["background"] is True
+    sbx.commands.run("sleep 9", background=True)
+    assert "keep_alive" not in rec.body()  # a server without standby refuses unknown fields
+
+
+def test_async_standby_family():
+    async def respond(r):
+        return lifecycle(r)
+
+    async def main():
+        rec = Recorder(respond)
+        transport = httpx.MockTransport(rec)
+        sbx = await AsyncSandbox.create(standby_after=5, expire_action="delete", url=URL,
+                                        api_key="k", transport=transport)
+        assert rec.body() == {"template": "base", "standby_after": 5,
+                              "expire_action": "delete"}
+        assert (await sbx.standby()).state == "standby"
+        assert (await sbx.hibernate()).state == "hibernated"
+        assert (await sbx.resume()).state == "running"
+        assert (await sbx.update(idle_ttl=0)).idle_ttl == 0
+        assert rec.body() == {"idle_ttl": 0}
+        assert await sbx.hold(10) == "hold_0a1b2c"
+        await sbx.release("hold_0a1b2c")
+        async with sbx.keep_alive(30) as hold_id:
+            assert hold_id == "hold_0a1b2c" and rec.body() == {"seconds": 30}
+        assert rec.last.method == "DELETE"
+        assert (await sbx.usage()).cpu_seconds == 1.25
+        assert (await sbx.events())[-1].duration_ms == 840
+        report = await AsyncSandbox.usage_all(metadata={"a": "b"}, url=URL, api_key="k",
+                                              transport=transport)
+        assert len(report.sandboxes) == 2
+        assert dict(rec.last.url.params) == {"metadata.a": "b"}
+        h = await sbx.commands.run("sleep 9", background=True, keep_alive=True)
+        assert h.pid == 42 and rec.body()["keep_alive"] is True
+        await sbx.close()
+        return [(r.method, r.url.path) for r in rec.requests]
+
+    calls = asyncio.run(main())
+    assert ("PATCH", f"/v1/sandboxes/{SID}") in calls
+    assert ("POST", f"/v1/sandboxes/{SID}/hibernate") in calls
+
+
 # --- packaging ---------------------------------------------------------------------------
 
 def test_import_torpor_is_lazy():
@@ -576,3 +804,100 @@ def test_times_without_offset_are_utc():
     created = sbx.info().created_at
     assert created.utcoffset() is not None and created.utcoffset().total_seconds() == 0
     assert created.hour == 3
+
+
+def cli(monkeypatch, respond, *args):
+    """Run `torpor ARGS` with every SDK call answered by `respond`; (result, Recorder)."""
+    from typer.testing import CliRunner
+
+    import torpor.sdk
+    from torpor.cli.main import app
+
+    rec = Recorder(respond)
+    transport = httpx.MockTransport(rec)
+
+    class MockedSandbox(Sandbox):
+        def __init__(self, sandbox_id, **kw):
+            kw.setdefault("transport", transport)
+            super().__init__(sandbox_id, **kw)
+
+        @classmethod
+        def create(cls, *a, **kw):
+            return super().create(*a, transport=transport, **kw)
+
+        @staticmethod
+        def usage_all(*a, **kw):
+            return Sandbox.usage_all(*a, transport=transport, **kw)
+
+    monkeypatch.setattr(torpor.sdk, "Sandbox", MockedSandbox)
+    return CliRunner().invoke(app, list(args)), rec
+
+
+def test_cli_timers_on_create_and_update(monkeypatch):
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "create", "--standby-after", "90s",
+                   "--hibernate-after", "1h30m", "--ttl", "1d", "--idle-ttl", "off",
+                   "--expire-action", "hibernate")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == SID
+    assert rec.body() == {"template": "base", "standby_after": 90.0,
+                          "hibernate_after": 5400.0, "ttl": 86400.0, "idle_ttl": 0.0,
+                          "expire_action": "hibernate"}
+
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "update", SID, "--ttl", "2.5")
+    assert res.exit_code == 0, res.output
+    assert rec.last.method == "PATCH" and rec.body() == {"ttl": 2.5}
+    assert "idle ttl" in res.stdout and "1h00m" in res.stdout  # idle_ttl 3600 shown
+
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "update", SID)
+    assert res.exit_code == 2 and "nothing to change" in res.stderr and not rec.requests
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "update", SID, "--ttl", "5 weeks")
+    assert res.exit_code == 2 and not rec.requests
+    res, _ = cli(monkeypatch, lifecycle, "sandbox", "update", SID, "--expire-action", "keep")
+    assert res.exit_code == 2
+
+
+def test_cli_standby_hibernate_resume(monkeypatch):
+    for verb, state in (("standby", "standby"), ("hibernate", "hibernated"),
+                        ("resume", "running")):
+        res, rec = cli(monkeypatch, lifecycle, "sandbox", verb, SID)
+        assert res.exit_code == 0, res.output
+        assert res.stdout.startswith(f"{SID} {state} (")
+        assert (rec.last.method, rec.last.url.path) == ("POST", f"/v1/sandboxes/{SID}/{verb}")
+    res, _ = cli(monkeypatch, lambda r: error(409, "conflict", "it has open streams"),
+                 "sandbox", "standby", SID, "sbx_other")
+    assert res.exit_code == 1 and res.stderr.count("open streams") == 2
+
+
+def test_cli_events_table(monkeypatch):
+    res, _ = cli(monkeypatch, lifecycle, "sandbox", "events", SID)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "KIND", "FROM", "->", "TO", "REASON", "DURATION",
+                                "DETAIL"]
+    assert "creating -> running" in lines[1] and "created" in lines[1]
+    assert "updated" in lines[2] and "ttl=60" in lines[2]
+    assert "standby -> hibernated" in lines[3] and "0.84s" in lines[3]
+    assert "image_bytes=8.8K" in lines[3]
+    res, _ = cli(monkeypatch, lifecycle, "sandbox", "events", SID, "--json")
+    assert json.loads(res.stdout)[2]["detail"]["duration_ms"] == 840
+
+
+def test_cli_usage_one_and_all(monkeypatch):
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "usage", SID)
+    assert res.exit_code == 0, res.output
+    assert rec.last.url.path == f"/v1/sandboxes/{SID}/usage"
+    assert "1.25 s" in res.stdout and "time hibernated" in res.stdout and "2h00m" in res.stdout
+
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "usage", "--metadata", "team=x")
+    assert res.exit_code == 0, res.output
+    assert dict(rec.last.url.params) == {"metadata.team": "x"}
+    header, *rows = [line for line in res.stdout.splitlines() if line.strip()]
+    assert header.split()[:8] == ["ID", "STATE", "CPU", "S", "MEM", "GIB-S", "DISK", "RUNNING"]
+    assert "STANDBY" in header and "HIBERNATED" in header
+    assert rows[-1].split()[:5] == ["total", "(2)", "2.50", "7.00", "241.1K"]
+    assert "4h00m" in rows[-1]  # 2 x 7200 s hibernated
+
+    res, _ = cli(monkeypatch, lifecycle, "sandbox", "usage", "--json")
+    assert json.loads(res.stdout)["total"]["disk_bytes"] == 246912
+    res, rec = cli(monkeypatch, lifecycle, "sandbox", "usage", SID, "--state", "running")
+    assert res.exit_code == 2 and not rec.requests

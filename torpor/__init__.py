@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         CommandTimeoutError,
         ConflictError,
         EntryInfo,
+        Event,
         InvalidRequestError,
         Keys,
         NotFoundError,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
         Templates,
         TorporError,
         TorporTimeoutError,
+        Usage,
+        UsageSummary,
     )
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "CommandTimeoutError",
     "ConflictError",
     "EntryInfo",
+    "Event",
     "InvalidRequestError",
     "Keys",
     "NotFoundError",
@@ -58,6 +62,8 @@ __all__ = [
     "Templates",
     "TorporError",
     "TorporTimeoutError",
+    "Usage",
+    "UsageSummary",
     "__version__",
 ]
 

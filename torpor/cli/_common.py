@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -104,6 +106,51 @@ def size(n: float | None) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(text: str) -> float:
+    """A timer option's value: seconds ("90", "1.5"), or with units ("90s", "5m", "2h",
+    "1d", "1h30m"); "0" or "off" turns the timer off."""
+    t = text.strip().lower().replace(" ", "")
+    if t in ("off", "never"):
+        return 0.0
+    try:
+        value = float(t)
+    except ValueError:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise typer.BadParameter(f"{text!r} is not a duration: give seconds (90), or "
+                                     "90s, 5m, 2h, 1d, 1h30m; 0 or off turns it off") from None
+        value = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"{text!r}: a duration is 0 (off) or more seconds")
+    return value
+
+
+def span(s: float | None) -> str:
+    """Seconds for people: 0.84s, 42s, 12m30s, 3h05m, 2d04h."""
+    if s is None:
+        return "-"
+    if s < 9.995:
+        return f"{s:.2f}s".replace(".00s", "s")
+    if s < 59.5:
+        return f"{s:.0f}s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def timer(s: float | None) -> str:
+    """A timer's setting: "off" when 0 or unset."""
+    return span(s) if s else "off"
 
 
 def print_json(data: Any) -> None:

@@ -27,11 +27,15 @@ from torpor.sdk.models import (
     ApiKey,
     CommandResult,
     EntryInfo,
+    Event,
     OutputEvent,
     ProcessInfo,
     ProcessOutput,
     SandboxInfo,
     Template,
+    Usage,
+    UsageSummary,
+    UsageTotal,
     WriteInfo,
 )
 from torpor.sdk.sandbox import AsyncSandbox, Sandbox
@@ -40,8 +44,8 @@ __all__ = [
     "ApiKey", "AsyncCommandHandle", "AsyncCommands", "AsyncFileStream", "AsyncFiles",
     "AsyncKeys", "AsyncSandbox", "AsyncTemplates", "AuthError", "CommandExitError",
     "CommandHandle", "CommandResult", "CommandTimeoutError", "Commands", "ConflictError",
-    "EntryInfo", "FileStream", "Files", "InvalidRequestError", "Keys", "NotFoundError",
-    "OutputEvent", "PayloadTooLargeError", "ProcessInfo", "ProcessOutput", "Sandbox",
-    "SandboxInfo", "ServerUnavailableError", "Template", "Templates", "TorporError",
-    "TorporTimeoutError", "WriteInfo",
+    "EntryInfo", "Event", "FileStream", "Files", "InvalidRequestError", "Keys",
+    "NotFoundError", "OutputEvent", "PayloadTooLargeError", "ProcessInfo", "ProcessOutput",
+    "Sandbox", "SandboxInfo", "ServerUnavailableError", "Template", "Templates", "TorporError",
+    "TorporTimeoutError", "Usage", "UsageSummary", "UsageTotal", "WriteInfo",
 ]

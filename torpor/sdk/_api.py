@@ -19,9 +19,12 @@ from torpor.sdk.models import (
     ApiKey,
     CommandResult,
     EntryInfo,
+    Event,
     ProcessInfo,
     SandboxInfo,
     Template,
+    Usage,
+    UsageSummary,
     WriteInfo,
 )
 
@@ -29,6 +32,8 @@ T = TypeVar("T")
 NDJSON = "application/x-ndjson"
 # HTTP read timeout beyond a command's own timeout, so the server's answer wins the race
 COMMAND_GRACE = 30.0
+# a checkpoint writes the sandbox's memory to disk, a restore reads it back: seconds
+CHECKPOINT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,23 @@ def long_timeout(seconds: float | None) -> httpx.Timeout:
     return httpx.Timeout(CONNECT_TIMEOUT, read=read, write=None, pool=None)
 
 
+def _given(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 # --- sandboxes, templates, keys ----------------------------------------------------------
+
+# The idle timers and expiry a sandbox is created with, or `update` changes: seconds (0
+# turns one off) and what expiry does ("delete" or "hibernate"). None leaves one as it is.
+TIMERS = ("standby_after", "hibernate_after", "ttl", "idle_ttl", "expire_action")
+
 
 def create_sandbox(template: str | None, env: Mapping[str, str] | None,
                    metadata: Mapping[str, str] | None, cpu: float | None,
                    memory_mb: int | None, disk_mb: int | None,
-                   timeout: float | None) -> Call[SandboxInfo]:
-    body = {k: v for k, v in {"template": template, "env": env, "metadata": metadata, "cpu": cpu,
-                                  "memory_mb": memory_mb, "disk_mb": disk_mb}.items()
-            if v is not None}
+                   timeout: float | None, **timers: Any) -> Call[SandboxInfo]:
+    body = _given(template=template, env=env, metadata=metadata, cpu=cpu,
+                  memory_mb=memory_mb, disk_mb=disk_mb, **_timers(timers))
     t = httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(
         CONNECT_TIMEOUT, read=timeout, write=timeout, pool=timeout)
     return Call(f"create sandbox from template {template or 'base'}", "POST", "/v1/sandboxes",
@@ -109,6 +122,63 @@ def get_sandbox(sid: str) -> Call[SandboxInfo]:
 
 def delete_sandbox(sid: str) -> Call[None]:
     return Call("delete sandbox", "DELETE", _sbx(sid), _nothing, sandbox_id=sid)
+
+
+def _timers(given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(given) - set(TIMERS)
+    if unknown:
+        raise TypeError(f"unexpected argument {min(unknown)!r}; the timers are "
+                        f"{', '.join(TIMERS)}")
+    return _given(**given)
+
+
+def update_sandbox(sid: str, **timers: Any) -> Call[SandboxInfo]:
+    """PATCH: only the timers given change."""
+    body = _timers(timers)
+    if not body:
+        raise ValueError(f"nothing to update: give at least one of {', '.join(TIMERS)}")
+    return Call("update sandbox", "PATCH", _sbx(sid), _model(SandboxInfo), json=body,
+                sandbox_id=sid)
+
+
+def standby(sid: str) -> Call[SandboxInfo]:
+    return Call("put sandbox in standby", "POST", _sbx(sid, "/standby"), _model(SandboxInfo),
+                sandbox_id=sid)
+
+
+def hibernate(sid: str) -> Call[SandboxInfo]:
+    return Call("hibernate sandbox", "POST", _sbx(sid, "/hibernate"), _model(SandboxInfo),
+                timeout=long_timeout(CHECKPOINT_TIMEOUT), sandbox_id=sid)
+
+
+def resume(sid: str) -> Call[SandboxInfo]:
+    return Call("resume sandbox", "POST", _sbx(sid, "/resume"), _model(SandboxInfo),
+                timeout=long_timeout(CHECKPOINT_TIMEOUT), sandbox_id=sid)
+
+
+def hold(sid: str, seconds: float) -> Call[str]:
+    """POST .../keepalive: a hold that keeps the sandbox out of standby for `seconds`."""
+    return Call(f"hold sandbox for {seconds:g}s", "POST", _sbx(sid, "/keepalive"),
+                _key("hold_id"), json={"seconds": seconds}, sandbox_id=sid)
+
+
+def release(sid: str, hold_id: str) -> Call[None]:
+    return Call(f"release keep-alive hold {hold_id}", "DELETE",
+                _sbx(sid, f"/keepalive/{quote(hold_id, safe='')}"), _nothing, sandbox_id=sid)
+
+
+def usage(sid: str) -> Call[Usage]:
+    return Call("get usage", "GET", _sbx(sid, "/usage"), _model(Usage), sandbox_id=sid)
+
+
+def usage_all(state: str | None, metadata: Mapping[str, str] | None) -> Call[UsageSummary]:
+    params: dict[str, Any] = {"state": state}
+    params.update({f"metadata.{k}": v for k, v in (metadata or {}).items()})
+    return Call("get usage", "GET", "/v1/usage", _model(UsageSummary), params=params)
+
+
+def events(sid: str) -> Call[list[Event]]:
+    return Call("list events", "GET", _sbx(sid, "/events"), _models(Event), sandbox_id=sid)
 
 
 def list_templates() -> Call[list[Template]]:
@@ -134,7 +204,7 @@ def revoke_key(key_id: str) -> Call[None]:
 def run_command(sid: str, cmd: str | Sequence[str], *, env: Mapping[str, str] | None,
                 cwd: str | None, user: str | int | None, stdin: str | bytes | None,
                 timeout: float | None, background: bool, stream: bool,
-                tag: str | None) -> Call[Any]:
+                tag: str | None, keep_alive: bool = False) -> Call[Any]:
     """POST .../commands. The parser suits the plain answer (CommandResult) or the
     background one (ProcessInfo); a streamed answer is read line by line instead."""
     if isinstance(cmd, str):
@@ -150,6 +220,8 @@ def run_command(sid: str, cmd: str | Sequence[str], *, env: Mapping[str, str] | 
                             "stream": stream, "tag": tag}
     if user is not None:
         body["user"] = user
+    if keep_alive:  # only when asked: a server without standby refuses unknown fields
+        body["keep_alive"] = True
     what = shell if shell is not None else " ".join(argv or [])
     parse = _model(ProcessInfo) if background else _model(CommandResult)
     return Call(f"run {what[:80]!r}", "POST", _sbx(sid, "/commands"), parse, json=body,

@@ -129,31 +129,33 @@ class Commands:
             background: Literal[False] = ..., timeout: float | None = ...,
             env: Mapping[str, str] | None = ..., cwd: str | None = ...,
             user: str | int | None = ..., stdin: str | bytes | None = ..., check: bool = ...,
-            tag: str | None = ...) -> CommandResult: ...
+            tag: str | None = ..., keep_alive: bool = ...) -> CommandResult: ...
 
     @overload
     def run(self, cmd: Cmd, *, on_stdout: Callback | None = ..., on_stderr: Callback | None = ...,
             background: Literal[True], timeout: float | None = ...,
             env: Mapping[str, str] | None = ..., cwd: str | None = ...,
             user: str | int | None = ..., stdin: str | bytes | None = ..., check: bool = ...,
-            tag: str | None = ...) -> CommandHandle: ...
+            tag: str | None = ..., keep_alive: bool = ...) -> CommandHandle: ...
 
     def run(self, cmd: Cmd, *, on_stdout: Callback | None = None,
             on_stderr: Callback | None = None, background: bool = False,
             timeout: float | None = 60, env: Mapping[str, str] | None = None,
             cwd: str | None = None, user: str | int | None = None,
             stdin: str | bytes | None = None, check: bool = False,
-            tag: str | None = None) -> CommandResult | CommandHandle:
+            tag: str | None = None, keep_alive: bool = False) -> CommandResult | CommandHandle:
         """Run `cmd` (a string for /bin/sh -c, or an argv list) and wait for it.
 
         With `on_stdout` / `on_stderr`, output streams to them as it arrives. Returns a
         CommandResult whatever the exit code (`check=True` raises CommandExitError on
         non-zero); a run past `timeout` seconds (None: no limit) is killed and raises
-        CommandTimeoutError. `background=True` returns a CommandHandle at once."""
+        CommandTimeoutError. `background=True` returns a CommandHandle at once; with
+        `keep_alive=True` too, the sandbox stays out of standby while the process runs
+        (for at most an hour). A foreground command keeps it awake anyway."""
         streaming = not background and (on_stdout is not None or on_stderr is not None)
         call = _api.run_command(self._sid, cmd, env=env, cwd=cwd, user=user, stdin=stdin,
                                 timeout=timeout, background=background, stream=streaming,
-                                tag=tag)
+                                tag=tag, keep_alive=keep_alive)
         if background:
             info: ProcessInfo = self._s.call(call)
             return CommandHandle(self._s, self._sid, info.pid, on_stdout=on_stdout,
@@ -285,7 +287,7 @@ class AsyncCommands:
                   timeout: float | None = ..., env: Mapping[str, str] | None = ...,
                   cwd: str | None = ..., user: str | int | None = ...,
                   stdin: str | bytes | None = ..., check: bool = ...,
-                  tag: str | None = ...) -> CommandResult: ...
+                  tag: str | None = ..., keep_alive: bool = ...) -> CommandResult: ...
 
     @overload
     async def run(self, cmd: Cmd, *, on_stdout: Callback | None = ...,
@@ -293,19 +295,20 @@ class AsyncCommands:
                   timeout: float | None = ..., env: Mapping[str, str] | None = ...,
                   cwd: str | None = ..., user: str | int | None = ...,
                   stdin: str | bytes | None = ..., check: bool = ...,
-                  tag: str | None = ...) -> AsyncCommandHandle: ...
+                  tag: str | None = ..., keep_alive: bool = ...) -> AsyncCommandHandle: ...
 
     async def run(self, cmd: Cmd, *, on_stdout: Callback | None = None,
                   on_stderr: Callback | None = None, background: bool = False,
                   timeout: float | None = 60, env: Mapping[str, str] | None = None,
                   cwd: str | None = None, user: str | int | None = None,
                   stdin: str | bytes | None = None, check: bool = False,
-                  tag: str | None = None) -> CommandResult | AsyncCommandHandle:
+                  tag: str | None = None,
+                  keep_alive: bool = False) -> CommandResult | AsyncCommandHandle:
         """As Commands.run; returns CommandResult, or AsyncCommandHandle if background."""
         streaming = not background and (on_stdout is not None or on_stderr is not None)
         call = _api.run_command(self._sid, cmd, env=env, cwd=cwd, user=user, stdin=stdin,
                                 timeout=timeout, background=background, stream=streaming,
-                                tag=tag)
+                                tag=tag, keep_alive=keep_alive)
         if background:
             info: ProcessInfo = await self._s.call(call)
             return AsyncCommandHandle(self._s, self._sid, info.pid, on_stdout=on_stdout,

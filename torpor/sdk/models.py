@@ -22,7 +22,7 @@ class _Model(BaseModel):
 class SandboxInfo(_Model):
     id: str
     template: str
-    state: str  # creating, running, failed, deleted (standby, hibernated later)
+    state: str  # creating, running, standby, hibernated, failed, deleted
     created_at: Time
     updated_at: Time
     cpu: float
@@ -31,6 +31,59 @@ class SandboxInfo(_Model):
     env: dict[str, str] = {}
     metadata: dict[str, str] = {}
     reason: str | None = None  # why the sandbox is `failed`
+    # idle timers and expiry, in seconds; 0 (or None) means off. None from an older server.
+    standby_after: float | None = None  # idle seconds before standby
+    hibernate_after: float | None = None  # further seconds in standby before hibernation
+    ttl: float | None = None  # lifetime from creation, then `expire_action`
+    idle_ttl: float | None = None  # idle seconds, then `expire_action`
+    expire_action: str | None = None  # delete or hibernate
+    last_active_at: Time | None = None  # its last activity (a request on it, mostly)
+
+
+class Usage(_Model):
+    """What one sandbox has consumed (`Sandbox.usage()`)."""
+
+    sandbox_id: str
+    state: str
+    cpu_seconds: float = 0.0  # CPU time used, all states together
+    memory_gib_seconds: float = 0.0  # memory in use x time, while running
+    seconds_by_state: dict[str, float] = {}  # e.g. {"running": 12.5, "standby": 600.0}
+    disk_bytes: int = 0  # its writable layer plus any hibernation image
+    metadata: dict[str, str] = {}
+
+
+class UsageTotal(_Model):
+    cpu_seconds: float = 0.0
+    memory_gib_seconds: float = 0.0
+    disk_bytes: int = 0
+
+
+class UsageSummary(_Model):
+    """Usage of many sandboxes (`Sandbox.usage_all()`), and their sum."""
+
+    sandboxes: list[Usage] = []
+    total: UsageTotal = UsageTotal()
+
+
+class Event(_Model):
+    """One entry of a sandbox's history (`Sandbox.events()`). `kind` is "state" for a
+    change of state (`from_state` -> `to_state`, with `reason`: created, idle, request,
+    explicit, memory_pressure, shutdown, expired, restore_failed, ...); other kinds
+    include "updated" (timers changed; `detail` holds the changes), "hibernate_failed",
+    "hibernate_refused", "adopted", "oom_kill" and "pids_kill"."""
+
+    at: Time
+    kind: str
+    from_state: str | None = None
+    to_state: str | None = None
+    reason: str | None = None
+    detail: dict[str, Any] = {}
+
+    @property
+    def duration_ms(self) -> int | None:
+        """How long the transition took, when the server measured it."""
+        v = self.detail.get("duration_ms")
+        return int(v) if isinstance(v, int | float) else None
 
 
 class Template(_Model):

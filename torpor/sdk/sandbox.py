@@ -7,8 +7,9 @@ leaving a `with` block deletes the sandbox too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Self
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Literal, Self
 
 import httpx
 
@@ -16,9 +17,11 @@ from torpor.sdk import _api
 from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk.commands import AsyncCommands, Commands
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
-from torpor.sdk.errors import NotFoundError
+from torpor.sdk.errors import NotFoundError, TorporError
 from torpor.sdk.files import AsyncFiles, Files
-from torpor.sdk.models import SandboxInfo
+from torpor.sdk.models import Event, SandboxInfo, Usage, UsageSummary
+
+ExpireAction = Literal["delete", "hibernate"]
 
 
 class Sandbox:
@@ -43,16 +46,26 @@ class Sandbox:
     def create(cls, template: str = "base", *, env: Mapping[str, str] | None = None,
                metadata: Mapping[str, str] | None = None, cpu: float | None = None,
                memory_mb: int | None = None, disk_mb: int | None = None,
-               timeout: float | None = None, url: str | None = None, api_key: str | None = None,
+               timeout: float | None = None, standby_after: float | None = None,
+               hibernate_after: float | None = None, ttl: float | None = None,
+               idle_ttl: float | None = None, expire_action: ExpireAction | None = None,
+               url: str | None = None, api_key: str | None = None,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                transport: httpx.BaseTransport | None = None) -> Sandbox:
         """Create a sandbox from `template` and return it once it runs. Unset resources
         come from the template. `timeout`: seconds to wait for it (default: the
-        request timeout); it does not limit the sandbox's life, which has no cap."""
+        request timeout); it does not limit the sandbox's life.
+
+        Timers, in seconds (0 turns one off; unset: the server's defaults): after
+        `standby_after` idle seconds the sandbox goes to standby, after `hibernate_after`
+        more it hibernates; past `ttl` seconds from creation, or `idle_ttl` idle seconds,
+        it expires: `expire_action` "delete" (the default) or "hibernate"."""
         session = SyncSession(_config(url, api_key, request_timeout), transport)
         try:
-            info = session.call(_api.create_sandbox(template, env, metadata, cpu, memory_mb,
-                                                    disk_mb, timeout))
+            info = session.call(_api.create_sandbox(
+                template, env, metadata, cpu, memory_mb, disk_mb, timeout,
+                standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
+                idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
             session.close()
             raise
@@ -86,12 +99,86 @@ class Sandbox:
         finally:
             session.close()
 
+    @staticmethod
+    def usage_all(state: str | None = None, metadata: Mapping[str, str] | None = None, *,
+                  url: str | None = None, api_key: str | None = None,
+                  request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                  transport: httpx.BaseTransport | None = None) -> UsageSummary:
+        """Usage of every sandbox (filtered as `list` does), and the total."""
+        session = SyncSession(_config(url, api_key, request_timeout), transport)
+        try:
+            return session.call(_api.usage_all(state, metadata))
+        finally:
+            session.close()
+
     def info(self) -> SandboxInfo:
+        """Its record; does not wake a sandbox in standby or hibernated."""
         return self._session.call(_api.get_sandbox(self.id))
 
     def delete(self) -> None:
         """Delete the sandbox and everything in it. It answers 404 afterwards."""
         self._session.call(_api.delete_sandbox(self.id))
+
+    # --- standby, hibernation, timers -----------------------------------------------------
+
+    def standby(self) -> SandboxInfo:
+        """Freeze it now: memory stays resident, no CPU; the next request wakes it at once.
+        ConflictError if streams are open on it or its state does not allow it."""
+        return self._session.call(_api.standby(self.id))
+
+    def hibernate(self) -> SandboxInfo:
+        """Checkpoint it to disk and free its memory; the next request restores it.
+        ConflictError as for standby; ServerUnavailableError if the checkpoint failed
+        (the sandbox then stays as it was)."""
+        return self._session.call(_api.hibernate(self.id))
+
+    def resume(self) -> SandboxInfo:
+        """Wake it from standby or hibernation (any request does; this only does that)."""
+        return self._session.call(_api.resume(self.id))
+
+    def update(self, *, standby_after: float | None = None,
+               hibernate_after: float | None = None, ttl: float | None = None,
+               idle_ttl: float | None = None,
+               expire_action: ExpireAction | None = None) -> SandboxInfo:
+        """Change its timers (seconds; 0 turns one off; None leaves one as it is)."""
+        return self._session.call(_api.update_sandbox(
+            self.id, standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
+            idle_ttl=idle_ttl, expire_action=expire_action))
+
+    def hold(self, seconds: float = 300) -> str:
+        """Keep it out of standby for `seconds` (at most 3600), waking it if need be;
+        returns the hold's id for `release`."""
+        return self._session.call(_api.hold(self.id, seconds))
+
+    def release(self, hold_id: str) -> None:
+        """End a hold early; NotFoundError if it is unknown (or already gone)."""
+        self._session.call(_api.release(self.id, hold_id))
+
+    @contextmanager
+    def keep_alive(self, seconds: float = 300) -> Iterator[str]:
+        """`with sbx.keep_alive(600):` holds the sandbox out of standby while the block
+        runs (for at most `seconds`), then releases the hold. Yields the hold id."""
+        hold_id = self.hold(seconds)
+        try:
+            yield hold_id
+        except BaseException:
+            try:
+                self.release(hold_id)
+            except TorporError:
+                pass  # the block's error is the one to see; the hold lapses by itself
+            raise
+        try:
+            self.release(hold_id)
+        except NotFoundError:
+            pass  # lapsed already, or the sandbox was deleted in the block
+
+    def usage(self) -> Usage:
+        """CPU seconds, memory GiB-seconds, seconds in each state and bytes on disk."""
+        return self._session.call(_api.usage(self.id))
+
+    def events(self) -> list[Event]:
+        """Its history, oldest first: state changes with their reason and duration."""
+        return self._session.call(_api.events(self.id))
 
     def close(self) -> None:
         """Release the HTTP connections (the sandbox itself lives on)."""
@@ -130,13 +217,19 @@ class AsyncSandbox:
     async def create(cls, template: str = "base", *, env: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, cpu: float | None = None,
                      memory_mb: int | None = None, disk_mb: int | None = None,
-                     timeout: float | None = None, url: str | None = None, api_key: str | None = None,
+                     timeout: float | None = None, standby_after: float | None = None,
+                     hibernate_after: float | None = None, ttl: float | None = None,
+                     idle_ttl: float | None = None,
+                     expire_action: ExpireAction | None = None, url: str | None = None,
+                     api_key: str | None = None,
                      request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                      transport: httpx.AsyncBaseTransport | None = None) -> AsyncSandbox:
         session = AsyncSession(_config(url, api_key, request_timeout), transport)
         try:
-            info = await session.call(_api.create_sandbox(template, env, metadata, cpu,
-                                                          memory_mb, disk_mb, timeout))
+            info = await session.call(_api.create_sandbox(
+                template, env, metadata, cpu, memory_mb, disk_mb, timeout,
+                standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
+                idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
             await session.aclose()
             raise
@@ -166,11 +259,68 @@ class AsyncSandbox:
         finally:
             await session.aclose()
 
+    @staticmethod
+    async def usage_all(state: str | None = None, metadata: Mapping[str, str] | None = None,
+                        *, url: str | None = None, api_key: str | None = None,
+                        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                        transport: httpx.AsyncBaseTransport | None = None) -> UsageSummary:
+        session = AsyncSession(_config(url, api_key, request_timeout), transport)
+        try:
+            return await session.call(_api.usage_all(state, metadata))
+        finally:
+            await session.aclose()
+
     async def info(self) -> SandboxInfo:
         return await self._session.call(_api.get_sandbox(self.id))
 
     async def delete(self) -> None:
         await self._session.call(_api.delete_sandbox(self.id))
+
+    async def standby(self) -> SandboxInfo:
+        return await self._session.call(_api.standby(self.id))
+
+    async def hibernate(self) -> SandboxInfo:
+        return await self._session.call(_api.hibernate(self.id))
+
+    async def resume(self) -> SandboxInfo:
+        return await self._session.call(_api.resume(self.id))
+
+    async def update(self, *, standby_after: float | None = None,
+                     hibernate_after: float | None = None, ttl: float | None = None,
+                     idle_ttl: float | None = None,
+                     expire_action: ExpireAction | None = None) -> SandboxInfo:
+        return await self._session.call(_api.update_sandbox(
+            self.id, standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
+            idle_ttl=idle_ttl, expire_action=expire_action))
+
+    async def hold(self, seconds: float = 300) -> str:
+        return await self._session.call(_api.hold(self.id, seconds))
+
+    async def release(self, hold_id: str) -> None:
+        await self._session.call(_api.release(self.id, hold_id))
+
+    @asynccontextmanager
+    async def keep_alive(self, seconds: float = 300) -> AsyncIterator[str]:
+        """`async with sbx.keep_alive(600):`, as Sandbox.keep_alive."""
+        hold_id = await self.hold(seconds)
+        try:
+            yield hold_id
+        except BaseException:
+            try:
+                await self.release(hold_id)
+            except TorporError:
+                pass  # the block's error is the one to see; the hold lapses by itself
+            raise
+        try:
+            await self.release(hold_id)
+        except NotFoundError:
+            pass  # lapsed already, or the sandbox was deleted in the block
+
+    async def usage(self) -> Usage:
+        return await self._session.call(_api.usage(self.id))
+
+    async def events(self) -> list[Event]:
+        return await self._session.call(_api.events(self.id))
 
     async def close(self) -> None:
         await self._session.aclose()
