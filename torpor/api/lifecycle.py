@@ -36,6 +36,8 @@ async def hibernate(sid: str, request: Request):
 @router.post("/sandboxes/{sid}/resume", response_model=SandboxOut)
 async def resume(sid: str, request: Request):
     engine = engine_of(request)
+    engine.get(sid)  # 404 first
+    await engine.standby.resume(sid, "explicit")
     await engine.channel(sid)
     return asdict(engine.get(sid))
 
@@ -74,7 +76,7 @@ async def usage_all(request: Request, state: str | None = None):
     meta = {k[len("metadata."):]: v for k, v in request.query_params.items()
             if k.startswith("metadata.")}
     items = [engine.metering.usage(i.id) for i in engine.list(state=state, metadata=meta)]
-    total = {"cpu_seconds": sum(u["cpu_seconds"] for u in items),
-             "memory_gib_seconds": sum(u["memory_gib_seconds"] for u in items),
+    total = {"cpu_seconds": round(sum(u["cpu_seconds"] for u in items), 6),
+             "memory_gib_seconds": round(sum(u["memory_gib_seconds"] for u in items), 6),
              "disk_bytes": sum(u["disk_bytes"] for u in items)}
     return {"sandboxes": items, "total": total}

@@ -55,9 +55,15 @@ class UsageOut(BaseModel):
     metadata: dict[str, str]
 
 
+class UsageTotal(BaseModel):
+    cpu_seconds: float
+    memory_gib_seconds: float
+    disk_bytes: int
+
+
 class UsageSummary(BaseModel):
     sandboxes: list[UsageOut]
-    total: dict[str, float]
+    total: UsageTotal
 
 
 class SandboxOut(BaseModel):

@@ -294,7 +294,7 @@ class Engine:
             raise Invalid("expire_action must be delete or hibernate", field="expire_action")
         return out
 
-    def update(self, sid: str, **fields) -> SandboxInfo:
+    def update(self, sid: str, touch: bool = True, **fields) -> SandboxInfo:
         """Change a sandbox's idle timers or expiry; the next idle check uses them."""
         self._row(sid)
         changes = {k: v for k, v in fields.items() if v is not None}
@@ -309,7 +309,8 @@ class Engine:
                 setattr(row, k, v)
             row.updated_at = now()
         self._event(sid, "updated", None, None, "explicit", changes)
-        self.standby.touch(sid)
+        if touch:
+            self.standby.touch(sid)
         return self.get(sid)
 
     async def _boot(self, row: SandboxRow, env: dict) -> None:

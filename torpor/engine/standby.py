@@ -120,10 +120,10 @@ class Standby:
         async with self.lock(sid):
             row = e._row(sid)
             if row.state != RUNNING:
-                if row.state in (STANDBY, HIBERNATED):
+                if row.state == STANDBY:
                     return
                 raise Conflict(f"sandbox {sid} is {row.state}; only a running sandbox can go "
-                               "to standby", sandbox_id=sid)
+                               "to standby (resume it first)", sandbox_id=sid)
             if not force and self.open_streams(sid):
                 raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
                                "(command output, follows, transfers); close them first",
@@ -245,10 +245,11 @@ class Standby:
             idle = self.idle_seconds(sid)
             age = (now() - row.created_at).total_seconds()
             if row.ttl and age >= row.ttl:
-                await self._expire(row, f"older than its ttl of {row.ttl:.0f}s")
+                await self._expire(row, f"older than its ttl of {row.ttl:.0f}s", ttl=True)
                 continue
             if row.idle_ttl and idle >= row.idle_ttl and not await self._busy_quiet(row):
-                await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s")
+                await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s",
+                                   ttl=False)
                 continue
             if row.state == RUNNING and row.standby_after and idle >= row.standby_after:
                 if not await self._busy_quiet(row):
@@ -264,11 +265,17 @@ class Standby:
             return False
         return await self.busy(row.id)
 
-    async def _expire(self, row: SandboxRow, why: str) -> None:
+    async def _expire(self, row: SandboxRow, why: str, ttl: bool) -> None:
+        if row.expire_action == "hibernate" and row.state == HIBERNATED:
+            return
         log.info("sandbox %s expired (%s): %s", row.id, why, row.expire_action)
+        self.engine._event(row.id, "expired", row.state, None, "expired",
+                           {"why": why, "action": row.expire_action})
         if row.expire_action == "hibernate":
-            if row.state != HIBERNATED:
-                await self._try(self.hibernate(row.id, "expired", force=True))
+            if ttl:
+                # a ttl fires once: the sandbox may be woken and used again afterwards
+                self.engine.update(row.id, ttl=0, touch=False)
+            await self._try(self.hibernate(row.id, "expired", force=True))
         else:
             await self._try(self.engine.delete(row.id, reason="expired"))
 

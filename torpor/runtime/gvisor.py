@@ -39,6 +39,7 @@ SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, d
 # sentry's thread for it plus ptrace stubs): measured 45 threads idle, +300 per 20 sleeps.
 HOST_THREADS_PER_PROCESS = 20
 PIDS_OVERHEAD = 256  # host threads of the sentry and gofer themselves
+CHECKPOINT_TIMEOUT = 300.0  # seconds a checkpoint may take before it counts as failed
 PID_MAX = 4194304  # the kernel's maximum; Debian's default of 32768 fits ~1600 sandbox tasks
 
 
@@ -259,7 +260,12 @@ class GVisorDriver:
         proc = await asyncio.create_subprocess_exec(
             *self.runsc_base(), "checkpoint", "--image-path", str(tmp), spec.id,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), CHECKPOINT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            err = f"runsc checkpoint took over {CHECKPOINT_TIMEOUT:.0f}s".encode()
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             if was_frozen:
