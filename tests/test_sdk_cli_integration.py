@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -105,3 +106,24 @@ def test_cli_exec_files_and_exit_codes(server, tmp_path):
         assert "base" in _cli(server, "template", "list").stdout
     finally:
         assert _cli(server, "sandbox", "rm", sid).returncode == 0
+
+
+def test_sdk_standby_hibernate_resume_usage(conn, server):
+    with Sandbox.create(standby_after=0, hibernate_after=0, **conn) as sbx:
+        sbx.commands.run("echo kept > /tmp/k")
+        assert sbx.standby().state == "standby"
+        assert sbx.commands.run("cat /tmp/k").stdout == "kept\n"  # woken by the request
+        assert sbx.hibernate().state == "hibernated"
+        assert sbx.resume().state == "running"
+        assert sbx.commands.run("cat /tmp/k").stdout == "kept\n"
+        info = sbx.update(standby_after=1)
+        assert info.standby_after == 1
+        with sbx.keep_alive(seconds=30):
+            time.sleep(2.5)
+            assert sbx.info().state == "running"
+        u = sbx.usage()
+        assert u.cpu_seconds > 0 and u.seconds_by_state["hibernated"] > 0
+        kinds = [(e.to_state, e.reason) for e in sbx.events() if e.kind == "state"]
+        assert ("hibernated", "explicit") in kinds and ("running", "explicit") in kinds
+        p = _cli(server, "sandbox", "usage", sbx.id, "--json")
+        assert p.returncode == 0 and sbx.id in p.stdout
