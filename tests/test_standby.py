@@ -302,3 +302,23 @@ def test_deleted_open_file_refuses_hibernation_instead_of_losing_the_sandbox(api
     api.post(f"/v1/sandboxes/{sbx}/processes/{pid}/wait")
     assert api.post(f"/v1/sandboxes/{sbx}/hibernate").status_code == 200
     assert run(api, sbx, "echo back")["stdout"] == "back\n"
+
+
+def test_disk_full_while_hibernating_keeps_the_sandbox_in_standby(server, api, sbx):
+    start_prog(api, sbx)
+    assert api.post(f"/v1/sandboxes/{sbx}/standby").status_code == 200
+    # the image directory on a 1 MiB file system: the checkpoint runs out of space
+    img = GVisorDriver(server.data_dir).image_dir(sbx).with_name("image.new")
+    img.mkdir()
+    assert os.system(f"mount -t tmpfs -o size=1m tmpfs {img}") == 0
+    try:
+        r = api.post(f"/v1/sandboxes/{sbx}/hibernate")
+        assert r.status_code == 503, r.text
+        assert state(api, sbx) == "standby"
+        events = api.get(f"/v1/sandboxes/{sbx}/events").json()
+        assert events[-1]["kind"] == "hibernate_failed"
+    finally:
+        os.system(f"umount {img}")
+    check_prog(api, sbx)  # nothing was lost
+    assert api.post(f"/v1/sandboxes/{sbx}/hibernate").status_code == 200
+    check_prog(api, sbx)

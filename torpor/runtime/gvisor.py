@@ -39,6 +39,7 @@ SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, d
 # sentry's thread for it plus ptrace stubs): measured 45 threads idle, +300 per 20 sleeps.
 HOST_THREADS_PER_PROCESS = 20
 PIDS_OVERHEAD = 256  # host threads of the sentry and gofer themselves
+CHECKPOINT_HEADROOM = 64 << 20  # bytes of disk kept free beyond the memory to save
 CHECKPOINT_TIMEOUT = 300.0  # seconds a checkpoint may take before it counts as failed
 PID_MAX = 4194304  # the kernel's maximum; Debian's default of 32768 fits ~1600 sandbox tasks
 
@@ -252,7 +253,15 @@ class GVisorDriver:
         final = self.image_dir(spec.id)
         tmp = final.with_name("image.new")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=True)  # (exists only if it is a mount point of its own)
+        # this runsc loses the sandbox when a checkpoint fails half-way (disk full): make
+        # sure the image fits first. It is at most the memory in use (it is compressed).
+        need = (self.cgroup(spec.id).memory_bytes() or 0) + CHECKPOINT_HEADROOM
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError_(f"sandbox {spec.id}: not enough disk for its checkpoint image "
+                                f"({free >> 20} MiB free, up to {need >> 20} MiB needed)")
         was_frozen = self.is_frozen(spec)
         if was_frozen:
             self.freeze(spec, False)  # runsc pauses it itself; a frozen sentry cannot answer
