@@ -28,7 +28,8 @@ class Server:
     """A `torpor serve` subprocess. Stop it with SIGTERM or SIGKILL; start it again on the
     same data dir to test restarts."""
 
-    def __init__(self, data_dir: Path, pool_size: int = 1):
+    def __init__(self, data_dir: Path, pool_size: int = 1, env: dict | None = None):
+        self.extra_env = env or {}
         self.data_dir = data_dir
         self.pool_size = pool_size
         self.port = free_port()
@@ -38,7 +39,7 @@ class Server:
 
     def start(self) -> Server:
         env = dict(os.environ, TORPOR_DATA=str(self.data_dir),
-                   TORPOR_POOL_SIZE=str(self.pool_size))
+                   TORPOR_POOL_SIZE=str(self.pool_size), **self.extra_env)
         cmd = [sys.executable, "-c", "from torpor.cli.main import app; app()", "serve",
                "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
                str(self.data_dir), "--pool-size", str(self.pool_size)]

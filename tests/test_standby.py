@@ -322,3 +322,22 @@ def test_disk_full_while_hibernating_keeps_the_sandbox_in_standby(server, api, s
     check_prog(api, sbx)  # nothing was lost
     assert api.post(f"/v1/sandboxes/{sbx}/hibernate").status_code == 200
     check_prog(api, sbx)
+
+
+def test_memory_pressure_hibernates_least_recently_active_first():
+    # a watermark below what the host already uses: every idle sandbox is "in the way"
+    srv = Server(make_data_dir(), pool_size=0, env={"TORPOR_MEMORY_WATERMARK": "0.001"})
+    srv.start()
+    try:
+        with srv.client() as c:
+            older = c.post("/v1/sandboxes", json=NO_TIMERS).json()["id"]
+            newer = c.post("/v1/sandboxes", json=NO_TIMERS).json()["id"]
+            hold = c.post(f"/v1/sandboxes/{newer}/keepalive", json={"seconds": 60}).json()
+            wait_for(lambda: state(c, older) == "hibernated", timeout=20)
+            assert state(c, newer) == "running"  # busy (held): skipped
+            reasons = [e["reason"] for e in c.get(f"/v1/sandboxes/{older}/events").json()]
+            assert "memory_pressure" in reasons
+            c.delete(f"/v1/sandboxes/{newer}/keepalive/{hold['hold_id']}")
+            wait_for(lambda: state(c, newer) == "hibernated", timeout=20)
+    finally:
+        teardown_data_dir(srv)
