@@ -155,6 +155,8 @@ class Standby:
             except (RuntimeError_, OSError) as err:
                 self.transitioning.discard(sid)
                 self.act(sid).failed_at = time.monotonic()
+                if row.state == STANDBY:
+                    await asyncio.to_thread(e.driver.freeze, spec, True)
                 e._event(sid, "hibernate_failed", row.state, row.state, reason,
                          {"error": str(err)})
                 log.warning("sandbox %s: hibernation failed, it stays %s: %s", sid,
@@ -180,10 +182,11 @@ class Standby:
             res = await chan.call("hibernate_check", timeout=30)
         except (AgentError, ChannelClosed, TimeoutError) as err:
             res = {"problems": [{"error": f"the agent did not answer the check: {err}"}]}
-        finally:
-            if frozen:
-                await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
         problems = res.get("problems") or []
+        if problems and frozen:
+            # refused: back to standby. (Passed: it stays thawed for the checkpoint, which
+            # pauses it itself; freezing it again would race the checkpoint.)
+            await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
         if problems:
             self.act(sid).failed_at = time.monotonic()
             e._event(sid, "hibernate_refused", state, state, reason, {"problems": problems[:20]})

@@ -85,15 +85,26 @@ class Cgroup:
         return int(v) / 1e9 if v else None
 
     def frozen(self) -> bool:
+        """True while frozen or on the way there (v1's transient FREEZING counts)."""
         if self.v2:
             return (self._read("", "cgroup.freeze") or "0").strip() == "1"
-        return (self._read("freezer", "freezer.state") or "").strip() == "FROZEN"
+        return (self._read("freezer", "freezer.state") or "THAWED").strip() != "THAWED"
 
     def freeze(self, frozen: bool) -> None:
         if self.v2:
             (self._path("") / "cgroup.freeze").write_text("1" if frozen else "0")
         else:
             (self._path("freezer") / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+    def set_cpu_limit(self, cpus: float | None, period: int = 100_000) -> None:
+        """Cap CPU at `cpus` cores, or lift the cap (None)."""
+        if self.v2:
+            value = "max" if cpus is None else str(int(cpus * period))
+            (self._path("cpu") / "cpu.max").write_text(f"{value} {period}")
+        else:
+            (self._path("cpu") / "cpu.cfs_period_us").write_text(str(period))
+            quota = -1 if cpus is None else int(cpus * period)
+            (self._path("cpu") / "cpu.cfs_quota_us").write_text(str(quota))
 
     def remove(self) -> None:
         """Remove the cgroup directories runsc left behind (only empty ones can go)."""

@@ -145,7 +145,8 @@ class GVisorDriver:
             mounts.insert(5, {"destination": "/usr", "type": "bind", "source": str(layer.usr),
                               "options": ["rbind", "rw"]})
         hard_mb = int(spec.memory_mb * 1.25) + SENTRY_OVERHEAD_MB
-        period = 100_000
+        # no CPU quota here: the driver sets it on the cgroup once the sandbox runs, so
+        # that runsc's own restore work is not throttled by it (measured: 353 -> 530 ms)
         return {
             "ociVersion": "1.0.2",
             "process": {
@@ -167,7 +168,6 @@ class GVisorDriver:
                 "cgroupsPath": f"/torpor/{spec.id}",
                 "resources": {
                     "memory": {"limit": hard_mb << 20},
-                    "cpu": {"quota": int(spec.cpu * period), "period": period},
                     "pids": {"limit": self.host_threads_limit(spec)},
                 },
                 "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
@@ -181,7 +181,9 @@ class GVisorDriver:
         await asyncio.to_thread(layer.create)
         (d / "config.json").write_text(json.dumps(self.oci_spec(spec, layer)))
         cmd = self.runsc_base() + ["run", "--detach", "--bundle", str(d), spec.id]
-        return await self._start_holder(spec, cmd)
+        chan = await self._start_holder(spec, cmd)
+        self.cgroup(spec.id).set_cpu_limit(spec.cpu)
+        return chan
 
     async def _start_holder(self, spec: SandboxSpec, command: list[str],
                             restored: bool = False) -> Channel:
@@ -265,6 +267,7 @@ class GVisorDriver:
         was_frozen = self.is_frozen(spec)
         if was_frozen:
             self.freeze(spec, False)  # runsc pauses it itself; a frozen sentry cannot answer
+        self.cgroup(spec.id).set_cpu_limit(None)  # the sandbox's quota would slow runsc
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             *self.runsc_base(), "checkpoint", "--image-path", str(tmp), spec.id,
@@ -277,6 +280,7 @@ class GVisorDriver:
             err = f"runsc checkpoint took over {CHECKPOINT_TIMEOUT:.0f}s".encode()
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            self.cgroup(spec.id).set_cpu_limit(spec.cpu)
             if was_frozen:
                 self.freeze(spec, True)  # back to standby, as it was
             raise RuntimeError_(f"sandbox {spec.id}: checkpoint failed: "
@@ -312,7 +316,9 @@ class GVisorDriver:
                                     check=False, capture_output=True)
         cmd = self.runsc_base() + ["restore", "--detach", "--image-path", str(img),
                                    "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
-        return await self._start_holder(spec, cmd, restored=True)
+        chan = await self._start_holder(spec, cmd, restored=True)
+        self.cgroup(spec.id).set_cpu_limit(spec.cpu)
+        return chan
 
     def drop_image(self, sid: str) -> None:
         shutil.rmtree(self.image_dir(sid), ignore_errors=True)
