@@ -214,15 +214,21 @@ class Engine:
                            reason=reason, detail=detail))
         self._state[sid] = state
 
-    async def _fail(self, sid: str, message: str, reason: str, destroy: bool = False) -> None:
-        log.warning("sandbox %s failed: %s", sid, message)
-        try:
-            self.metering.bank(sid)
-        except OSError:
-            pass
+    async def _detach(self, sid: str, bank: bool = True) -> None:
+        """Bank what the sandbox's cgroup counted (once: only a live one has a count not
+        banked yet) and let go of its channel."""
+        if bank:
+            try:
+                self.metering.bank(sid)
+            except OSError:
+                pass
         chan = self.channels.pop(sid, None)
         if chan:
             await chan.close()
+
+    async def _fail(self, sid: str, message: str, reason: str, destroy: bool = False) -> None:
+        log.warning("sandbox %s failed: %s", sid, message)
+        await self._detach(sid)
         with self.sessions() as s:
             row = s.get(SandboxRow, sid)
         if destroy and row is not None:
@@ -390,14 +396,7 @@ class Engine:
 
     async def delete(self, sid: str, reason: str = "explicit") -> None:
         row = self._row(sid)
-        if row.state in (RUNNING, STANDBY):
-            try:
-                self.metering.bank(sid)
-            except OSError:
-                pass
-        chan = self.channels.pop(sid, None)
-        if chan:
-            await chan.close()
+        await self._detach(sid, bank=row.state in (RUNNING, STANDBY))
         self._set_state(sid, DELETED, None, reason)
         await self.driver.destroy(self._spec(row))
         self._specs.pop(sid, None)
