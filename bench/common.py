@@ -345,3 +345,39 @@ class Server:
                 left.append(f"cgroup /torpor/{sid} could not be removed")
         shutil.rmtree(self.data_dir, ignore_errors=True)
         return left
+
+
+def say(*a) -> None:
+    """Progress, to stderr with the time."""
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+def avail_mib() -> int:
+    """MemAvailable in MiB, the median of three reads 0.2 s apart."""
+    vals = []
+    for _ in range(3):
+        vals.append(meminfo()["MemAvailable"] // 1024)
+        time.sleep(0.2)
+    return sorted(vals)[1]
+
+
+def lookup(results: dict, dotted: str):
+    cur = results
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def check_targets(results: dict, spec: dict[str, tuple[str, float]]) -> dict:
+    """{dotted key: (op, limit)} -> {key: {value, target, met}} for the keys measured."""
+    out = {}
+    for key, (op, limit) in spec.items():
+        v = lookup(results, key)
+        if v is None:
+            continue
+        met = v <= limit if op == "<=" else v < limit
+        out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
+    return out
+

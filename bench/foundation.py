@@ -63,14 +63,16 @@ from common import (
     ROOT,
     Sampler,
     Server,
+    avail_mib,
+    check_targets,
     machine,
-    meminfo,
     ms_since,
     orphan_reap_ms,
     processes,
     reproduce_cmd,
     rollup_kib,
     sandbox_processes,
+    say,
     stats,
     vm_rss_kib,
 )
@@ -86,10 +88,6 @@ TARGETS = {  # reported beside the figures, never asserted
 }
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
 PLATFORM = "ptrace"
-
-
-def say(*a) -> None:
-    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
 # --- our side ---------------------------------------------------------------------------
@@ -565,35 +563,7 @@ class Bench:
         return left
 
 
-def avail_mib() -> int:
-    vals = []
-    for _ in range(3):
-        vals.append(meminfo()["MemAvailable"] // 1024)
-        time.sleep(0.2)
-    return sorted(vals)[1]
-
-
 # --- report -----------------------------------------------------------------------------
-def lookup(results: dict, dotted: str):
-    cur = results
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def targets(results: dict) -> dict:
-    out = {}
-    for key, (op, limit) in TARGETS.items():
-        v = lookup(results, key)
-        if v is None:
-            continue
-        met = v <= limit if op == "<=" else v < limit
-        out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
-    return out
-
-
 def table(report: dict) -> str:
     r = report["results"]
     rows: list[tuple[str, str, str, str]] = []  # what, ours, raw runsc, target
@@ -748,7 +718,7 @@ def main() -> int:
         say("cleaning up")
         left = b.close(keep_logs=bool(report["errors"]))
         report["leftovers_purged"] = left
-    report["targets"] = targets(report["results"])
+    report["targets"] = check_targets(report["results"], TARGETS)
     report["seconds"] = round(time.time() - t_start, 1)
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(report, indent=2, default=str)

@@ -79,6 +79,8 @@ from common import (
     ROOT,
     VENV_BIN,
     Server,
+    avail_mib,
+    check_targets,
     machine,
     meminfo,
     ms_since,
@@ -88,6 +90,7 @@ from common import (
     reproduce_cmd,
     rollup_kib,
     sandbox_processes,
+    say,
     stats,
     vm_rss_kib,
 )
@@ -107,10 +110,6 @@ PLATFORM = "ptrace"
 MIB = 1 << 20
 HOLD_MIB = 256
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def say(*a) -> None:
-    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
 def stats99(samples: list[float], nd: int = 2) -> dict:
@@ -213,14 +212,6 @@ def host_cpu() -> tuple[float, float]:
     total = sum(vals[:8])  # guest time is already in user/nice
     idle = vals[3] + vals[4]
     return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-def avail_mib() -> int:
-    vals = []
-    for _ in range(3):
-        vals.append(meminfo()["MemAvailable"] // 1024)
-        time.sleep(0.2)
-    return sorted(vals)[1]
 
 
 def dir_bytes(d: Path) -> int:
@@ -1159,26 +1150,6 @@ class Bench:
 
 
 # --- report -----------------------------------------------------------------------------
-def lookup(results: dict, dotted: str):
-    cur = results
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def targets(results: dict) -> dict:
-    out = {}
-    for key, (op, limit) in TARGETS.items():
-        v = lookup(results, key)
-        if v is None:
-            continue
-        met = v <= limit if op == "<=" else v < limit
-        out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
-    return out
-
-
 def table(report: dict) -> str:
     r = report["results"]
     rows: list[tuple[str, str, str, str]] = []  # what, ours, raw, target
@@ -1390,7 +1361,7 @@ def main() -> int:
     finally:
         say("cleaning up")
         report["leftovers_purged"] = b.close(keep_logs=bool(report["errors"]))
-    report["targets"] = targets(report["results"])
+    report["targets"] = check_targets(report["results"], TARGETS)
     report["seconds"] = round(time.time() - t_start, 1)
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(report, indent=2, default=str)
