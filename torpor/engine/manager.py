@@ -412,10 +412,10 @@ class Engine:
     async def channel(self, sid: str) -> Channel:
         """The agent channel of a sandbox, resumed first if it is in standby or hibernated.
         Every API call on a sandbox comes through here: this is what counts as activity."""
-        if self._state.get(sid) != RUNNING:
-            row = self._row(sid)
-            if row.state in (STANDBY, HIBERNATED):
-                await self.standby.resume(sid, "request")
+        cached = self._state.get(sid)
+        if cached in (STANDBY, HIBERNATED) or (
+                cached != RUNNING and self._row(sid).state in (STANDBY, HIBERNATED)):
+            await self.standby.resume(sid, "request")  # reads the record under its lock
         self.standby.touch(sid)
         chan = self.channels.get(sid)
         if chan is not None and not chan.closed.is_set():
