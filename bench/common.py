@@ -381,3 +381,20 @@ def check_targets(results: dict, spec: dict[str, tuple[str, float]]) -> dict:
         out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
     return out
 
+
+def finish(report: dict, spec: dict[str, tuple[str, float]], t_start: float,
+           out: str | None, table) -> int:
+    """Close a report: targets, duration, load; the JSON to stdout (and to `out`), the
+    table to stderr. Returns the exit code: 1 if any section failed."""
+    report["targets"] = check_targets(report["results"], spec)
+    report["seconds"] = round(time.time() - t_start, 1)
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        say(f"wrote {out}")
+    print(table(report), file=sys.stderr)
+    return 1 if report["errors"] else 0
+

@@ -80,7 +80,7 @@ from common import (
     VENV_BIN,
     Server,
     avail_mib,
-    check_targets,
+    finish,
     machine,
     meminfo,
     ms_since,
@@ -1361,18 +1361,8 @@ def main() -> int:
     finally:
         say("cleaning up")
         report["leftovers_purged"] = b.close(keep_logs=bool(report["errors"]))
-    report["targets"] = check_targets(report["results"], TARGETS)
-    report["seconds"] = round(time.time() - t_start, 1)
-    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
     out = args.out or (None if (args.only or q) else str(ROOT / "bench/results/standby.json"))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-        say(f"wrote {out}")
-    print(table(report), file=sys.stderr)
-    return 1 if report["errors"] else 0
+    return finish(report, TARGETS, t_start, out, table)
 
 
 if __name__ == "__main__":
