@@ -8,7 +8,8 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -155,3 +156,16 @@ def timer(s: float | None) -> str:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def handle(sandbox_id: str) -> Iterator[Any]:
+    """A Sandbox handle for one command, closed (not deleted, unlike `with Sandbox...`)."""
+    from torpor.sdk import Sandbox
+
+    sbx = Sandbox(sandbox_id, **conn())
+    try:
+        yield sbx
+    finally:
+        sbx.close()
+

@@ -15,6 +15,7 @@ from torpor.cli._common import (
     App,
     conn,
     fail,
+    handle,
     out,
     pairs,
     print_json,
@@ -151,13 +152,9 @@ def _print_info(i: SandboxInfo) -> None:
 @app.command()
 def info(sandbox_id: ID, json: JSON = False) -> None:
     """Show one sandbox, with its timers. Does not wake it."""
-    from torpor.sdk import Sandbox
 
-    sbx = Sandbox(sandbox_id, **conn())
-    try:
+    with handle(sandbox_id) as sbx:
         i = sbx.info()
-    finally:
-        sbx.close()
     if json:
         print_json(i.model_dump(mode="json"))
         return
@@ -177,17 +174,13 @@ def update(
     """Change a sandbox's timers; those not given stay as they are.
 
     Timers take seconds, or 90s, 5m, 2h, 1d, 1h30m; 0 or off turns one off."""
-    from torpor.sdk import Sandbox
 
     timers = _timers(standby_after, hibernate_after, ttl, idle_ttl, expire_action)
     if all(v is None for v in timers.values()):
         fail("nothing to change: give --standby-after, --hibernate-after, --ttl, --idle-ttl "
              "or --expire-action", code=2)
-    sbx = Sandbox(sandbox_id, **conn())
-    try:
+    with handle(sandbox_id) as sbx:
         i = sbx.update(**timers)
-    finally:
-        sbx.close()
     if json:
         print_json(i.model_dump(mode="json"))
         return
@@ -250,13 +243,9 @@ def _detail(detail: dict[str, Any]) -> str:
 def events(sandbox_id: ID, json: JSON = False) -> None:
     """A sandbox's history: state changes with their reason and duration, timer changes,
     failed hibernations."""
-    from torpor.sdk import Sandbox
 
-    sbx = Sandbox(sandbox_id, **conn())
-    try:
+    with handle(sandbox_id) as sbx:
         items = sbx.events()
-    finally:
-        sbx.close()
     if json:
         print_json([e.model_dump(mode="json") for e in items])
         return
@@ -299,11 +288,8 @@ def usage(
     if sandbox_id is not None:
         if state or metadata:
             fail("--state and --metadata select among all sandboxes; not with an ID", code=2)
-        sbx = Sandbox(sandbox_id, **conn())
-        try:
+        with handle(sandbox_id) as sbx:
             u = sbx.usage()
-        finally:
-            sbx.close()
         if json:
             print_json(u.model_dump(mode="json"))
             return
