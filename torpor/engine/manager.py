@@ -401,6 +401,9 @@ class Engine:
         await self.driver.destroy(self._spec(row))
         self._specs.pop(sid, None)
         self.standby.activity.pop(sid, None)
+        self.standby.locks.pop(sid, None)
+        self._pids_mark.pop(sid, None)
+        self._pooled.discard(sid)
 
     def events(self, sid: str) -> list[EventRow]:
         self._row(sid)
