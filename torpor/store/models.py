@@ -1,10 +1,10 @@
-"""Database models: the durable record of sandboxes, their events, and API keys."""
+"""Database models: sandboxes, their events, API keys, secrets, egress log, domains."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime as _DateTime
 from sqlalchemy.types import TypeDecorator
@@ -65,6 +65,11 @@ class SandboxRow(Base):
     # metering carried across cgroup lifetimes (a restore makes a new cgroup)
     cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     memory_gib_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # egress policy ({"egress", "allow", "deny"}), granted secrets ({env: {secret,
+    # placeholder}}) and exposed ports ({"8000": {"public": bool}})
+    network: Mapped[dict] = mapped_column(JSON, default=dict)
+    secrets: Mapped[dict] = mapped_column(JSON, default=dict)
+    ports: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class EventRow(Base):
@@ -91,3 +96,52 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SecretRow(Base):
+    """A credential the egress proxy injects; the value is encrypted (see engine/secrets.py)
+    and never leaves the server through the API."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    allowed_hosts: Mapped[list] = mapped_column(JSON, default=list)
+    inject_body: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class EgressRow(Base):
+    """One egress connection (or one HTTP request, when the proxy sees requests)."""
+
+    __tablename__ = "egress_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    protocol: Mapped[str] = mapped_column(String(16))  # http | connect | socks | dns | tls
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    rule: Mapped[str] = mapped_column(Text)
+    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    secrets: Mapped[list] = mapped_column(JSON, default=list)  # names injected
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class DomainRow(Base):
+    """A custom domain routed to a sandbox port by the preview listener."""
+
+    __tablename__ = "domains"
+
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+    sandbox_id: Mapped[str] = mapped_column(String(32), index=True)
+    port: Mapped[int] = mapped_column(Integer)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
