@@ -36,12 +36,19 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent runs as roo
 class Agent:
     """A host end of the channel, synchronous, for tests."""
 
-    def __init__(self, native: bool = True):
+    def __init__(self, native: bool = True, netns: bool = False):
         env = dict(os.environ)
         self.native = native and NATIVE
         if not native:
             env["TORPOR_AGENT_NATIVE"] = "0"
-        self.proc = subprocess.Popen([PYTHON, "-s", "-B", str(AGENT)], stdin=subprocess.PIPE,
+        argv = [PYTHON, "-s", "-B", str(AGENT)]
+        if netns:
+            # a network namespace of its own, with only loopback: the agent's egress
+            # listeners (3128, 1080, 53) must not touch the host's ports
+            env["TORPOR_EGRESS"] = "1"
+            argv = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                    *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      cwd="/", env=env)
         self.reader = P.FrameReader()

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fsops
 import miniloop
+import netops
 import protocol as P
 import signames
 from procs import ProcessTable
@@ -98,6 +99,7 @@ class Stream:
         self.inbox = miniloop.Queue()  # IN payloads, None at EOF
         self.closed = False
         self.task: miniloop.Task | None = None
+        self._reply: miniloop.Future | None = None  # a stream the agent opened, waiting
 
     async def send(self, kind: int, data: bytes) -> None:
         """Send OUT/ERR bytes, waiting for credit and for the host pipe to drain."""
@@ -133,10 +135,26 @@ class Stream:
     def abort(self) -> None:
         """The host side is gone: stop without a CLOSE frame."""
         self.closed = True
+        self.agent.streams.pop(self.sid, None)
         self._window_event.set()
         self.inbox.put_nowait(None)
         if self.task and not self.task.done():
             self.task.cancel()
+
+    async def reply(self) -> dict:
+        """For a stream the agent opened: wait for the host's CLOSE and return its body."""
+        self._reply = self.agent.loop.create_future()
+        return await self._reply
+
+    def on_close(self, payload: bytes) -> None:
+        if self._reply is not None and not self._reply.done():
+            self.closed = True
+            try:
+                self._reply.set_result(P.loads(payload) if payload else {})
+            except ValueError:
+                self._reply.set_result({})
+        else:
+            self.abort()
 
     async def read_in(self):
         """Yield IN payloads until EOF, granting credit as they are consumed."""
@@ -155,6 +173,17 @@ class Agent:
         self.procs = ProcessTable(self)
         self.base_env: dict[str, str] = {}
         self.out = Output(loop, out_fd)
+        self.egress = netops.Egress(self)
+        self._next_sid = 2  # streams the agent opens have even ids
+
+    def open_stream(self, request: dict) -> Stream:
+        """Open a stream towards the host (egress, DNS); the OPEN frame leaves at once."""
+        sid = self._next_sid
+        self._next_sid = sid + 2 if sid < 0xFFFFFFF0 else 2
+        st = Stream(self, sid)
+        self.streams[sid] = st
+        self.out.write(P.jframe(P.OPEN, sid, request))
+        return st
 
     async def write(self, data: bytes) -> None:
         self.out.write(data)
@@ -181,10 +210,11 @@ class Agent:
             if st:
                 st.grant(P.parse_credit(payload))
         elif kind == P.CLOSE:
-            # the host abandons the stream (client went away): stop following, keep processes
+            # the host abandons the stream (client went away): stop following, keep processes;
+            # or answers a stream the agent opened
             st = self.streams.pop(sid, None)
             if st:
-                st.abort()
+                st.on_close(payload)
         elif kind == P.RESET:
             for st in list(self.streams.values()):
                 st.abort()
@@ -224,7 +254,7 @@ async def op_configure(agent: Agent, st: Stream, env: dict | None = None):
     if env is not None:
         agent.base_env = {str(k): str(v) for k, v in env.items()}
     agent.procs.check_compat()
-    return {"env": agent.base_env}
+    return {"env": agent.base_env, "egress_errors": agent.egress.errors}
 
 
 async def op_exec(agent: Agent, st: Stream, argv, env=None, cwd=None, user="user",
@@ -348,6 +378,7 @@ HANDLERS = {
     "pids_kill": op_pids_kill,
     "hibernate_check": op_hibernate_check,
     **fsops.HANDLERS,
+    **netops.HANDLERS,
 }
 
 
@@ -398,10 +429,13 @@ async def serve(loop: miniloop.Loop) -> None:
         loop.remove_reader(in_fd)
         loop.add_reader(in_fd, on_input)
         agent.out.rearm()
+        agent.egress.rearm()
         agent.procs.check_compat()  # perhaps another runsc, or another agent bundle
         on_input()
 
     loop.add_signal_handler(signames.SIGHUP, rearm)
+    if os.environ.get("TORPOR_EGRESS") == "1":  # set in sandboxes, not where tests run it
+        agent.egress.start()
     agent.out.write(P.jframe(P.HELLO, 0, {"version": P.VERSION, "pid": os.getpid()}))
     # after the HELLO has left (idle hooks run first): the host's side of the start and
     # the agent's warm-up overlap

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ class AgentError(Exception):
 
 @dataclass
 class Event:
-    kind: str  # "stdout" | "stderr" | "msg"
+    kind: str  # "stdout" | "stderr" | "msg" | "eof"
     data: bytes = b""
     msg: dict | None = None
 
@@ -55,6 +55,8 @@ class Stream:
     def _on_frame(self, kind: int, payload: bytes) -> None:
         if kind == P.OUT:
             self.events.put_nowait(("stdout", payload))
+        elif kind == P.EOF:  # a tunnel's half-close: the socket in the sandbox sent EOF
+            self.events.put_nowait(("eof", None))
         elif kind == P.ERR:
             self.events.put_nowait(("stderr", payload))
         elif kind == P.MSG:
@@ -86,6 +88,9 @@ class Stream:
                 return
             if kind == "msg":
                 yield Event("msg", msg=payload)
+                continue
+            if kind == "eof":
+                yield Event("eof")
                 continue
             # grant credit only as output is taken: a slow consumer slows the process
             self.chan._send(P.credit_frame(self.sid, len(payload)))
@@ -120,6 +125,16 @@ class Stream:
             self.chan._send(P.frame(P.EOF, self.sid))
             await self.chan.drain()
 
+    def reply(self, result: Any = None, error: dict | None = None) -> None:
+        """Answer a stream the agent opened (DNS) with its CLOSE."""
+        if not self.done.is_set():
+            body = {"error": error} if error is not None else {"result": result}
+            if not self.chan.closed.is_set():
+                self.chan._send(P.jframe(P.CLOSE, self.sid, body))
+            self.chan.streams.pop(self.sid, None)
+            self.result, self.error = result, error
+            self._finish()
+
     def abandon(self) -> None:
         """Stop caring about the stream: the agent stops following, processes keep running."""
         if not self.done.is_set():
@@ -131,6 +146,9 @@ class Stream:
 
 
 class Channel:
+    """`on_open(stream, request)`, when set, takes the streams the agent opens (egress,
+    DNS); without it they are refused."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
@@ -142,6 +160,7 @@ class Channel:
         self.last_frame_at = time.monotonic()
         self._task = asyncio.create_task(self._read_loop())
         self._pings: dict[bytes, asyncio.Future] = {}
+        self.on_open: Callable[[Stream, dict], None] | None = None
 
     @classmethod
     async def connect(cls, socket_path: str) -> Channel:
@@ -187,6 +206,9 @@ class Channel:
                     if sid == 0:
                         self._on_control(kind, payload)
                         continue
+                    if kind == P.OPEN and sid % 2 == 0:
+                        self._agent_open(sid, payload)
+                        continue
                     st = self.streams.get(sid)
                     if st is None:
                         continue
@@ -204,6 +226,18 @@ class Channel:
                 if not fut.done():
                     fut.set_exception(ChannelClosed("channel closed"))
             self.writer.close()
+
+    def _agent_open(self, sid: int, payload: bytes) -> None:
+        st = Stream(self, sid)
+        self.streams[sid] = st
+        try:
+            request = json.loads(payload)
+        except ValueError:
+            request = None
+        if self.on_open is None or not isinstance(request, dict):
+            st.reply(error={"code": "refused", "message": "the host takes no such stream"})
+            return
+        self.on_open(st, request)
 
     def _on_control(self, kind: int, payload: bytes) -> None:
         if kind == P.HELLO:

@@ -154,7 +154,9 @@ class GVisorDriver:
                 "user": {"uid": 0, "gid": 0},
                 "args": args,
                 "env": ["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHONHOME=/.torpor/usr",
-                        "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"],
+                        "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1",
+                        # listen for egress inside: the sandbox's loopback is its own
+                        "TORPOR_EGRESS=1"],
                 "cwd": "/",
                 "capabilities": {k: CAPS for k in
                                  ("bounding", "effective", "inheritable", "permitted")},
