@@ -236,17 +236,20 @@ class Server:
     """`torpor serve` as a subprocess with a fresh data dir; `stop()` deletes nothing
     through the API but purges every sandbox left under the data dir and removes it."""
 
-    def __init__(self, data_dir: str, pool_size: int, log=sys.stderr):
+    def __init__(self, data_dir: str, pool_size: int, log=sys.stderr,
+                 args: list[str] | None = None):
         self.data_dir = Path(data_dir)
         self.pool_size = pool_size
         self.port = free_port()
+        self.preview_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.api_key = ""
         self.log = log
         self.argv = [str(VENV_BIN / "torpor"), "serve", "--host", "127.0.0.1",
                      "--port", str(self.port), "--data-dir", str(self.data_dir),
-                     "--pool-size", str(pool_size)]
+                     "--pool-size", str(pool_size), "--preview-port", str(self.preview_port),
+                     *(args or [])]
 
     @property
     def pid(self) -> int:
@@ -377,7 +380,7 @@ def check_targets(results: dict, spec: dict[str, tuple[str, float]]) -> dict:
         v = lookup(results, key)
         if v is None:
             continue
-        met = v <= limit if op == "<=" else v < limit
+        met = {"<=": v <= limit, "<": v < limit, ">=": v >= limit}[op]
         out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
     return out
 

@@ -28,11 +28,14 @@ class Server:
     """A `torpor serve` subprocess. Stop it with SIGTERM or SIGKILL; start it again on the
     same data dir to test restarts."""
 
-    def __init__(self, data_dir: Path, pool_size: int = 1, env: dict | None = None):
+    def __init__(self, data_dir: Path, pool_size: int = 1, env: dict | None = None,
+                 args: list[str] | None = None):
         self.extra_env = env or {}
+        self.args = list(args or [])
         self.data_dir = data_dir
         self.pool_size = pool_size
         self.port = free_port()
+        self.preview_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
@@ -42,7 +45,8 @@ class Server:
                    TORPOR_POOL_SIZE=str(self.pool_size), **self.extra_env)
         cmd = [sys.executable, "-c", "from torpor.cli.main import app; app()", "serve",
                "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
-               str(self.data_dir), "--pool-size", str(self.pool_size)]
+               str(self.data_dir), "--pool-size", str(self.pool_size),
+               "--preview-port", str(self.preview_port), *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=ROOT)

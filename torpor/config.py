@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_URL = "http://127.0.0.1:7070"
@@ -36,6 +36,40 @@ class Settings:
     # a graceful stop hibernates sandboxes for at most this long, then exits
     shutdown_timeout: float = float(os.environ.get("TORPOR_SHUTDOWN_TIMEOUT", "60"))
     log_level: str = os.environ.get("TORPOR_LOG_LEVEL", "info")
+    # network (docs/network.md): the egress policy a sandbox gets when its create says
+    # nothing, operator exceptions to the always-denied ranges, static DNS answers for the
+    # proxy, extra CAs the proxy trusts upstream
+    default_egress: str = os.environ.get("TORPOR_DEFAULT_EGRESS", "allow-all")
+    egress_allow_cidr: list[str] = field(default_factory=list)
+    egress_resolve: list[str] = field(default_factory=list)
+    egress_upstream_ca: list[str] = field(default_factory=list)
+    # preview URLs: http://<port>-<sandbox id>.<preview_domain>:<preview_port>/
+    preview_port: int = int(os.environ.get("TORPOR_PREVIEW_PORT", "7071"))
+    preview_domain: str = os.environ.get("TORPOR_PREVIEW_DOMAIN", "localhost")
+    preview_max_expiry: float = 7 * 86400.0  # the longest a signed preview URL lives
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides) -> Settings:
+        """Settings from a TOML file (keys are the field names, dashes or underscores),
+        then `overrides` (the command line) on top."""
+        import tomllib
+
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read the config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path}: {e}") from None
+        known = {f.name: f for f in fields(cls)}
+        given = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"config file {path}: unknown setting {key!r} (known: "
+                                 f"{', '.join(sorted(known))})")
+            given[name] = Path(value) if name == "data_dir" else value
+        given.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**given)
 
     @property
     def db_path(self) -> Path:

@@ -320,9 +320,36 @@ async def op_pids_kill(agent: Agent, st: Stream, **_):
 _MEMORY_FS = {"tmpfs", "devpts", "proc", "sysfs", "mqueue", "devtmpfs"}
 
 
-async def op_hibernate_check(agent: Agent, st: Stream, **_):
-    """What would make a checkpoint fail here: this runsc panics (and the sandbox dies)
-    when a file on a host-backed file system is deleted while a process holds it open."""
+def _inet_inodes() -> set[str]:
+    """Inodes of the sandbox's TCP and UDP sockets (netstack's, loopback included)."""
+    out = set()
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    if len(parts) > 9:
+                        out.add(parts[9])
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+async def op_hibernate_check(agent: Agent, st: Stream, pause: bool = True, **_):
+    """What would make a checkpoint fail here, killing the sandbox on this runsc:
+    - a file on a host-backed file system deleted while a process holds it open;
+    - a TCP or UDP socket a process waits on with epoll (node, asyncio, nginx...): netstack
+      refuses to save an endpoint that still has waiters, and the save panics.
+    With no problem and `pause`, the agent takes its own listeners out of epoll for the
+    checkpoint; SIGHUP after the restore, or `net_resume`, puts them back."""
     mounts = []
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -337,6 +364,8 @@ async def op_hibernate_check(agent: Agent, st: Stream, **_):
                 return kind
         return "?"
 
+    inet = _inet_inodes()
+    me = str(os.getpid())
     problems = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -345,23 +374,36 @@ async def op_hibernate_check(agent: Agent, st: Stream, **_):
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
+        has_epoll = False
+        sockets = []
         for fd in fds:
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
+            if target == "anon_inode:[eventpoll]":
+                has_epoll = True
+            elif target.startswith("socket:[") and target[8:-1] in inet:
+                sockets.append(int(fd))
             if not target.endswith(" (deleted)") or not target.startswith("/"):
                 continue
             path = target[: -len(" (deleted)")]
             if fstype(path) in _MEMORY_FS:
                 continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                cmd = ""
-            problems.append({"pid": int(pid), "fd": int(fd), "path": path, "cmdline": cmd})
+            problems.append({"kind": "deleted_file", "pid": int(pid), "fd": int(fd),
+                             "path": path, "cmdline": _cmdline(pid)})
+        if has_epoll and sockets and pid != me:
+            problems.append({"kind": "epoll_socket", "pid": int(pid), "fds": sockets,
+                             "cmdline": _cmdline(pid)})
+    if pause and not problems:
+        agent.egress.pause()
     return {"problems": problems}
+
+
+async def op_net_resume(agent: Agent, st: Stream, **_):
+    """After a checkpoint that did not happen: listen again."""
+    agent.egress.rearm()
+    return {}
 
 
 HANDLERS = {
@@ -377,6 +419,7 @@ HANDLERS = {
     "oom_kill": op_oom_kill,
     "pids_kill": op_pids_kill,
     "hibernate_check": op_hibernate_check,
+    "net_resume": op_net_resume,
     **fsops.HANDLERS,
     **netops.HANDLERS,
 }

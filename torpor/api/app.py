@@ -6,6 +6,7 @@ Routes live in sibling modules, each a thin translation onto one engine call.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -68,6 +69,39 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": resp.body})
 
 
+class PortProxy:
+    """`/v1/sandboxes/{id}/ports/{port}/{path}`: any method, streamed both ways, and
+    WebSockets, forwarded to that port inside the sandbox (API key required, and never
+    forwarded). Everything else goes on to the app."""
+
+    PATH = re.compile(r"^/v1/sandboxes/([a-z0-9_]{1,32})/ports/(\d{1,5})(/.*)$")
+
+    def __init__(self, app, engine: Engine):
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope, receive, send):
+        m = self.PATH.match(scope.get("path", "")) if scope["type"] in (
+            "http", "websocket") else None
+        if m is None:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        try:
+            self.engine.keys.check(key or headers.get("x-api-key"))
+        except TorporError as e:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 4401})
+            resp = error_response(e)
+            await send({"type": "http.response.start", "status": resp.status_code,
+                        "headers": resp.raw_headers})
+            return await send({"type": "http.response.body", "body": resp.body})
+        sid, port, path = m.group(1), int(m.group(2)), m.group(3)
+        await self.engine.network.gateway.asgi(scope, receive, send, sid, port, path)
+
+
 def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -102,14 +136,17 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def healthz():
         return {"ok": True, "version": __version__, "runsc": engine.driver.version}
 
-    from torpor.api import commands, files, lifecycle, sandboxes
+    from torpor.api import commands, files, lifecycle, network, sandboxes, secrets
 
     deps = [Depends(require_key)]
     app.include_router(sandboxes.router, prefix="/v1", dependencies=deps)
     app.include_router(commands.router, prefix="/v1", dependencies=deps)
     app.include_router(files.router, prefix="/v1", dependencies=deps)
     app.include_router(lifecycle.router, prefix="/v1", dependencies=deps)
+    app.include_router(secrets.router, prefix="/v1", dependencies=deps)
+    app.include_router(network.router, prefix="/v1", dependencies=deps)
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
+    app.add_middleware(PortProxy, engine=engine)  # outermost: before body limits
     return app
 
 

@@ -14,6 +14,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NetworkIn(Strict):
+    """An egress policy: `egress` is the default action, `allow` its exceptions under
+    deny-all, `deny` always wins. Entries: domains, `*.` wildcards, IPs, CIDRs, `:port`."""
+
+    egress: Literal["allow-all", "deny-all"] | None = None
+    allow: list[str] | None = Field(None, max_length=256)
+    deny: list[str] | None = Field(None, max_length=256)
+
+
 class CreateSandbox(Strict):
     template: str = Field("base", max_length=64)
     env: dict[str, str] = Field(default_factory=dict, max_length=1000)
@@ -26,6 +35,9 @@ class CreateSandbox(Strict):
     ttl: float | None = Field(None, ge=0)
     idle_ttl: float | None = Field(None, ge=0)
     expire_action: Literal["delete", "hibernate"] | None = None
+    network: NetworkIn | None = None
+    # env var -> secret name: the variable holds a placeholder the egress proxy swaps
+    secrets: dict[str, str] = Field(default_factory=dict, max_length=100)
 
 
 class UpdateSandbox(Strict):
@@ -84,6 +96,69 @@ class SandboxOut(BaseModel):
     idle_ttl: float | None = None
     expire_action: str
     last_active_at: datetime | None = None
+    network: dict = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict)
+    ports: dict[str, dict] = Field(default_factory=dict)
+
+
+class EgressOut(BaseModel):
+    id: int
+    at: datetime
+    protocol: str
+    host: str
+    port: int
+    address: str | None = None
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    allowed: bool
+    rule: str
+    bytes_up: int
+    bytes_down: int
+    secrets: list[str]
+    duration_ms: float
+
+
+class EgressLog(BaseModel):
+    entries: list[EgressOut]
+
+
+class PortIn(Strict):
+    public: bool = False
+
+
+class PortOut(BaseModel):
+    port: int
+    public: bool
+    url: str
+
+
+class PreviewUrlIn(Strict):
+    port: int = Field(ge=1, le=65535)
+    expires_in: float = Field(3600, gt=0)
+
+
+class PreviewUrlOut(BaseModel):
+    url: str
+    token: str
+    port: int
+    expires_at: int
+
+
+class DomainIn(Strict):
+    domain: str = Field(min_length=1, max_length=253)
+    sandbox_id: str = Field(max_length=32)
+    port: int = Field(ge=1, le=65535)
+    public: bool = False
+
+
+class DomainOut(BaseModel):
+    domain: str
+    sandbox_id: str
+    port: int
+    public: bool
+    created_at: datetime
+    url: str
 
 
 class TemplateOut(BaseModel):

@@ -24,12 +24,12 @@ from torpor.cli._common import App, conn, err, fail, out, print_json, size, when
 
 app = App(help="Copy files to and from sandboxes, and list them.")
 
-REMOTE = re.compile(r"^(sbx_[A-Za-z0-9]+):(.*)$", re.DOTALL)
+REMOTE = re.compile(r"^(sbx_?[A-Za-z0-9]+):(.*)$", re.DOTALL)
 PROGRESS_FROM = 8 << 20  # bytes: smaller copies finish before a bar helps
 
 
 def parse_remote(arg: str) -> tuple[str, str] | None:
-    """"sbx_x:/path" -> ("sbx_x", "/path"); a local path -> None. An empty remote path is
+    """"sbxabc:/path" -> ("sbxabc", "/path"); a local path -> None. An empty remote path is
     the user's home."""
     m = REMOTE.match(arg)
     return (m.group(1), m.group(2) or ".") if m else None
@@ -59,7 +59,7 @@ def cp(
 
     rsrc, rdst = parse_remote(src), parse_remote(dst)
     if (rsrc is None) == (rdst is None):
-        fail("one of SRC and DST must be a sandbox path (sbx_...:PATH), the other local")
+        fail("one of SRC and DST must be a sandbox path (sbx...:PATH), the other local")
     sid = (rsrc or rdst)[0]  # type: ignore[index]
     sbx = Sandbox(sid, **conn())
     try:

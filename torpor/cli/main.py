@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from torpor.cli import _common, admin, files, sandbox
+from torpor.cli import _common, admin, files, network, sandbox, secret
 from torpor.cli._common import App, fail
 from torpor.cli.exec import exec_command
 
@@ -17,6 +17,8 @@ app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(files.app, name="files")
 app.add_typer(admin.templates, name="template")
 app.add_typer(admin.keys, name="keys")
+app.add_typer(secret.app, name="secret")
+app.add_typer(network.domains, name="domain")  # (network also adds `sandbox` verbs)
 # options after the sandbox id belong to the command: `torpor exec ID ls -la`
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
 
@@ -45,13 +47,43 @@ def serve(
                         ] = None,
     pool_size: Annotated[int | None, typer.Option(help="Sandboxes kept booted per template "
                                                        "[default: 2].")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML file of settings (keys as these options, e.g. egress-allow-cidr = "
+             "[\"10.9.0.0/16\"]); options given here win.")] = None,
+    default_egress: Annotated[str | None, typer.Option(
+        help="Egress of a sandbox whose create says nothing: allow-all (public addresses "
+             "only) or deny-all [default: allow-all].")] = None,
+    egress_allow_cidr: Annotated[list[str] | None, typer.Option(
+        help="Let sandboxes reach this otherwise always-denied range (private, loopback, "
+             "link-local, the host), when their policy allows it. Repeatable.")] = None,
+    egress_resolve: Annotated[list[str] | None, typer.Option(
+        help="NAME=IP: a static answer the egress proxy uses before DNS (like curl "
+             "--resolve). Repeatable.")] = None,
+    egress_upstream_ca: Annotated[list[str] | None, typer.Option(
+        help="A PEM file of extra CAs the egress proxy trusts upstream. Repeatable.")
+    ] = None,
+    preview_port: Annotated[int | None, typer.Option(
+        help="Port of the preview listener [default: 7071].")] = None,
+    preview_domain: Annotated[str | None, typer.Option(
+        help="Preview URLs are http://PORT-ID.DOMAIN:PREVIEW_PORT/ [default: localhost].")
+    ] = None,
 ) -> None:
     """Run the Torpor server (needs root and gVisor's runsc)."""
     from torpor import errors
     from torpor.config import Settings
 
-    given = {"host": host, "port": port, "data_dir": data_dir, "pool_size": pool_size}
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    given = {"host": host, "port": port, "data_dir": data_dir, "pool_size": pool_size,
+             "default_egress": default_egress, "egress_allow_cidr": egress_allow_cidr or None,
+             "egress_resolve": egress_resolve or None,
+             "egress_upstream_ca": egress_upstream_ca or None, "preview_port": preview_port,
+             "preview_domain": preview_domain}
+    try:
+        if config is not None:
+            settings = Settings.from_file(config, **given)
+        else:
+            settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except (ValueError, TypeError) as e:
+        fail(str(e))
     try:
         from torpor.server import run
     except ImportError as e:

@@ -76,6 +76,19 @@ def create(
     ttl: Ttl = None,
     idle_ttl: IdleTtl = None,
     expire_action: Expire = None,
+    egress: Annotated[str | None, typer.Option(
+        metavar="allow-all|deny-all", help="Egress default [default: the server's].",
+        rich_help_panel="Network")] = None,
+    allow: Annotated[list[str] | None, typer.Option(
+        metavar="ENTRY", help="Allowed under deny-all: domain, *.domain, IP, CIDR, :port. "
+                              "Repeatable.", rich_help_panel="Network")] = None,
+    deny: Annotated[list[str] | None, typer.Option(
+        metavar="ENTRY", help="Always denied. Repeatable.", rich_help_panel="Network")
+    ] = None,
+    secret: Annotated[list[str] | None, typer.Option(
+        metavar="VAR=NAME", help="Grant a secret: VAR holds a placeholder the egress proxy "
+                                 "swaps on the secret's hosts. Repeatable.",
+        rich_help_panel="Network")] = None,
 ) -> None:
     """Create a sandbox and print its id.
 
@@ -83,9 +96,11 @@ def create(
     Timers take seconds, or 90s, 5m, 2h, 1d, 1h30m; 0 or off turns one off."""
     from torpor.sdk import Sandbox
 
+    network = {k: v for k, v in (("egress", egress), ("allow", allow), ("deny", deny))
+               if v is not None} or None
     sbx = Sandbox.create(template, env=pairs(env, "--env"),
                          metadata=pairs(metadata, "--metadata"), cpu=cpu, memory_mb=memory_mb,
-                         disk_mb=disk_mb,
+                         disk_mb=disk_mb, network=network, secrets=pairs(secret, "--secret"),
                          **_timers(standby_after, hibernate_after, ttl, idle_ttl,
                                    expire_action),
                          **conn())
@@ -143,6 +158,14 @@ def _print_info(i: SandboxInfo) -> None:
     rows += _timer_rows(i)
     rows += [(f"env {k}", v) for k, v in i.env.items()]
     rows += [(f"metadata {k}", v) for k, v in i.metadata.items()]
+    if i.network:
+        n = i.network
+        rows.append(("egress", n.get("egress", "") + "".join(
+            f" allow {a}" for a in n.get("allow") or []) + "".join(
+            f" deny {d}" for d in n.get("deny") or [])))
+    rows += [(f"secret {k}", v) for k, v in i.secrets.items()]
+    rows += [(f"port {p}", "public" if v.get("public") else "private")
+             for p, v in i.ports.items()]
     for k, v in rows:
         if v:
             table.add_row(k, v)

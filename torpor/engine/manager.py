@@ -13,7 +13,7 @@ import os
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,8 @@ from sqlalchemy import select
 from torpor.config import Settings
 from torpor.engine.keys import KeyStore
 from torpor.engine.metering import Metering
+from torpor.engine.network import Network
+from torpor.engine.secrets import SecretStore
 from torpor.engine.standby import HIBERNATED, STANDBY, Standby, to_datetime
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable, from_agent
 from torpor.runtime.base import RuntimeError_, SandboxSpec
@@ -39,7 +41,8 @@ WATCH_INTERVAL = 0.1  # seconds between memory and task checks of running sandbo
 
 
 def new_id() -> str:
-    return "sbx_" + "".join(secrets.choice(_ALPHABET) for _ in range(12))
+    # lowercase letters and digits only: the id is a DNS label in preview URLs
+    return "sbx" + "".join(secrets.choice(_ALPHABET) for _ in range(13))
 
 
 @dataclass
@@ -61,16 +64,20 @@ class SandboxInfo:
     idle_ttl: float | None
     expire_action: str
     last_active_at: datetime | None
+    network: dict = field(default_factory=dict)  # the egress policy in force
+    secrets: dict = field(default_factory=dict)  # env var -> secret name
+    ports: dict = field(default_factory=dict)  # "8000" -> {"public": true}
 
     @classmethod
-    def of(cls, row: SandboxRow, last_active: datetime | None = None) -> SandboxInfo:
+    def of(cls, row: SandboxRow, last_active: datetime | None = None,
+           **extra: Any) -> SandboxInfo:
         return cls(id=row.id, template=row.template, state=row.state,
                    created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
                    memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
                    metadata=dict(row.meta or {}), reason=row.reason,
                    standby_after=row.standby_after, hibernate_after=row.hibernate_after,
                    ttl=row.ttl, idle_ttl=row.idle_ttl, expire_action=row.expire_action,
-                   last_active_at=last_active or row.last_active_at)
+                   last_active_at=last_active or row.last_active_at, **extra)
 
 
 class Engine:
@@ -81,6 +88,7 @@ class Engine:
         os.chmod(self.data_dir, 0o700)
         self.db, self.sessions = open_db(settings.db_path)
         self.keys = KeyStore(self.sessions)
+        self.secrets = SecretStore(self.sessions, self.data_dir / "secrets.key")
         self.templates = TemplateStore(self.data_dir)
         self.templates.ensure_base()
         self.driver = GVisorDriver(self.data_dir, runsc=settings.runsc,
@@ -97,6 +105,7 @@ class Engine:
         self._pool_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self.network = Network(self)
 
     # --- start and stop -----------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
@@ -112,6 +121,7 @@ class Engine:
         return key
 
     async def start(self) -> None:
+        await self.network.start()
         await self.recover()
         self._tasks.append(asyncio.create_task(self._pool_loop()))
         self._tasks.append(asyncio.create_task(self._watchdog_loop()))
@@ -126,6 +136,7 @@ class Engine:
         if hibernate:
             await self.standby.hibernate_all(time.monotonic() + self.settings.shutdown_timeout)
         self.metering.flush()
+        await self.network.stop()
         self._closing = True
         for t in list(self._watchers.values()):
             t.cancel()
@@ -265,6 +276,7 @@ class Engine:
     async def create(self, template: str = "base", env: dict | None = None,
                      metadata: dict | None = None, cpu: float | None = None,
                      memory_mb: int | None = None, disk_mb: int | None = None,
+                     network: dict | None = None, secrets: dict | None = None,
                      **policy) -> SandboxInfo:
         tpl = self.template(template)
         cpu = float(cpu if cpu is not None else tpl.cpu)
@@ -274,8 +286,11 @@ class Engine:
         env = dict(env or {})
         metadata = dict(metadata or {})
         policy = self._policy(policy)
+        policy["network"] = self.network.policy(network)
+        policy["secrets"] = self.network.grants(secrets, env)
+        boot_env = self.network.sandbox_env(policy["secrets"], env)
         pooled = await self._take_from_pool(tpl, cpu, memory_mb, disk_mb, env, metadata,
-                                            policy)
+                                            policy, boot_env)
         if pooled is not None:
             return pooled
         row = SandboxRow(id=new_id(), template=tpl.name, state=CREATING, cpu=cpu,
@@ -283,7 +298,7 @@ class Engine:
                          pooled=False, **policy)
         with self.sessions.begin() as s:
             s.add(row)
-        await self._boot(row, env)
+        await self._boot(row, boot_env)
         self.standby.touch(row.id)
         return self.get(row.id)
 
@@ -319,11 +334,18 @@ class Engine:
             self.standby.touch(sid)
         return self.get(sid)
 
+    def update_network(self, sid: str, network: dict) -> SandboxInfo:
+        """Change a sandbox's egress policy; it applies to the next connection."""
+        self._row(sid)
+        self.network.update_policy(sid, network)
+        self.standby.touch(sid)
+        return self.get(sid)
+
     async def _boot(self, row: SandboxRow, env: dict) -> None:
         spec = self._spec(row)
         try:
             chan = await self.driver.start(spec)
-            if env:
+            if env:  # a pool sandbox is configured when it is handed out
                 await chan.call("configure", env=env)
         except (RuntimeError_, ChannelClosed, AgentError, OSError, TimeoutError) as e:
             await self._fail(row.id, f"could not start: {e}", "start_failed", destroy=True)
@@ -335,6 +357,7 @@ class Engine:
         self._set_state(row.id, RUNNING, None, "created")
 
     def _attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
+        self.network.attach(sid, chan)
         self.channels[sid] = chan
         self._specs[sid] = spec
         self._watchers[sid] = asyncio.create_task(self._watch_channel(sid, chan))
@@ -389,7 +412,8 @@ class Engine:
 
     def _info(self, row: SandboxRow) -> SandboxInfo:
         a = self.standby.activity.get(row.id)
-        return SandboxInfo.of(row, to_datetime(a.last) if a else None)
+        return SandboxInfo.of(row, to_datetime(a.last) if a else None,
+                              **self.network.info(row))
 
     def get(self, sid: str) -> SandboxInfo:
         return self._info(self._row(sid))
@@ -404,6 +428,7 @@ class Engine:
         self.standby.locks.pop(sid, None)
         self._pids_mark.pop(sid, None)
         self._pooled.discard(sid)
+        self.network.forget(sid)
 
     def events(self, sid: str) -> list[EventRow]:
         self._row(sid)
@@ -454,7 +479,7 @@ class Engine:
                 SandboxRow.template == template).order_by(SandboxRow.created_at)))
 
     async def _take_from_pool(self, tpl: Template, cpu, memory_mb, disk_mb, env,
-                              metadata, policy) -> SandboxInfo | None:
+                              metadata, policy, boot_env) -> SandboxInfo | None:
         if (cpu, memory_mb, disk_mb) != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
             return None
         async with self._pool_lock:
@@ -474,9 +499,9 @@ class Engine:
                     s.add(EventRow(sandbox_id=r.id, kind="handed_out", from_state=RUNNING,
                                    to_state=RUNNING, reason="created", detail={"pool": True}))
                 self._pool_wakeup.set()
-                if env:
+                if boot_env:
                     try:
-                        await chan.call("configure", env=env)
+                        await chan.call("configure", env=boot_env)
                     except (AgentError, ChannelClosed) as e:
                         await self._fail(row.id, f"could not configure: {e}", "start_failed")
                         continue

@@ -155,6 +155,12 @@ class Standby:
             except (RuntimeError_, OSError) as err:
                 self.transitioning.discard(sid)
                 self.act(sid).failed_at = time.monotonic()
+                chan = e.channels.get(sid)
+                if chan is not None and not chan.closed.is_set():
+                    try:  # the check paused the agent's listeners for the checkpoint
+                        await chan.call("net_resume", timeout=10)
+                    except (AgentError, ChannelClosed, TimeoutError):
+                        pass
                 if row.state == STANDBY:
                     await asyncio.to_thread(e.driver.freeze, spec, True)
                 e._event(sid, "hibernate_failed", row.state, row.state, reason,
@@ -191,12 +197,19 @@ class Standby:
             self.act(sid).failed_at = time.monotonic()
             e._event(sid, "hibernate_refused", state, state, reason, {"problems": problems[:20]})
             first = problems[0]
-            raise Conflict(
-                f"sandbox {sid} cannot hibernate: process {first.get('pid')} "
-                f"({first.get('cmdline', '')[:80]}) holds {first.get('path')}, a file deleted "
-                "while open on disk, which this runsc cannot checkpoint. Close it, or keep "
-                "such files in /dev/shm; the sandbox stays " + state,
-                sandbox_id=sid, problems=problems[:20])
+            who = f"process {first.get('pid')} ({first.get('cmdline', '')[:80]})"
+            if first.get("kind") == "epoll_socket":
+                why = (f"{who} waits on TCP/UDP sockets with epoll (an event-loop server or "
+                       "client), which this runsc cannot checkpoint. Stop it, or keep the "
+                       "sandbox in standby")
+            elif "path" in first:
+                why = (f"{who} holds {first.get('path')}, a file deleted while open on disk, "
+                       "which this runsc cannot checkpoint. Close it, or keep such files in "
+                       "/dev/shm")
+            else:
+                why = str(first.get("error", "the check failed"))
+            raise Conflict(f"sandbox {sid} cannot hibernate: {why}; the sandbox stays {state}",
+                           sandbox_id=sid, problems=problems[:20])
 
     async def resume(self, sid: str, reason: str) -> None:
         """Bring a sandbox in standby or hibernated back to running; a no-op otherwise."""

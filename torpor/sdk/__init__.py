@@ -8,7 +8,7 @@
 See docs/sdk.md.
 """
 
-from torpor.sdk.admin import AsyncKeys, AsyncTemplates, Keys, Templates
+from torpor.sdk.admin import AsyncDomains, AsyncKeys, AsyncTemplates, Domains, Keys, Templates
 from torpor.sdk.commands import AsyncCommandHandle, AsyncCommands, CommandHandle, Commands
 from torpor.sdk.errors import (
     AuthError,
@@ -26,9 +26,13 @@ from torpor.sdk.files import AsyncFiles, AsyncFileStream, Files, FileStream
 from torpor.sdk.models import (
     ApiKey,
     CommandResult,
+    Domain,
+    EgressEntry,
     EntryInfo,
     Event,
     OutputEvent,
+    Port,
+    PreviewUrl,
     ProcessInfo,
     ProcessOutput,
     SandboxInfo,
@@ -39,13 +43,15 @@ from torpor.sdk.models import (
     WriteInfo,
 )
 from torpor.sdk.sandbox import AsyncSandbox, Sandbox
+from torpor.sdk.secrets import AsyncSecret, Secret, SecretInfo
 
 __all__ = [
-    "ApiKey", "AsyncCommandHandle", "AsyncCommands", "AsyncFileStream", "AsyncFiles",
-    "AsyncKeys", "AsyncSandbox", "AsyncTemplates", "AuthError", "CommandExitError",
-    "CommandHandle", "CommandResult", "CommandTimeoutError", "Commands", "ConflictError",
-    "EntryInfo", "Event", "FileStream", "Files", "InvalidRequestError", "Keys",
-    "NotFoundError", "OutputEvent", "PayloadTooLargeError", "ProcessInfo", "ProcessOutput",
-    "Sandbox", "SandboxInfo", "ServerUnavailableError", "Template", "Templates", "TorporError",
-    "TorporTimeoutError", "Usage", "UsageSummary", "UsageTotal", "WriteInfo",
+    "ApiKey", "AsyncCommandHandle", "AsyncCommands", "AsyncDomains", "AsyncFileStream",
+    "AsyncFiles", "AsyncKeys", "AsyncSandbox", "AsyncSecret", "AsyncTemplates", "AuthError",
+    "CommandExitError", "CommandHandle", "CommandResult", "CommandTimeoutError", "Commands",
+    "ConflictError", "Domain", "Domains", "EgressEntry", "EntryInfo", "Event", "FileStream",
+    "Files", "InvalidRequestError", "Keys", "NotFoundError", "OutputEvent",
+    "PayloadTooLargeError", "Port", "PreviewUrl", "ProcessInfo", "ProcessOutput", "Sandbox",
+    "SandboxInfo", "Secret", "SecretInfo", "ServerUnavailableError", "Template", "Templates",
+    "TorporError", "TorporTimeoutError", "Usage", "UsageSummary", "UsageTotal", "WriteInfo",
 ]

@@ -18,8 +18,12 @@ from torpor.sdk.config import CONNECT_TIMEOUT
 from torpor.sdk.models import (
     ApiKey,
     CommandResult,
+    Domain,
+    EgressEntry,
     EntryInfo,
     Event,
+    Port,
+    PreviewUrl,
     ProcessInfo,
     SandboxInfo,
     Template,
@@ -100,9 +104,12 @@ TIMERS = ("standby_after", "hibernate_after", "ttl", "idle_ttl", "expire_action"
 def create_sandbox(template: str | None, env: Mapping[str, str] | None,
                    metadata: Mapping[str, str] | None, cpu: float | None,
                    memory_mb: int | None, disk_mb: int | None,
-                   timeout: float | None, **timers: Any) -> Call[SandboxInfo]:
+                   timeout: float | None, network: Mapping[str, Any] | None = None,
+                   secrets: Mapping[str, str] | None = None,
+                   **timers: Any) -> Call[SandboxInfo]:
     body = _given(template=template, env=env, metadata=metadata, cpu=cpu,
-                  memory_mb=memory_mb, disk_mb=disk_mb, **_timers(timers))
+                  memory_mb=memory_mb, disk_mb=disk_mb, network=network, secrets=secrets,
+                  **_timers(timers))
     t = httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(
         CONNECT_TIMEOUT, read=timeout, write=timeout, pool=timeout)
     return Call(f"create sandbox from template {template or 'base'}", "POST", "/v1/sandboxes",
@@ -179,6 +186,49 @@ def usage_all(state: str | None, metadata: Mapping[str, str] | None) -> Call[Usa
 
 def events(sid: str) -> Call[list[Event]]:
     return Call("list events", "GET", _sbx(sid, "/events"), _models(Event), sandbox_id=sid)
+
+
+# --- network --------------------------------------------------------------------------------
+def update_network(sid: str, network: Mapping[str, Any]) -> Call[SandboxInfo]:
+    return Call("update network policy", "PATCH", _sbx(sid, "/network"), _model(SandboxInfo),
+                json=dict(network), sandbox_id=sid)
+
+
+def egress_log(sid: str, limit: int, before: int | None) -> Call[list[EgressEntry]]:
+    return Call("read egress log", "GET", _sbx(sid, "/egress"),
+                lambda r: [EgressEntry.model_validate(e) for e in r.json()["entries"]],
+                params={"limit": limit, "before": before}, sandbox_id=sid)
+
+
+def preview_url(sid: str, port: int, expires_in: float) -> Call[PreviewUrl]:
+    return Call(f"make a preview URL for port {port}", "POST", _sbx(sid, "/preview-urls"),
+                _model(PreviewUrl), json={"port": port, "expires_in": expires_in},
+                sandbox_id=sid)
+
+
+def expose(sid: str, port: int, public: bool) -> Call[Port]:
+    return Call(f"expose port {port}", "PUT", _sbx(sid, f"/ports/{port}"), _model(Port),
+                json={"public": public}, sandbox_id=sid)
+
+
+def list_ports(sid: str) -> Call[list[Port]]:
+    return Call("list exposed ports", "GET", _sbx(sid, "/ports"), _models(Port),
+                sandbox_id=sid)
+
+
+def add_domain(sid: str, domain: str, port: int, public: bool) -> Call[Domain]:
+    return Call(f"map domain {domain}", "POST", "/v1/domains", _model(Domain),
+                json={"domain": domain, "sandbox_id": sid, "port": port, "public": public},
+                sandbox_id=sid)
+
+
+def list_domains() -> Call[list[Domain]]:
+    return Call("list domains", "GET", "/v1/domains", _models(Domain))
+
+
+def remove_domain(domain: str) -> Call[None]:
+    return Call(f"remove domain {domain}", "DELETE", f"/v1/domains/{quote(domain)}",
+                _nothing)
 
 
 def list_templates() -> Call[list[Template]]:

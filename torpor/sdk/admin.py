@@ -14,7 +14,7 @@ import httpx
 from torpor.sdk import _api
 from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
-from torpor.sdk.models import ApiKey, Template
+from torpor.sdk.models import ApiKey, Domain, Template
 
 
 class _Client:
@@ -84,3 +84,21 @@ class AsyncKeys(_AsyncClient):
 class AsyncTemplates(_AsyncClient):
     async def list(self) -> list[Template]:
         return await self._s.call(_api.list_templates())
+
+
+class Domains(_Client):
+    """Custom domains of the preview listener (add one with `Sandbox.add_domain`)."""
+
+    def list(self) -> list[Domain]:
+        return self._s.call(_api.list_domains())
+
+    def remove(self, domain: str) -> None:
+        self._s.call(_api.remove_domain(domain))
+
+
+class AsyncDomains(_AsyncClient):
+    async def list(self) -> list[Domain]:
+        return await self._s.call(_api.list_domains())
+
+    async def remove(self, domain: str) -> None:
+        await self._s.call(_api.remove_domain(domain))

@@ -38,6 +38,10 @@ class SandboxInfo(_Model):
     idle_ttl: float | None = None  # idle seconds, then `expire_action`
     expire_action: str | None = None  # delete or hibernate
     last_active_at: Time | None = None  # its last activity (a request on it, mostly)
+    # egress policy in force: {"egress": "allow-all"|"deny-all", "allow": [...], "deny": [...]}
+    network: dict[str, Any] = {}
+    secrets: dict[str, str] = {}  # env var -> secret name (the sandbox sees a placeholder)
+    ports: dict[str, dict[str, Any]] = {}  # exposed ports: {"8000": {"public": True}}
 
 
 class Usage(_Model):
@@ -205,3 +209,45 @@ def _signal_number(sig: Any) -> int | None:
         num = getattr(_signal, sig.upper(), None)
         return int(num) if isinstance(num, int) else None
     return None
+
+
+class EgressEntry(_Model):
+    """One egress connection, or one HTTP request the proxy saw (`Sandbox.egress_log()`)."""
+
+    id: int
+    at: Time
+    protocol: str  # http, https, connect, socks, dns
+    host: str
+    port: int
+    address: str | None = None  # the IP connected to
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    allowed: bool
+    rule: str  # why it was allowed or denied
+    bytes_up: int = 0
+    bytes_down: int = 0
+    secrets: list[str] = []  # names of the secrets injected
+    duration_ms: float = 0.0
+
+
+class PreviewUrl(_Model):
+    url: str
+    token: str
+    port: int
+    expires_at: int
+
+
+class Port(_Model):
+    port: int
+    public: bool
+    url: str
+
+
+class Domain(_Model):
+    domain: str
+    sandbox_id: str
+    port: int
+    public: bool
+    created_at: Time
+    url: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import httpx
 
@@ -19,7 +19,7 @@ from torpor.sdk.commands import AsyncCommands, Commands
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
 from torpor.sdk.errors import NotFoundError, TorporError
 from torpor.sdk.files import AsyncFiles, Files
-from torpor.sdk.models import Event, SandboxInfo, Usage, UsageSummary
+from torpor.sdk.models import Domain, EgressEntry, Event, Port, SandboxInfo, Usage, UsageSummary
 
 ExpireAction = Literal["delete", "hibernate"]
 
@@ -49,6 +49,8 @@ class Sandbox:
                timeout: float | None = None, standby_after: float | None = None,
                hibernate_after: float | None = None, ttl: float | None = None,
                idle_ttl: float | None = None, expire_action: ExpireAction | None = None,
+               network: Mapping[str, Any] | None = None,
+               secrets: Mapping[str, str] | None = None,
                url: str | None = None, api_key: str | None = None,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                transport: httpx.BaseTransport | None = None) -> Sandbox:
@@ -59,11 +61,17 @@ class Sandbox:
         Timers, in seconds (0 turns one off; unset: the server's defaults): after
         `standby_after` idle seconds the sandbox goes to standby, after `hibernate_after`
         more it hibernates; past `ttl` seconds from creation, or `idle_ttl` idle seconds,
-        it expires: `expire_action` "delete" (the default) or "hibernate"."""
+        it expires: `expire_action` "delete" (the default) or "hibernate".
+
+        `network`: the egress policy, `{"egress": "allow-all" | "deny-all", "allow": [...],
+        "deny": [...]}` (domains, `*.` wildcards, IPs, CIDRs, optional `:port`).
+        `secrets`: `{"ENV_VAR": "secret-name"}`; the variable holds a placeholder that the
+        egress proxy swaps for the secret on requests to its allowed hosts."""
         session = SyncSession(_config(url, api_key, request_timeout), transport)
         try:
             info = session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
+                network=network, secrets=secrets,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -176,6 +184,37 @@ class Sandbox:
         """CPU seconds, memory GiB-seconds, seconds in each state and bytes on disk."""
         return self._session.call(_api.usage(self.id))
 
+    # --- network ---------------------------------------------------------------------
+    def update_network(self, network: Mapping[str, Any] | None = None, *,
+                       egress: str | None = None, allow: list[str] | None = None,
+                       deny: list[str] | None = None) -> SandboxInfo:
+        """Change the egress policy (keys not given stay as they are); it applies to the
+        next connection the sandbox opens."""
+        return self._session.call(_api.update_network(
+            self.id, _policy(network, egress, allow, deny)))
+
+    def egress_log(self, limit: int = 100, before: int | None = None) -> list[EgressEntry]:
+        """Recent egress connections and requests, newest first."""
+        return self._session.call(_api.egress_log(self.id, limit, before))
+
+    def preview_url(self, port: int, expires_in: float = 3600) -> str:
+        """A signed URL of `port` inside the sandbox, valid for `expires_in` seconds."""
+        return self._session.call(_api.preview_url(self.id, port, expires_in)).url
+
+    def expose(self, port: int, public: bool = True) -> Port:
+        """Make `port` public (anyone with its URL) or private again (token or API key)."""
+        return self._session.call(_api.expose(self.id, port, public))
+
+    def ports(self) -> list[Port]:
+        return self._session.call(_api.list_ports(self.id))
+
+    def add_domain(self, domain: str, port: int, public: bool = False) -> Domain:
+        """Route requests for `domain` on the preview listener to `port`."""
+        return self._session.call(_api.add_domain(self.id, domain, port, public))
+
+    def remove_domain(self, domain: str) -> None:
+        self._session.call(_api.remove_domain(domain))
+
     def events(self) -> list[Event]:
         """Its history, oldest first: state changes with their reason and duration."""
         return self._session.call(_api.events(self.id))
@@ -220,7 +259,9 @@ class AsyncSandbox:
                      timeout: float | None = None, standby_after: float | None = None,
                      hibernate_after: float | None = None, ttl: float | None = None,
                      idle_ttl: float | None = None,
-                     expire_action: ExpireAction | None = None, url: str | None = None,
+                     expire_action: ExpireAction | None = None,
+                     network: Mapping[str, Any] | None = None,
+                     secrets: Mapping[str, str] | None = None, url: str | None = None,
                      api_key: str | None = None,
                      request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                      transport: httpx.AsyncBaseTransport | None = None) -> AsyncSandbox:
@@ -228,6 +269,7 @@ class AsyncSandbox:
         try:
             info = await session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
+                network=network, secrets=secrets,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -319,6 +361,31 @@ class AsyncSandbox:
     async def usage(self) -> Usage:
         return await self._session.call(_api.usage(self.id))
 
+    async def update_network(self, network: Mapping[str, Any] | None = None, *,
+                             egress: str | None = None, allow: list[str] | None = None,
+                             deny: list[str] | None = None) -> SandboxInfo:
+        return await self._session.call(_api.update_network(
+            self.id, _policy(network, egress, allow, deny)))
+
+    async def egress_log(self, limit: int = 100,
+                         before: int | None = None) -> list[EgressEntry]:
+        return await self._session.call(_api.egress_log(self.id, limit, before))
+
+    async def preview_url(self, port: int, expires_in: float = 3600) -> str:
+        return (await self._session.call(_api.preview_url(self.id, port, expires_in))).url
+
+    async def expose(self, port: int, public: bool = True) -> Port:
+        return await self._session.call(_api.expose(self.id, port, public))
+
+    async def ports(self) -> list[Port]:
+        return await self._session.call(_api.list_ports(self.id))
+
+    async def add_domain(self, domain: str, port: int, public: bool = False) -> Domain:
+        return await self._session.call(_api.add_domain(self.id, domain, port, public))
+
+    async def remove_domain(self, domain: str) -> None:
+        await self._session.call(_api.remove_domain(domain))
+
     async def events(self) -> list[Event]:
         return await self._session.call(_api.events(self.id))
 
@@ -338,6 +405,14 @@ class AsyncSandbox:
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r})"
+
+
+def _policy(network: Mapping[str, Any] | None, egress: str | None, allow: list[str] | None,
+            deny: list[str] | None) -> dict[str, Any]:
+    given = dict(network or {})
+    given.update({k: v for k, v in (("egress", egress), ("allow", allow), ("deny", deny))
+                  if v is not None})
+    return given
 
 
 def _config(url: str | None, api_key: str | None,

@@ -1,0 +1,420 @@
+"""The engine's network: egress policy and proxy, credential grants, preview URLs, audit.
+
+Sandboxes have no network interface. Their egress arrives as streams the agent opens on
+its channel (see `torpor/agent/netops.py`); this module hands each one to the egress proxy
+(`torpor/network/proxy.py`) with the sandbox's policy and credentials, and records what the
+proxy decided. Ingress (preview URLs) goes the other way: the preview gateway
+(`torpor/network/preview.py`) asks `open_port` for a connection to a port inside a sandbox.
+
+The proxy and the gateway see plain sockets (`torpor/runtime/tunnel.py`), never frames, so
+a later netns + netstack driver can give them kernel sockets instead without changing
+either, nor the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets as _secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select
+
+from torpor.engine.secrets import new_placeholder
+from torpor.errors import Invalid, NotFound, TorporError, Unavailable
+from torpor.network.ca import CertAuthority
+from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
+from torpor.network.preview import PreviewError, PreviewGateway, Route, TokenSigner
+from torpor.network.proxy import Credential, EgressProxy, SandboxNet
+from torpor.runtime.channel import Stream
+from torpor.runtime.tunnel import socket_for
+from torpor.store.models import DomainRow, EgressRow, SandboxRow, now
+
+if TYPE_CHECKING:
+    from torpor.engine.manager import Engine
+
+log = logging.getLogger("torpor.network")
+
+PROXY_URL = "http://127.0.0.1:3128"
+SOCKS_URL = "socks5h://127.0.0.1:1080"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CA_FILE = "/etc/ssl/certs/torpor-ca.pem"
+# what every sandbox's processes get: the proxy, and trust in the installation's CA
+SANDBOX_ENV = {
+    "HTTP_PROXY": PROXY_URL, "HTTPS_PROXY": PROXY_URL, "http_proxy": PROXY_URL,
+    "https_proxy": PROXY_URL, "ALL_PROXY": SOCKS_URL, "all_proxy": SOCKS_URL,
+    "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
+    "SSL_CERT_FILE": CA_BUNDLE, "REQUESTS_CA_BUNDLE": CA_BUNDLE, "CURL_CA_BUNDLE": CA_BUNDLE,
+    "PIP_CERT": CA_BUNDLE, "NODE_EXTRA_CA_CERTS": CA_FILE,
+}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,63}$")
+AUDIT_FLUSH = 0.5  # seconds between writes of the egress log
+TOUCH_EVERY = 1.0  # egress and preview bytes count as activity, at most this often
+
+
+class Network:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        s = engine.settings
+        try:
+            self.default_policy = EgressPolicy.parse({"egress": s.default_egress})
+            self.operator = OperatorNet(
+                allow_cidrs=OperatorNet.parse_cidrs(s.egress_allow_cidr),
+                resolve=OperatorNet.parse_resolve(s.egress_resolve),
+                upstream_ca=[str(p) for p in s.egress_upstream_ca],
+                protected_ports={s.port, s.preview_port})
+        except (PolicyError, ValueError) as e:
+            raise Invalid(f"network settings: {e}") from None
+        for ca in self.operator.upstream_ca:
+            if not os.path.isfile(ca):
+                raise Invalid(f"--egress-upstream-ca {ca}: no such file")
+        self.ca = CertAuthority(engine.data_dir / "network")
+        self.proxy = EgressProxy(self.operator, self.ca, self._audit)
+        self.signer = TokenSigner(_key(engine.data_dir / "network" / "preview.key"))
+        self.gateway = PreviewGateway(
+            domain=s.preview_domain, signer=self.signer, lookup=self._lookup,
+            check_api_key=self._check_key, open_upstream=self.open_port,
+            on_open=self._touch, on_close=self._touch)
+        self._audit_buf: list[dict] = []
+        self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._flusher: asyncio.Task | None = None
+        self.trust_in_templates()
+
+    # --- start and stop -----------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.engine.settings
+        if s.preview_port:
+            try:
+                self._server = await asyncio.start_server(
+                    self._preview_client, s.host, s.preview_port, limit=1 << 20)
+            except OSError as e:
+                raise Unavailable(f"the preview listener cannot listen on {s.host}:"
+                                  f"{s.preview_port}: {e.strerror}; pass --preview-port "
+                                  "(0 turns previews off)") from None
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _preview_client(self, reader, writer) -> None:
+        # tracked, so a stop ends open connections too (Server.close() leaves them)
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self.gateway.handle(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self.flush_audit()
+
+    def trust_in_templates(self) -> None:
+        """Put the installation's CA into every template's system store (the sandbox's
+        /etc/ssl/certs), written only when it differs."""
+        bundle = self.ca.bundle()
+        for tpl in self.engine.templates.list():
+            certs = tpl.rootfs / "etc/ssl/certs"
+            if not certs.is_dir():
+                continue
+            for name, data in (("ca-certificates.crt", bundle), ("torpor-ca.pem",
+                                                                 self.ca.ca_pem)):
+                path = certs / name
+                try:
+                    if path.read_bytes() == data:
+                        continue
+                except OSError:
+                    pass
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_bytes(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+
+    # --- a sandbox's settings -------------------------------------------------------------
+    def policy(self, given: dict | None, base: dict | None = None) -> dict:
+        """The stored form of an egress policy: `given` over `base` (or the default)."""
+        default = EgressPolicy.parse(base) if base else self.default_policy
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        try:
+            return EgressPolicy.parse(given, default=default).to_dict()
+        except PolicyError as e:
+            raise Invalid(str(e), field=e.field or "network") from None
+
+    def grants(self, requested: dict | None, env: dict) -> dict:
+        """{env var: secret name} -> {env var: {"secret", "placeholder"}}, checked."""
+        out = {}
+        for var, name in (requested or {}).items():
+            if not ENV_NAME.match(var):
+                raise Invalid(f"secrets: {var!r} is not an environment variable name",
+                              field=f"secrets.{var}")
+            if var in env:
+                raise Invalid(f"secrets: {var} is also set in env; a variable holds either "
+                              "a value or a secret's placeholder", field=f"secrets.{var}")
+            try:
+                self.engine.secrets.get(name)
+            except NotFound:
+                raise Invalid(f"secrets: no secret named {name!r} (create it with POST "
+                              "/v1/secrets)", field=f"secrets.{var}") from None
+            out[var] = {"secret": name, "placeholder": new_placeholder()}
+        return out
+
+    @staticmethod
+    def sandbox_env(grants: dict, env: dict) -> dict:
+        """What the agent gives every process: proxy and CA settings, the placeholders,
+        then the caller's own env on top."""
+        return SANDBOX_ENV | {var: g["placeholder"] for var, g in grants.items()} | env
+
+    def context(self, sid: str) -> SandboxNet:
+        """The sandbox's policy and credentials, read fresh: a policy change or a rotated
+        secret applies to the next connection."""
+        with self.engine.sessions() as s:
+            row = s.get(SandboxRow, sid)
+            network, grants = (dict(row.network or {}), dict(row.secrets or {})) if row \
+                else ({}, {})
+        policy = EgressPolicy.parse(network, default=self.default_policy)
+        creds = []
+        if grants:
+            values = self.engine.secrets.values([g["secret"] for g in grants.values()],
+                                                missing_ok=True)
+            for g in grants.values():
+                got = values.get(g["secret"])
+                if got is None:
+                    continue  # deleted since: the placeholder goes out unchanged
+                value, info = got
+                creds.append(Credential(name=info.name, placeholder=g["placeholder"],
+                                        value=value, allowed_hosts=list(info.allowed_hosts),
+                                        inject_body=info.inject_body))
+        return SandboxNet(sandbox_id=sid, policy=policy, credentials=creds,
+                          on_activity=lambda: self._touch(sid))
+
+    def update_policy(self, sid: str, given: dict) -> None:
+        with self.engine.sessions() as s:
+            row = s.get(SandboxRow, sid)
+            current = dict(row.network or {}) if row else {}
+        stored = self.policy(given, base=current or None)
+        with self.engine.sessions.begin() as s:
+            row = s.get(SandboxRow, sid)
+            row.network = stored
+            row.updated_at = now()
+        self.engine._event(sid, "network_updated", None, None, "explicit", stored)
+
+    # --- egress: streams the agent opens ----------------------------------------------------
+    def attach(self, sid: str, chan) -> None:
+        chan.on_open = lambda st, req: self._spawn(self._serve_stream(sid, st, req))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, sid: str, st: Stream, req: dict) -> None:
+        op = req.get("op")
+        try:
+            ctx = await asyncio.to_thread(self.context, sid)
+        except Exception as e:  # noqa: BLE001 - the stream must be answered whatever happens
+            log.warning("sandbox %s: no network context: %s", sid, e)
+            st.reply(error={"code": "internal", "message": "no network context"})
+            return
+        self._touch(sid)
+        if op == "dns":
+            try:
+                answer = await self.proxy.answer_dns(ctx, bytes.fromhex(str(req.get("query"))))
+            except ValueError:
+                answer = b""
+            st.reply({"answer": answer.hex()})
+        elif op == "egress":
+            sock = await socket_for(st, on_bytes=lambda n: self._touch(sid))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+            await self.proxy.handle(ctx, reader, writer)
+        else:
+            st.reply(error={"code": "unknown_op", "message": f"unknown stream {op!r}"})
+
+    def _touch(self, sid: str) -> None:
+        t = time.monotonic()
+        if t - self._touched.get(sid, 0.0) >= TOUCH_EVERY:
+            self._touched[sid] = t
+            self.engine.standby.touch(sid)
+
+    # --- audit ------------------------------------------------------------------------------
+    def _audit(self, record: dict) -> None:
+        self._audit_buf.append(record)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH)
+            if self._audit_buf:
+                try:
+                    self.flush_audit()
+                except Exception:  # keep logging; the next flush retries
+                    log.exception("writing the egress log")
+
+    def flush_audit(self) -> None:
+        batch, self._audit_buf = self._audit_buf, []
+        if not batch:
+            return
+        cols = {c.name for c in EgressRow.__table__.columns} - {"id", "at"}
+        with self.engine.sessions.begin() as s:
+            for r in batch:
+                s.add(EgressRow(**{k: v for k, v in r.items() if k in cols}))
+
+    def egress_log(self, sid: str, limit: int = 100, before: int | None = None) -> list:
+        self.engine._row(sid)
+        self.flush_audit()
+        with self.engine.sessions() as s:
+            q = select(EgressRow).where(EgressRow.sandbox_id == sid)
+            if before is not None:
+                q = q.where(EgressRow.id < before)
+            return list(s.scalars(q.order_by(EgressRow.id.desc()).limit(limit)))
+
+    # --- preview: connections into the sandbox ---------------------------------------------
+    async def open_port(self, sid: str, port: int):
+        """A connection to 127.0.0.1:port inside the sandbox, woken first if asleep."""
+        try:
+            st = await self.engine.open(sid, "connect", port=port)
+        except NotFound:
+            raise PreviewError(404, f"no sandbox {sid}") from None
+        except TorporError as e:
+            raise PreviewError(503, str(e)) from None
+        try:
+            kind, _ = await asyncio.wait_for(st.events.get(), 30)
+        except TimeoutError:
+            st.abandon()
+            raise PreviewError(504, f"sandbox {sid} did not answer in time") from None
+        if kind != "msg":
+            err = st.error or {}
+            if err.get("code") == "connection_refused":
+                raise PreviewError(502, f"no process is listening on port {port} in sandbox "
+                                        f"{sid}")
+            raise PreviewError(502, f"sandbox {sid}, port {port}: "
+                                    f"{err.get('message', 'connection failed')}")
+        sock = await socket_for(st, on_bytes=lambda n: self._touch(sid))
+        return await asyncio.open_connection(sock=sock, limit=1 << 20)
+
+    async def _lookup(self, host: str) -> Route | None:
+        parsed = self.gateway.parse_host(host)
+        with self.engine.sessions() as s:
+            if parsed is not None:
+                port, sid = parsed
+                row = s.get(SandboxRow, sid)
+                if row is None or row.pooled or row.state in ("deleted", "failed"):
+                    return None
+                public = bool((row.ports or {}).get(str(port), {}).get("public"))
+                return Route(sid, port, public)
+            d = s.get(DomainRow, host.split(":")[0].lower())
+            if d is None:
+                return None
+            return Route(d.sandbox_id, d.port, d.public)
+
+    def _check_key(self, key: str) -> bool:
+        try:
+            self.engine.keys.check(key)
+        except TorporError:
+            return False
+        return True
+
+    def preview_base(self, sid: str, port: int) -> str:
+        s = self.engine.settings
+        return f"http://{port}-{sid}.{s.preview_domain}:{s.preview_port}/"
+
+    def preview_url(self, sid: str, port: int, expires_in: float) -> dict:
+        self.engine._row(sid)
+        _check_port(port)
+        limit = self.engine.settings.preview_max_expiry
+        if not 0 < expires_in <= limit:
+            raise Invalid(f"expires_in must be between 1 and {limit:.0f} seconds",
+                          field="expires_in")
+        expires_at = int(time.time() + expires_in)
+        token = self.signer.sign(sid, port, expires_at)
+        return {"url": f"{self.preview_base(sid, port)}?torpor_token={token}", "token": token,
+                "port": port, "expires_at": expires_at}
+
+    def set_port(self, sid: str, port: int, public: bool) -> dict:
+        _check_port(port)
+        with self.engine.sessions.begin() as s:
+            row = s.get(SandboxRow, sid)
+            if row is None or row.state == "deleted":
+                raise NotFound(f"no sandbox {sid}", sandbox_id=sid)
+            ports = dict(row.ports or {})
+            if public:
+                ports[str(port)] = {"public": True}
+            else:
+                ports.pop(str(port), None)
+            row.ports = ports
+            row.updated_at = now()
+        return {"port": port, "public": public, "url": self.preview_base(sid, port)}
+
+    # --- custom domains ---------------------------------------------------------------------
+    def add_domain(self, domain: str, sid: str, port: int, public: bool = False) -> DomainRow:
+        domain = domain.strip().lower().rstrip(".")
+        if not DOMAIN.match(domain):
+            raise Invalid(f"{domain!r} is not a domain name", field="domain")
+        if domain == self.engine.settings.preview_domain or domain.endswith(
+                "." + self.engine.settings.preview_domain):
+            raise Invalid(f"{domain} is inside the preview domain; use the sandbox's preview "
+                          "URL", field="domain")
+        _check_port(port)
+        self.engine._row(sid)
+        with self.engine.sessions.begin() as s:
+            if s.get(DomainRow, domain) is not None:
+                from torpor.errors import Conflict
+
+                raise Conflict(f"domain {domain} is already mapped; delete it first",
+                               field="domain")
+            row = DomainRow(domain=domain, sandbox_id=sid, port=port, public=public)
+            s.add(row)
+        return row
+
+    def domains(self) -> list[DomainRow]:
+        with self.engine.sessions() as s:
+            return list(s.scalars(select(DomainRow).order_by(DomainRow.domain)))
+
+    def remove_domain(self, domain: str) -> None:
+        with self.engine.sessions.begin() as s:
+            row = s.get(DomainRow, domain.strip().lower().rstrip("."))
+            if row is None:
+                raise NotFound(f"no domain {domain}")
+            s.delete(row)
+
+    def forget(self, sid: str) -> None:
+        """A deleted sandbox's domains go with it."""
+        with self.engine.sessions.begin() as s:
+            s.execute(delete(DomainRow).where(DomainRow.sandbox_id == sid))
+        self._touched.pop(sid, None)
+        self.proxy.forget(sid)
+
+    def info(self, row: SandboxRow) -> dict[str, Any]:
+        return {"network": EgressPolicy.parse(dict(row.network or {}),
+                                              default=self.default_policy).to_dict(),
+                "secrets": {v: g["secret"] for v, g in (row.secrets or {}).items()},
+                "ports": {p: dict(v) for p, v in (row.ports or {}).items()}}
+
+
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise Invalid("port must be between 1 and 65535", field="port")
+
+
+def _key(path: Path) -> bytes:
+    """32 random bytes kept in `path` (0600), made on first use."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise Invalid(f"{path}: expected 32 bytes of key, found {len(data)}; restore it from "
+                      "a backup or delete it (signed preview URLs then stop working)")
+    return data
+
