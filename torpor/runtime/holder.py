@@ -14,6 +14,7 @@ container's stdout closes (the sandbox is gone) and records why in the status fi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import selectors
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import protocol as P
 
 BUFFER_LIMIT = 16 << 20  # agent frames kept while no server is connected
+PIPE_SIZE = 1 << 20  # bytes each stdio pipe of the agent holds
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -77,6 +79,14 @@ class Holder:
     def start_container(self) -> None:
         in_r, self.in_w = os.pipe()
         self.out_r, out_w = os.pipe()
+        for fd in (self.in_w, self.out_r):
+            # a whole frame per pipe write: the default 64 KiB split each 256 KiB frame of a
+            # transfer (egress, files) into four reads inside the sandbox, each a costly
+            # syscall under ptrace
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size: the default works, only slower
         log = os.open(self.cfg["agent_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         t0 = time.monotonic()
         proc = subprocess.run(self.cfg["command"], stdin=in_r, stdout=out_w, stderr=log,
