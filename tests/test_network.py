@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -247,6 +248,10 @@ def test_a_secret_is_swapped_only_on_its_hosts_and_never_enters_the_sandbox(api,
         assert seen["path"] == f"/echo?key={ph}"  # never in the URL
         # the upstream echoed the real value back: the sandbox sees the placeholder
         assert REAL not in r["stdout"] and f"Bearer {ph}" in r["stdout"], r
+        # the installation's CA is in the system store too, not only in the env variables
+        r = sh(api, sid, "env -u CURL_CA_BUNDLE -u SSL_CERT_FILE -u REQUESTS_CA_BUNDLE "
+                         f"curl -sS --max-time 20 https://api.test:{up.https_port}/echo")
+        assert r["exit_code"] == 0, r
         # basic auth, plain http, and the body are swapped only where the rule says
         r = curl(api, sid, f"-u \"user:$OPENAI_API_KEY\" http://api.test:{up.http_port}/echo")
         assert r["exit_code"] == 0
@@ -255,6 +260,8 @@ def test_a_secret_is_swapped_only_on_its_hosts_and_never_enters_the_sandbox(api,
         assert (user, pw) == ("user", REAL)
         r = curl(api, sid, f"-d \"k=$OPENAI_API_KEY\" http://api.test:{up.http_port}/echo")
         assert up.http.seen[-1]["body"] == f"k={ph}"  # this secret does not inject bodies
+        r = curl(api, sid, f"'http://other.test:{up.http_port}/echo?key='$OPENAI_API_KEY")
+        assert up.http.seen[-1]["path"] == f"/echo?key={ph}"  # a foreign host: unchanged
         # anywhere else, the placeholder goes out unchanged
         put_test_ca(api, sid, up)
         for url in (f"https://other.test:{up.https_port}/echo",
@@ -487,3 +494,82 @@ def test_preview_url_bad_input(api, site):
     assert r.status_code == 422
     assert re.search("domain", api.post("/v1/domains", json={
         "domain": "not a domain", "sandbox_id": site, "port": 80}).text)
+
+
+# --- the SDK and the CLI, against the same server -------------------------------------------
+def _cli(net, *args, input=None):
+    env = dict(os.environ, TORPOR_URL=net.url, TORPOR_API_KEY=net.key)
+    return subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
+                           *args], env=env, capture_output=True, text=True, input=input,
+                          timeout=120, check=False)
+
+
+def test_sdk_network_methods(net, up, site):
+    from torpor import Sandbox, Secret
+    from torpor.sdk import Domains, InvalidRequestError
+
+    conn = {"url": net.url, "api_key": net.key}
+    Secret.create("sdk-token", REAL, allowed_hosts=["api.test"], **conn)
+    try:
+        with Sandbox.create(network={"egress": "deny-all", "allow": ["api.test"]},
+                            secrets={"TOKEN": "sdk-token"}, **conn) as sbx:
+            info = sbx.info()
+            assert info.network["egress"] == "deny-all" and info.secrets == {"TOKEN":
+                                                                              "sdk-token"}
+            r = sbx.commands.run(f"curl -sS -o /dev/null -w '%{{http_code}}' "
+                                 f"http://other.test:{up.http_port}/")
+            assert r.stdout == "403"
+            info = sbx.update_network(allow=["api.test", "other.test"])
+            assert info.network["allow"] == ["api.test", "other.test"]
+            r = sbx.commands.run(f"curl -sS -o /dev/null -w '%{{http_code}}' "
+                                 f"http://other.test:{up.http_port}/")
+            assert r.stdout == "200"
+            log = sbx.egress_log(limit=10)
+            assert log[0].host == "other.test" and log[0].allowed
+            assert any(not e.allowed for e in log)
+            with pytest.raises(InvalidRequestError):
+                sbx.update_network(egress="sometimes")
+        site_sbx = Sandbox(site, **conn)
+        url = site_sbx.preview_url(8000, expires_in=600)
+        assert f"8000-{site}.localhost:{net.preview_port}" in url and "torpor_token=" in url
+        port = site_sbx.expose(8000, public=True)
+        assert port.public and [p.port for p in site_sbx.ports()] == [8000]
+        site_sbx.expose(8000, public=False)
+        assert site_sbx.ports() == []
+        d = site_sbx.add_domain("sdk.example.test", 8000)
+        assert d.url == f"http://sdk.example.test:{net.preview_port}/"
+        with Domains(**conn) as domains:
+            assert [x.domain for x in domains.list()] == ["sdk.example.test"]
+        site_sbx.remove_domain("sdk.example.test")
+        site_sbx.close()
+    finally:
+        Secret.delete("sdk-token", **conn)
+
+
+def test_cli_network_verbs(net, up, site):
+    p = _cli(net, "sandbox", "create", "--egress", "deny-all", "--allow", "api.test")
+    assert p.returncode == 0, p.stderr
+    sid = p.stdout.strip()
+    try:
+        p = _cli(net, "sandbox", "network", sid, "--allow", "other.test", "--json")
+        assert p.returncode == 0 and json.loads(p.stdout)["allow"] == ["other.test"]
+        p = _cli(net, "exec", sid, "--", "curl", "-fsS", "-o", "/dev/null",
+                 f"http://api.test:{up.http_port}/")
+        assert p.returncode != 0  # api.test is no longer allowed
+        p = _cli(net, "sandbox", "egress", sid)
+        assert p.returncode == 0 and "DENIED" in p.stdout and "api.test" in p.stdout
+        p = _cli(net, "sandbox", "preview-url", site, "8000", "--expires-in", "10m")
+        assert p.returncode == 0 and "torpor_token=" in p.stdout
+        p = _cli(net, "sandbox", "expose", site, "8000")
+        assert p.returncode == 0 and f"8000-{site}" in p.stdout
+        p = _cli(net, "sandbox", "expose", site, "8000", "--private")
+        assert p.returncode == 0
+        p = _cli(net, "secret", "create", "cli-secret", "--host", "api.test", input=REAL)
+        assert p.returncode == 0, p.stderr
+        p = _cli(net, "secret", "list")
+        assert "cli-secret" in p.stdout and REAL not in p.stdout
+        assert _cli(net, "secret", "delete", "cli-secret").returncode == 0
+        p = _cli(net, "sandbox", "network", sid, "--egress", "sometimes")
+        assert p.returncode != 0
+    finally:
+        _cli(net, "sandbox", "rm", sid)
