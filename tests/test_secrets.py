@@ -22,11 +22,11 @@ from torpor.engine.secrets import (
     KeyFileError,
     SecretStore,
     check_host,
-    host_allowed,
     load_or_create_key,
     new_placeholder,
 )
 from torpor.errors import Conflict, Invalid, NotFound, TorporError
+from torpor.network.policy import host_matches
 from torpor.store.db import open_db
 
 
@@ -251,16 +251,20 @@ def test_host_patterns_are_canonical():
     assert check_host("localhost:65535") == "localhost:65535"
 
 
-def test_host_allowed():
+def host_allowed(patterns, host, port):
+    """What the proxy decides for stored patterns: canonical here, matched there."""
+    return host_matches([check_host(p) for p in patterns], host, port)
+
+
+def test_stored_patterns_mean_to_the_proxy_what_they_say():
     assert host_allowed(["api.openai.com"], "API.openai.com.", 443)
-    assert host_allowed(["api.openai.com"], "api.openai.com", None)
+    assert host_allowed(["api.openai.com"], "api.openai.com", 8443)  # any port
     assert not host_allowed(["api.openai.com"], "evil-api.openai.com", 443)
     assert host_allowed(["*.example.com"], "a.b.example.com", 443)
     assert not host_allowed(["*.example.com"], "example.com", 443)
     assert not host_allowed(["*.example.com"], "badexample.com", 443)
     assert host_allowed(["a.com:8443"], "a.com", 8443)
     assert not host_allowed(["a.com:8443"], "a.com", 443)
-    assert not host_allowed(["a.com:8443"], "a.com", None)
     assert host_allowed(["[::1]:443"], "::1", 443) and host_allowed(["[::1]"], "[::1]", 80)
     assert not host_allowed(["10.0.0.1"], "10.0.0.2", 80)
 

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from torpor._version import __version__
     from torpor.sdk import (
         ApiKey,
+        AsyncDomains,
         AsyncKeys,
         AsyncSandbox,
         AsyncSecret,
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
         CommandResult,
         CommandTimeoutError,
         ConflictError,
+        Domains,
         EntryInfo,
         Event,
         InvalidRequestError,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApiKey",
+    "AsyncDomains",
     "AsyncKeys",
     "AsyncSandbox",
     "AsyncSecret",
@@ -52,6 +55,7 @@ __all__ = [
     "CommandResult",
     "CommandTimeoutError",
     "ConflictError",
+    "Domains",
     "EntryInfo",
     "Event",
     "InvalidRequestError",

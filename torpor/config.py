@@ -43,6 +43,7 @@ class Settings:
     egress_allow_cidr: list[str] = field(default_factory=list)
     egress_resolve: list[str] = field(default_factory=list)
     egress_upstream_ca: list[str] = field(default_factory=list)
+    egress_log_days: float = 30.0  # egress records older than this are removed (0: keep)
     # preview URLs: http://<port>-<sandbox id>.<preview_domain>:<preview_port>/
     preview_port: int = int(os.environ.get("TORPOR_PREVIEW_PORT", "7071"))
     preview_domain: str = os.environ.get("TORPOR_PREVIEW_DOMAIN", "localhost")

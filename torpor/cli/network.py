@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from torpor.cli._common import App, conn, handle, out, print_json, seconds, when
+from torpor.cli.sandbox import Egress
 from torpor.cli.sandbox import app as sandbox_app
 
 domains = App(help="Custom domains routed to a sandbox port by the preview listener.")
@@ -17,11 +17,6 @@ domains = App(help="Custom domains routed to a sandbox port by the preview liste
 ID = Annotated[str, typer.Argument(metavar="ID")]
 PORT = Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535)]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-class Egress(str, Enum):
-    allow_all = "allow-all"
-    deny_all = "deny-all"
 
 
 def policy_options(egress: Egress | None, allow: list[str] | None,

@@ -38,6 +38,11 @@ ID = Annotated[str, typer.Argument(metavar="ID")]
 IDS = Annotated[list[str], typer.Argument(metavar="ID...")]
 
 
+class Egress(str, Enum):
+    allow_all = "allow-all"
+    deny_all = "deny-all"
+
+
 class ExpireAction(str, Enum):
     delete = "delete"
     hibernate = "hibernate"
@@ -76,9 +81,8 @@ def create(
     ttl: Ttl = None,
     idle_ttl: IdleTtl = None,
     expire_action: Expire = None,
-    egress: Annotated[str | None, typer.Option(
-        metavar="allow-all|deny-all", help="Egress default [default: the server's].",
-        rich_help_panel="Network")] = None,
+    egress: Annotated[Egress | None, typer.Option(
+        help="Egress default [default: the server's].", rich_help_panel="Network")] = None,
     allow: Annotated[list[str] | None, typer.Option(
         metavar="ENTRY", help="Allowed under deny-all: domain, *.domain, IP, CIDR, :port. "
                               "Repeatable.", rich_help_panel="Network")] = None,
@@ -96,8 +100,8 @@ def create(
     Timers take seconds, or 90s, 5m, 2h, 1d, 1h30m; 0 or off turns one off."""
     from torpor.sdk import Sandbox
 
-    network = {k: v for k, v in (("egress", egress), ("allow", allow), ("deny", deny))
-               if v is not None} or None
+    network = {k: v for k, v in (("egress", egress.value if egress else None),
+                                 ("allow", allow), ("deny", deny)) if v is not None} or None
     sbx = Sandbox.create(template, env=pairs(env, "--env"),
                          metadata=pairs(metadata, "--metadata"), cpu=cpu, memory_mb=memory_mb,
                          disk_mb=disk_mb, network=network, secrets=pairs(secret, "--secret"),

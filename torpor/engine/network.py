@@ -20,6 +20,7 @@ import os
 import re
 import secrets as _secrets
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ SANDBOX_ENV = {
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,63}$")
 AUDIT_FLUSH = 0.5  # seconds between writes of the egress log
+PRUNE_EVERY = 3600.0  # seconds between removals of egress records past their retention
 TOUCH_EVERY = 1.0  # egress and preview bytes count as activity, at most this often
 
 
@@ -183,17 +185,24 @@ class Network:
                 else ({}, {})
         policy = EgressPolicy.parse(network, default=self.default_policy)
         creds = []
+        values = {}
         if grants:
-            values = self.engine.secrets.values([g["secret"] for g in grants.values()],
-                                                missing_ok=True)
-            for g in grants.values():
-                got = values.get(g["secret"])
-                if got is None:
-                    continue  # deleted since: the placeholder goes out unchanged
-                value, info = got
-                creds.append(Credential(name=info.name, placeholder=g["placeholder"],
-                                        value=value, allowed_hosts=list(info.allowed_hosts),
-                                        inject_body=info.inject_body))
+            try:
+                values = self.engine.secrets.values([g["secret"] for g in grants.values()],
+                                                    missing_ok=True)
+            except TorporError as e:
+                # an unusable key or value: this sandbox's traffic still flows, with the
+                # placeholders going out unchanged, and the operator learns why
+                log.error("sandbox %s: its secrets cannot be read (%s); requests carry "
+                          "placeholders", sid, e)
+        for g in grants.values():
+            got = values.get(g["secret"])
+            if got is None:
+                continue  # deleted since: the placeholder goes out unchanged
+            value, info = got
+            creds.append(Credential(name=info.name, placeholder=g["placeholder"],
+                                    value=value, allowed_hosts=list(info.allowed_hosts),
+                                    inject_body=info.inject_body))
         return SandboxNet(sandbox_id=sid, policy=policy, credentials=creds,
                           on_activity=lambda: self._touch(sid))
 
@@ -250,13 +259,26 @@ class Network:
         self._audit_buf.append(record)
 
     async def _flush_loop(self) -> None:
+        pruned = 0.0
         while True:
             await asyncio.sleep(AUDIT_FLUSH)
-            if self._audit_buf:
-                try:
+            try:
+                if self._audit_buf:
                     self.flush_audit()
-                except Exception:  # keep logging; the next flush retries
-                    log.exception("writing the egress log")
+                if time.monotonic() - pruned > PRUNE_EVERY:
+                    pruned = time.monotonic()
+                    await asyncio.to_thread(self.prune_audit)
+            except Exception:  # keep logging; the next round retries
+                log.exception("writing the egress log")
+
+    def prune_audit(self) -> int:
+        """Drop egress records older than the retention (`egress_log_days`)."""
+        days = self.engine.settings.egress_log_days
+        if not days:
+            return 0
+        cutoff = now() - timedelta(days=days)
+        with self.engine.sessions.begin() as s:
+            return s.execute(delete(EgressRow).where(EgressRow.at < cutoff)).rowcount
 
     def flush_audit(self) -> None:
         batch, self._audit_buf = self._audit_buf, []
@@ -322,16 +344,21 @@ class Network:
             return False
         return True
 
+    def _previews_on(self) -> None:
+        if not self.engine.settings.preview_port:
+            raise Unavailable("previews are off on this server (--preview-port 0)")
+
     def preview_base(self, sid: str, port: int) -> str:
         s = self.engine.settings
         return f"http://{port}-{sid}.{s.preview_domain}:{s.preview_port}/"
 
     def preview_url(self, sid: str, port: int, expires_in: float) -> dict:
+        self._previews_on()
         self.engine._row(sid)
         _check_port(port)
         limit = self.engine.settings.preview_max_expiry
         if not 0 < expires_in <= limit:
-            raise Invalid(f"expires_in must be between 1 and {limit:.0f} seconds",
+            raise Invalid(f"expires_in must be more than 0 and at most {limit:.0f} seconds",
                           field="expires_in")
         expires_at = int(time.time() + expires_in)
         token = self.signer.sign(sid, port, expires_at)
@@ -339,10 +366,11 @@ class Network:
                 "port": port, "expires_at": expires_at}
 
     def set_port(self, sid: str, port: int, public: bool) -> dict:
+        self._previews_on()
         _check_port(port)
         with self.engine.sessions.begin() as s:
             row = s.get(SandboxRow, sid)
-            if row is None or row.state == "deleted":
+            if row is None or row.state == "deleted" or row.pooled:
                 raise NotFound(f"no sandbox {sid}", sandbox_id=sid)
             ports = dict(row.ports or {})
             if public:
@@ -355,6 +383,7 @@ class Network:
 
     # --- custom domains ---------------------------------------------------------------------
     def add_domain(self, domain: str, sid: str, port: int, public: bool = False) -> DomainRow:
+        self._previews_on()
         domain = domain.strip().lower().rstrip(".")
         if not DOMAIN.match(domain):
             raise Invalid(f"{domain!r} is not a domain name", field="domain")

@@ -7,8 +7,8 @@ not decrypt. Only server-internal callers (the egress proxy) read values, throug
 and `values`; a sandbox granted a secret sees a placeholder from `new_placeholder`.
 
 Host patterns (`allowed_hosts`) are stored canonical: lowercase, `host` or `host:port`,
-`*.example.com` for any subdomain of example.com, IPv6 literals as `[addr]`; see
-`host_allowed` for how a request's host is matched against them.
+`*.example.com` for any subdomain of example.com, IPv6 literals as `[addr]`: the egress
+policy's entry grammar, which the proxy matches them with (`policy.host_matches`).
 """
 
 from __future__ import annotations
@@ -195,33 +195,6 @@ def _check_name_or_ipv4(host: str, bad) -> str:
     if wildcard and len(labels) < 2:
         raise bad("a wildcard needs a domain with at least two labels, as in *.example.com")
     return f"*.{name}" if wildcard else name
-
-
-def host_allowed(allowed_hosts: Iterable[str], host: str, port: int | None = None) -> bool:
-    """Whether a request to `host` (and `port`) may carry a secret with these canonical
-    patterns. `*.example.com` matches any subdomain (a.example.com, a.b.example.com), not
-    example.com itself; a pattern without a port matches every port, one with a port only
-    that port (never a request whose port is unknown); the host is compared
-    case-insensitively, without a trailing dot, IPv6 with or without brackets."""
-    h = host.lower().rstrip(".")
-    try:
-        h = f"[{ipaddress.IPv6Address(h.strip('[]')).compressed}]"
-    except ValueError:
-        pass
-    for pattern in allowed_hosts:
-        if pattern.startswith("["):
-            end = pattern.find("]") + 1
-            p_host, p_port = pattern[:end], pattern[end + 1:]
-        else:
-            p_host, _, p_port = pattern.partition(":")
-        if p_port and (port is None or int(p_port) != port):
-            continue
-        if p_host.startswith("*."):
-            if h.endswith(p_host[1:]) and len(h) > len(p_host) - 1:
-                return True
-        elif h == p_host:
-            return True
-    return False
 
 
 # --- the key -----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ is `hibernated` (checkpointed to disk, nothing of it left on the host). Any requ
 needs it resumes it first, once, however many requests arrive together.
 
 Activity is: an API call on the sandbox (the engine calls `touch`), a stream open on its
-channel (command output, process follow, file transfer), and keep-alive holds (explicit,
-or a process started with keep_alive), each bounded by `max_hold` seconds.
+channel (command output, process follow, file transfer, egress and preview connections),
+and keep-alive holds (explicit, or a process started with keep_alive), each bounded by
+`max_hold` seconds.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Standby:
                                "to standby (resume it first)", sandbox_id=sid)
             if not force and self.open_streams(sid):
                 raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
-                               "(command output, follows, transfers); close them first",
+                               "(command output, follows, transfers, egress or preview "
+                               "connections); close them first",
                                sandbox_id=sid)
             t0 = time.monotonic()
             await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
@@ -143,7 +145,8 @@ class Standby:
                                sandbox_id=sid)
             if not force and self.open_streams(sid):
                 raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
-                               "(command output, follows, transfers); close them first",
+                               "(command output, follows, transfers, egress or preview "
+                               "connections); close them first",
                                sandbox_id=sid)
             spec = e._specs[sid]
             await self._check_hibernatable(sid, row.state, reason)
