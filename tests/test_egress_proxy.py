@@ -678,6 +678,10 @@ def test_socks5(env):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"\x05\x01\x02")  # username/password only: refused
         assert s.recv(2) == b"\x05\xff"
+    deadline = time.monotonic() + 5  # the refusal is on record too
+    while not [r for r in env.audit if r["rule"] == "SOCKS5 without authentication only"]:
+        assert time.monotonic() < deadline, "no audit record of the refused handshake"
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ DNS

@@ -322,15 +322,20 @@ class EgressProxy:
         async def read(n: int) -> bytes:
             return await asyncio.wait_for(reader.readexactly(n), HANDSHAKE_TIMEOUT)
 
+        def refused(why: str, code: int | None = None) -> None:
+            # no destination yet, but the attempt is on record all the same
+            self.emit(self._record(ctx, "socks", "?", 0, rule=why, status=code,
+                                   duration_ms=round((time.monotonic() - t0) * 1000, 3)))
+
         methods = await read((await read(1))[0])
         if 0 not in methods:
             client.write(b"\x05\xff")  # no acceptable method: only "no authentication"
             await client.drain()
-            return
+            return refused("SOCKS5 without authentication only", 0xFF)
         client.write(b"\x05\x00")
         ver, cmd, _rsv, atyp = await read(4)
         if ver != 5:
-            return
+            return refused(f"bad SOCKS version {ver}")
         if atyp == 1:
             host = str(ipaddress.IPv4Address(await read(4)))
         elif atyp == 4:
@@ -338,7 +343,8 @@ class EgressProxy:
         elif atyp == 3:
             host = (await read((await read(1))[0])).decode("utf-8", "replace")
         else:
-            return await _socks_reply(client, SOCKS_BAD_ATYP)
+            await _socks_reply(client, SOCKS_BAD_ATYP)
+            return refused(f"bad SOCKS address type {atyp}", SOCKS_BAD_ATYP)
         port = struct.unpack("!H", await read(2))[0]
         rec = self._record(ctx, "socks", host, port, method="CONNECT")
 
