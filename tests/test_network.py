@@ -125,6 +125,48 @@ def test_deny_all_with_an_allowlist_and_a_live_policy_change(api, up):
         api.delete(f"/v1/sandboxes/{sid}")
 
 
+KEEP_ALIVE_CLIENT = """
+import http.client, os, sys, time
+c = http.client.HTTPConnection("127.0.0.1", 3128, timeout=20)
+def get():
+    c.request("GET", "http://api.test:%s/echo" % sys.argv[1])
+    r = c.getresponse()
+    return r.status, r.read()
+print("first", get()[0], flush=True)
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+try:
+    print("second", get()[0], flush=True)
+except (OSError, http.client.HTTPException) as e:
+    print("second failed", type(e).__name__, flush=True)
+"""
+
+
+def test_a_policy_change_closes_open_connections(api, up):
+    sid = create(api)
+    try:
+        api.put(f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/ka.py"},
+                content=KEEP_ALIVE_CLIENT)
+        proc = api.post(f"/v1/sandboxes/{sid}/commands", json={
+            "cmd": f"python3 /tmp/ka.py {up.http_port}", "background": True}).json()
+        deadline = time.monotonic() + 30
+        while "first 200" not in api.get(f"/v1/sandboxes/{sid}/processes/{proc['pid']}"
+                                         "/output").text:
+            assert time.monotonic() < deadline, "the first request never finished"
+            time.sleep(0.1)
+        r = api.patch(f"/v1/sandboxes/{sid}/network",
+                      json={"egress": "deny-all", "allow": ["other.test"]})
+        assert r.status_code == 200
+        sh(api, sid, "touch /tmp/go")
+        out = api.post(f"/v1/sandboxes/{sid}/processes/{proc['pid']}/wait").json()
+        assert out["exit_code"] == 0
+        text = api.get(f"/v1/sandboxes/{sid}/processes/{proc['pid']}/output").text
+        # the keep-alive connection was closed: no second request under the old policy
+        assert "second 200" not in text and ("second failed" in text or "second 403" in text)
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 def test_always_denied_destinations(api, net, up):
     sid = create(api)  # allow-all: public addresses, plus what the operator allowed
     try:

@@ -39,7 +39,7 @@ def network(
     clear_deny: Annotated[bool, typer.Option(help="Empty the deny list.")] = False,
     json: JSON = False,
 ) -> None:
-    """Show a sandbox's egress policy, or change it (applies to its next connection)."""
+    """Show a sandbox's egress policy, or change it (at once: open connections close)."""
     given = policy_options(egress, [] if clear_allow else allow, [] if clear_deny else deny)
     with handle(sandbox_id) as sbx:
         info = sbx.update_network(given) if given else sbx.info()

@@ -335,7 +335,7 @@ class Engine:
         return self.get(sid)
 
     def update_network(self, sid: str, network: dict) -> SandboxInfo:
-        """Change a sandbox's egress policy; it applies to the next connection."""
+        """Change a sandbox's egress policy; its open egress connections close."""
         self._row(sid)
         self.network.update_policy(sid, network)
         self.standby.touch(sid)

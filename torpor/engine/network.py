@@ -84,6 +84,7 @@ class Network:
             check_api_key=self._check_key, open_upstream=self.open_port,
             on_open=self._touch, on_close=self._touch)
         self._audit_buf: list[dict] = []
+        self._egress: dict[str, set[asyncio.Task]] = {}  # open egress connections
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -213,9 +214,15 @@ class Network:
         stored = self.policy(given, base=current or None)
         with self.engine.sessions.begin() as s:
             row = s.get(SandboxRow, sid)
+            changed = row.network != stored
             row.network = stored
             row.updated_at = now()
         self.engine._event(sid, "network_updated", None, None, "explicit", stored)
+        if changed:
+            # nothing goes on under the old policy: open connections (a CONNECT tunnel, a
+            # keep-alive proxy connection) close, and their clients connect again
+            for task in list(self._egress.get(sid, ())):
+                task.cancel()
 
     # --- egress: streams the agent opens ----------------------------------------------------
     def attach(self, sid: str, chan) -> None:
@@ -244,7 +251,13 @@ class Network:
         elif op == "egress":
             sock = await socket_for(st, on_bytes=lambda n: self._touch(sid))
             reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-            await self.proxy.handle(ctx, reader, writer)
+            task = asyncio.current_task()
+            self._egress.setdefault(sid, set()).add(task)
+            try:
+                await self.proxy.handle(ctx, reader, writer)
+            finally:
+                self._egress.get(sid, set()).discard(task)
+                writer.close()
         else:
             st.reply(error={"code": "unknown_op", "message": f"unknown stream {op!r}"})
 
@@ -419,6 +432,7 @@ class Network:
         with self.engine.sessions.begin() as s:
             s.execute(delete(DomainRow).where(DomainRow.sandbox_id == sid))
         self._touched.pop(sid, None)
+        self._egress.pop(sid, None)
         self.proxy.forget(sid)
 
     def info(self, row: SandboxRow) -> dict[str, Any]:

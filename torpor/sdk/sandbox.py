@@ -188,8 +188,8 @@ class Sandbox:
     def update_network(self, network: Mapping[str, Any] | None = None, *,
                        egress: str | None = None, allow: list[str] | None = None,
                        deny: list[str] | None = None) -> SandboxInfo:
-        """Change the egress policy (keys not given stay as they are); it applies to the
-        next connection the sandbox opens."""
+        """Change the egress policy (keys not given stay as they are). It applies at once:
+        the sandbox's open egress connections close, new ones get the new policy."""
         return self._session.call(_api.update_network(
             self.id, _policy(network, egress, allow, deny)))
 
