@@ -513,6 +513,44 @@ def test_websocket_through_the_preview_port(api, net, site):
         s.sendall(ws.send(we.CloseConnection(code=1000)))
 
 
+STREAMER = """
+import http.server, os, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def chunk(b):
+            self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(b), b)); self.wfile.flush()
+        chunk(b"data: first\\n\\n")
+        while not os.path.exists("/tmp/release"):
+            time.sleep(0.05)
+        chunk(b"data: second\\n\\n")
+        chunk(b"")
+http.server.HTTPServer(("127.0.0.1", 8001), H).serve_forever()
+"""
+
+
+def test_preview_streams_a_response_as_it_is_written(api, net, site):
+    api.put(f"/v1/sandboxes/{site}/files", params={"path": "/tmp/streamer.py"},
+            content=STREAMER)
+    api.post(f"/v1/sandboxes/{site}/commands",
+             json={"cmd": "exec python3 /tmp/streamer.py", "background": True})
+    sh(api, site, "rm -f /tmp/release; for i in $(seq 100); do python3 -c \"import socket; "
+                  "socket.create_connection(('127.0.0.1', 8001))\" 2>/dev/null && break; "
+                  "sleep 0.1; done")
+    headers = {"Host": f"8001-{site}.localhost", "Authorization": f"Bearer {net.key}"}
+    with httpx.Client(timeout=30) as c, c.stream(
+            "GET", f"http://127.0.0.1:{net.preview_port}/", headers=headers) as r:
+        assert r.status_code == 200
+        chunks = r.iter_raw()
+        assert next(chunks) == b"data: first\n\n"  # while the server still waits
+        sh(api, site, "touch /tmp/release")
+        assert b"".join(chunks) == b"data: second\n\n"
+
+
 def test_a_preview_request_wakes_a_sleeping_sandbox(api, net, site):
     # the previous tests' connections close asynchronously: until then standby is a 409
     t0 = time.monotonic()
