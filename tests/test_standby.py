@@ -304,6 +304,33 @@ def test_deleted_open_file_refuses_hibernation_instead_of_losing_the_sandbox(api
     assert run(api, sbx, "echo back")["stdout"] == "back\n"
 
 
+def test_epoll_sockets_refuse_hibernation_instead_of_losing_the_sandbox(api, sbx):
+    # this runsc's checkpoint panics on a TCP socket with epoll waiters (asyncio, node):
+    # refuse first, and keep the sandbox
+    code = ("import asyncio\n"
+            "async def main():\n"
+            "    server = await asyncio.start_server(lambda r, w: None, '127.0.0.1', 8765)\n"
+            "    await server.serve_forever()\n"
+            "asyncio.run(main())\n")
+    api.put(f"/v1/sandboxes/{sbx}/files", params={"path": "/home/user/srv.py"},
+            content=code.encode())
+    pid = api.post(f"/v1/sandboxes/{sbx}/commands",
+                   json={"cmd": "exec python3 /home/user/srv.py", "background": True}
+                   ).json()["pid"]
+    wait_for(lambda: run(api, sbx, "python3 -c \"import socket; socket.create_connection(("
+                                   "'127.0.0.1', 8765))\"")["exit_code"] == 0)
+    r = api.post(f"/v1/sandboxes/{sbx}/hibernate")
+    assert r.status_code == 409, r.text
+    problems = r.json()["error"]["problems"]
+    assert [(p["kind"], p["pid"]) for p in problems] == [("epoll_socket", pid)]
+    assert "epoll" in r.json()["error"]["message"]
+    assert run(api, sbx, "echo alive")["stdout"] == "alive\n"
+    api.post(f"/v1/sandboxes/{sbx}/processes/{pid}/signal", json={"signal": "SIGKILL"})
+    api.post(f"/v1/sandboxes/{sbx}/processes/{pid}/wait")
+    assert api.post(f"/v1/sandboxes/{sbx}/hibernate").status_code == 200
+    assert run(api, sbx, "echo back")["stdout"] == "back\n"
+
+
 def test_disk_full_while_hibernating_keeps_the_sandbox_in_standby(server, api, sbx):
     start_prog(api, sbx)
     assert api.post(f"/v1/sandboxes/{sbx}/standby").status_code == 200
