@@ -220,33 +220,63 @@ class Standby:
         state = e._state.get(sid)
         if state == RUNNING:
             return
-        async with self.lock(sid):
-            row = e._row(sid)
-            if row.state == RUNNING:
+        lock = self.lock(sid)
+        await lock.acquire()
+        try:
+            if e._state.get(sid) == STANDBY and sid in e._specs:
+                # the hot path: the in-process state is the record's (every change goes
+                # through _set_state), so no read; the thaw is one cgroup write
+                t0 = time.monotonic()
+                e.driver.freeze(e._specs[sid], False)
+                e._state[sid] = RUNNING
+                self.touch(sid)
+                # the record is written right after the caller's request has left; the
+                # lock is held until then, so no other transition sees it half-done
+                asyncio.get_running_loop().call_soon(self._record_thaw, sid, reason,
+                                                     _ms(t0), lock)
+                lock = None
                 return
-            t0 = time.monotonic()
-            spec = e._spec(row)
-            if row.state == STANDBY:
-                e.driver.freeze(spec, False)  # one small cgroup write: no thread hop
-                e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": STANDBY})
-            elif row.state == HIBERNATED:
-                self.transitioning.add(sid)
-                try:
-                    chan = await e.driver.restore(spec)
-                except (RuntimeError_, OSError) as err:
-                    self.transitioning.discard(sid)
-                    # the image stays on disk: never removed before a restore succeeded
-                    await e._fail(sid, f"could not resume from hibernation: {err}",
-                                  "restore_failed")
-                    raise Unavailable(f"sandbox {sid} could not be resumed: {err}",
-                                      sandbox_id=sid) from None
+            await self._resume_locked(sid, reason)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _record_thaw(self, sid: str, reason: str, ms: int, lock: asyncio.Lock) -> None:
+        try:
+            self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": STANDBY})
+        except Exception:  # the sandbox runs; only its record lags: say so, go on
+            log.exception("sandbox %s: recording its resume", sid)
+        finally:
+            lock.release()
+
+    async def _resume_locked(self, sid: str, reason: str) -> None:
+        e = self.engine
+        row = e._row(sid)
+        if row.state == RUNNING:
+            return
+        t0 = time.monotonic()
+        spec = e._spec(row)
+        if row.state == STANDBY:
+            e.driver.freeze(spec, False)  # one small cgroup write: no thread hop
+            e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": STANDBY})
+        elif row.state == HIBERNATED:
+            self.transitioning.add(sid)
+            try:
+                chan = await e.driver.restore(spec)
+            except (RuntimeError_, OSError) as err:
                 self.transitioning.discard(sid)
-                e._attach(sid, spec, chan)
-                e.driver.drop_image(sid)
-                e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": HIBERNATED})
-            else:
-                raise Unavailable(f"sandbox {sid} is {row.state}", sandbox_id=sid)
-            self.touch(sid)
+                # the image stays on disk: never removed before a restore succeeded
+                await e._fail(sid, f"could not resume from hibernation: {err}",
+                              "restore_failed")
+                raise Unavailable(f"sandbox {sid} could not be resumed: {err}",
+                                  sandbox_id=sid) from None
+            self.transitioning.discard(sid)
+            e._attach(sid, spec, chan)
+            e.driver.drop_image(sid)
+            e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": HIBERNATED})
+        else:
+            raise Unavailable(f"sandbox {sid} is {row.state}", sandbox_id=sid)
+        self.touch(sid)
 
     # --- automatic ------------------------------------------------------------------------
     async def loop(self) -> None:
