@@ -81,7 +81,7 @@ class Output:
             self.drained.set()
 
     def rearm(self) -> None:
-        """Register again with epoll (see `serve`), and try to write at once."""
+        """Register again with the loop (see `serve`), and try to write at once."""
         if self._watching:
             self.loop.remove_writer(self.fd)
             self._watching = False
@@ -343,13 +343,12 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-async def op_hibernate_check(agent: Agent, st: Stream, pause: bool = True, **_):
+async def op_hibernate_check(agent: Agent, st: Stream, **_):
     """What would make a checkpoint fail here, killing the sandbox on this runsc:
     - a file on a host-backed file system deleted while a process holds it open;
     - a TCP or UDP socket a process waits on with epoll (node, asyncio, nginx...): netstack
-      refuses to save an endpoint that still has waiters, and the save panics.
-    With no problem and `pause`, the agent takes its own listeners out of epoll for the
-    checkpoint; SIGHUP after the restore, or `net_resume`, puts them back."""
+      refuses to save an endpoint that still has waiters, and the save panics. (The agent
+      itself waits with poll(2), whose waiters exist only during the call.)"""
     mounts = []
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -395,14 +394,13 @@ async def op_hibernate_check(agent: Agent, st: Stream, pause: bool = True, **_):
         if has_epoll and sockets and pid != me:
             problems.append({"kind": "epoll_socket", "pid": int(pid), "fds": sockets,
                              "cmdline": _cmdline(pid)})
-    if pause and not problems:
-        agent.egress.pause()
     return {"problems": problems}
 
 
-async def op_net_resume(agent: Agent, st: Stream, **_):
-    """After a checkpoint that did not happen: listen again."""
-    agent.egress.rearm()
+async def op_resumed(agent: Agent, st: Stream, **_):
+    """After a restore: look at the compat helpers anew (a restore may bring another runsc,
+    or another agent bundle)."""
+    agent.procs.check_compat()
     return {}
 
 
@@ -419,7 +417,7 @@ HANDLERS = {
     "oom_kill": op_oom_kill,
     "pids_kill": op_pids_kill,
     "hibernate_check": op_hibernate_check,
-    "net_resume": op_net_resume,
+    "resumed": op_resumed,
     **fsops.HANDLERS,
     **netops.HANDLERS,
 }
@@ -465,9 +463,9 @@ async def serve(loop: miniloop.Loop) -> None:
 
     def rearm() -> None:
         # After `runsc restore` (runsc 20221219 at least), the container's stdio are new
-        # host pipes, and epoll never again reports the restored stdin readable (nor stdout
-        # writable): the agent would sit deaf. Registering the fds with epoll anew makes it
-        # hear them again, so the host sends SIGHUP (`runsc kill ID HUP`) after a restore.
+        # host pipes, which an epoll set never reports again. The loop polls with poll(2)
+        # now, which sees them; SIGHUP (`runsc kill ID HUP`) still makes the agent register
+        # its fds anew, the host's fallback when a restored agent does not answer.
         # Harmless at any other time.
         loop.remove_reader(in_fd)
         loop.add_reader(in_fd, on_input)

@@ -7,7 +7,7 @@ interpreter has loaded anyway or builds in (heapq, select, _signal).
 
 What it offers, with asyncio's meaning where the names overlap:
 
-- `Loop`: readers and writers on file descriptors (epoll, level-triggered), `call_soon`,
+- `Loop`: readers and writers on file descriptors (poll(2), level-triggered), `call_soon`,
   `call_later` (cancellable handles), signal handlers (through `signal.set_wakeup_fd`, so a
   signal wakes the poll and its handler runs in the loop, never between two bytecodes of
   whatever was running), and "idle" hooks that run just before the loop blocks (the agent
@@ -19,7 +19,7 @@ What it offers, with asyncio's meaning where the names overlap:
 Two deliberate differences from asyncio, both for latency:
 - the loop runs the callbacks that become ready while it runs ready callbacks in the same
   iteration (up to a bound, so I/O is never starved), instead of polling once between each
-  round: a wakeup that passes through several futures costs no extra `epoll_wait`;
+  round: a wakeup that passes through several futures costs no extra `poll`;
 - `create_task(coro, eager=True)` runs the coroutine's first step at once, so a request
   that can answer without waiting never goes through the ready queue at all.
 
@@ -29,6 +29,7 @@ Single-threaded: nothing here may be called from another thread or a signal hand
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import select
 import sys
@@ -42,8 +43,9 @@ except ImportError:  # pragma: no cover - an interpreter without it
 # Callbacks run per iteration at most, before the loop polls for I/O again (with timeout 0).
 MAX_CALLBACKS_PER_ITERATION = 1000
 
-_READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
+_INVALID = select.POLLNVAL  # reported whatever was asked: both callbacks get to see it
 
 _loop: Loop | None = None
 
@@ -347,17 +349,21 @@ def _set_if_pending(fut: Future, value) -> None:
 # --- the loop ------------------------------------------------------------------------------
 class Loop:
     def __init__(self):
-        self._ep = select.epoll()
+        # poll(2), not epoll: it registers its waiters anew on every call. Under this runsc
+        # an epoll registration outlives neither a restore (the restored stdin, a new host
+        # pipe, is never reported readable) nor a checkpoint (netstack refuses to save a
+        # socket that still has epoll waiters, and the save panics).
+        self._ep = select.poll()
         self._readers: dict[int, Handle] = {}
         self._writers: dict[int, Handle] = {}
-        self._masks: dict[int, int] = {}  # fd -> events registered with epoll
+        self._masks: dict[int, int] = {}  # fd -> events registered with the poll set
         self._ready: list[Handle] = []
         self._timers: list[TimerHandle] = []
         self._idle: list = []
         self._signals: dict[int, Handle] = {}
         self._wake_r = self._wake_w = -1
         self._stopping = False
-        # fds (re)registered while a batch of epoll events is being dispatched: the batch's
+        # fds (re)registered while a batch of poll events is being dispatched: the batch's
         # events for their number may belong to a file closed and replaced meanwhile
         self._dispatching = False
         self._fresh: set[int] = set()
@@ -419,12 +425,11 @@ class Loop:
         return True
 
     def forget_fd(self, fd: int) -> None:
-        """Drop every callback on fd without telling epoll: only right before closing fd, and
-        only for an fd that has no duplicate anywhere (epoll forgets a file on its last close;
-        this saves one syscall per pipe of every command)."""
+        """Drop every callback on fd: right before closing it."""
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
-        self._masks.pop(fd, None)
+        if self._masks.pop(fd, None) is not None:
+            self._ep.unregister(fd)
 
     def _update(self, fd: int) -> None:
         mask = (_READ if fd in self._readers else 0) | (_WRITE if fd in self._writers else 0)
@@ -433,22 +438,10 @@ class Loop:
             return
         if not mask:
             del self._masks[fd]
-            try:
-                self._ep.unregister(fd)
-            except OSError:
-                pass
+            self._ep.unregister(fd)  # the poll set is ours, in memory: no system call
             return
         self._masks[fd] = mask
-        if old:
-            try:
-                self._ep.modify(fd, mask)
-            except FileNotFoundError:  # closed and reopened without forget_fd()
-                self._ep.register(fd, mask)
-        else:
-            try:
-                self._ep.register(fd, mask)
-            except FileExistsError:  # a stale registration of an fd number closed elsewhere
-                self._ep.modify(fd, mask)
+        self._ep.register(fd, mask)  # registering again replaces the mask
 
     # --- signals --------------------------------------------------------------------------
     def add_signal_handler(self, sig: int, cb, *args) -> None:
@@ -523,7 +516,7 @@ class Loop:
         else:
             timeout = -1
         try:
-            events = self._ep.poll(timeout)
+            events = self._ep.poll(None if timeout < 0 else math.ceil(timeout * 1000))
         except InterruptedError:
             events = ()
         if events:
@@ -537,11 +530,11 @@ class Loop:
                     # a stale event must never reach a callback that reads without O_NONBLOCK.
                     if fresh and fd in fresh:
                         continue
-                    if ev & _READ:
+                    if ev & (_READ | _INVALID):
                         h = self._readers.get(fd)
                         if h is not None:
                             h._run()
-                    if ev & _WRITE:
+                    if ev & (_WRITE | _INVALID):
                         h = self._writers.get(fd)
                         if h is not None:
                             h._run()

@@ -171,17 +171,8 @@ class Egress:
             self.dns = dns
             self.agent.loop.add_reader(dns.fileno(), self._dns_query)
 
-    def pause(self) -> None:
-        """Take the listeners out of epoll: this runsc cannot checkpoint a socket that has
-        waiters. Connections made meanwhile wait in the backlog."""
-        loop = self.agent.loop
-        for fd in self.listeners:
-            loop.remove_reader(fd)
-        if self.dns is not None:
-            loop.remove_reader(self.dns.fileno())
-
     def rearm(self) -> None:
-        """Register the listeners with epoll again (after a restore, as for stdin)."""
+        """Register the listeners with the loop again (on SIGHUP, as for stdin)."""
         loop = self.agent.loop
         for fd in self.listeners:
             loop.remove_reader(fd)

@@ -158,12 +158,6 @@ class Standby:
             except (RuntimeError_, OSError) as err:
                 self.transitioning.discard(sid)
                 self.act(sid).failed_at = time.monotonic()
-                chan = e.channels.get(sid)
-                if chan is not None and not chan.closed.is_set():
-                    try:  # the check paused the agent's listeners for the checkpoint
-                        await chan.call("net_resume", timeout=10)
-                    except (AgentError, ChannelClosed, TimeoutError):
-                        pass
                 if row.state == STANDBY:
                     await asyncio.to_thread(e.driver.freeze, spec, True)
                 e._event(sid, "hibernate_failed", row.state, row.state, reason,
@@ -272,6 +266,12 @@ class Standby:
                                   sandbox_id=sid) from None
             self.transitioning.discard(sid)
             e._attach(sid, spec, chan)
+            try:
+                await chan.call("resumed", timeout=10)
+            except AgentError:
+                pass  # an agent from before this op: it had SIGHUP, which does the same
+            except (ChannelClosed, TimeoutError) as err:
+                log.warning("sandbox %s: after the restore: %s", sid, err)
             e.driver.drop_image(sid)
             e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": HIBERNATED})
         else:

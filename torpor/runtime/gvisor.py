@@ -40,6 +40,7 @@ SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, d
 HOST_THREADS_PER_PROCESS = 20
 PIDS_OVERHEAD = 256  # host threads of the sentry and gofer themselves
 CHECKPOINT_HEADROOM = 64 << 20  # bytes of disk kept free beyond the memory to save
+RESTORED_PING = 1.0  # seconds a restored agent has to answer before it gets SIGHUP
 CHECKPOINT_TIMEOUT = 300.0  # seconds a checkpoint may take before it counts as failed
 PID_MAX = 4194304  # the kernel's maximum; Debian's default of 32768 fits ~1600 sandbox tasks
 
@@ -219,14 +220,20 @@ class GVisorDriver:
         return chan
 
     async def _wake_restored(self, spec: SandboxSpec, chan: Channel, deadline: float) -> None:
-        """A restored agent's epoll does not see its new stdin until it re-registers it:
-        SIGHUP tells it to (this runsc hands restored processes new pipes but no event)."""
+        """Wait for the restored agent to answer. The agent polls with poll(2), which sees
+        the new stdin that restore hands it; an agent checkpointed by an older Torpor (epoll)
+        does not, until SIGHUP makes it register its fds again: the fallback."""
         while self._status(spec.id).get("state") != "running":
             if self._status(spec.id).get("state") == "start_failed" or chan.closed.is_set():
                 raise ChannelClosed("runsc restore failed")
             if time.monotonic() > deadline:
                 raise TimeoutError("runsc restore did not finish in time")
             await asyncio.sleep(0.002)
+        try:
+            await chan.ping(timeout=RESTORED_PING)
+            return
+        except TimeoutError:
+            pass
         proc = await asyncio.create_subprocess_exec(
             *self.runsc_base(), "kill", spec.id, "HUP",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
