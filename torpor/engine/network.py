@@ -235,31 +235,37 @@ class Network:
 
     async def _serve_stream(self, sid: str, st: Stream, req: dict) -> None:
         op = req.get("op")
+        task = asyncio.current_task()
+        if op == "egress":  # from the start: a policy change meanwhile closes it too
+            self._egress.setdefault(sid, set()).add(task)
+        tunnel = False
         try:
             ctx = await asyncio.to_thread(self.context, sid)
-        except Exception as e:  # noqa: BLE001 - the stream must be answered whatever happens
-            log.warning("sandbox %s: no network context: %s", sid, e)
-            st.reply(error={"code": "internal", "message": "no network context"})
-            return
-        self._touch(sid)
-        if op == "dns":
-            try:
-                answer = await self.proxy.answer_dns(ctx, bytes.fromhex(str(req.get("query"))))
-            except ValueError:
-                answer = b""
-            st.reply({"answer": answer.hex()})
-        elif op == "egress":
-            sock = await socket_for(st, on_bytes=lambda n: self._touch(sid))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-            task = asyncio.current_task()
-            self._egress.setdefault(sid, set()).add(task)
-            try:
-                await self.proxy.handle(ctx, reader, writer)
-            finally:
-                self._egress.get(sid, set()).discard(task)
-                writer.close()
-        else:
-            st.reply(error={"code": "unknown_op", "message": f"unknown stream {op!r}"})
+            self._touch(sid)
+            if op == "dns":
+                try:
+                    query = bytes.fromhex(str(req.get("query")))
+                except ValueError:
+                    query = b""
+                answer = await self.proxy.answer_dns(ctx, query) if query else b""
+                st.reply({"answer": answer.hex()})
+            elif op == "egress":
+                sock = await socket_for(st, on_bytes=lambda n: self._touch(sid))
+                tunnel = True  # from here the tunnel ends the stream, after its last byte
+                reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+                try:
+                    await self.proxy.handle(ctx, reader, writer)
+                finally:
+                    writer.close()
+            else:
+                st.reply(error={"code": "unknown_op", "message": f"unknown stream {op!r}"})
+        except Exception as e:  # noqa: BLE001 - one connection's trouble stays its own
+            log.warning("sandbox %s: %s stream failed: %s", sid, op, e)
+            st.reply(error={"code": "internal", "message": f"{op} failed on the host"})
+        finally:
+            self._egress.get(sid, set()).discard(task)
+            if not tunnel:
+                st.abandon()  # a no-op once a reply has ended the stream
 
     def _touch(self, sid: str) -> None:
         t = time.monotonic()
