@@ -159,6 +159,17 @@ class Bench:
                 raise RuntimeError(f"port {port} never listened in the sandbox")
             time.sleep(0.2)
 
+    def tls_server_inside(self, sid: str, port: int) -> None:
+        """A TLS server in the sandbox with the upstreams' certificate, on `port`."""
+        d = Path(self.up.dir)
+        self.put(sid, "/tmp/server.pem", (d / "server.pem").read_bytes())
+        self.put(sid, "/tmp/server.key", (d / "server.key").read_bytes())
+        self.put(sid, "/tmp/tls_server.py", TLS_SERVER.encode())
+        self.api.post(f"/v1/sandboxes/{sid}/commands", json={
+            "cmd": f"exec python3 /tmp/tls_server.py {port} /tmp/server.pem /tmp/server.key",
+            "background": True}).raise_for_status()
+        self.wait_port(sid, port)
+
     # --- sections -----------------------------------------------------------------------
     def https(self, n: int) -> dict:
         sid = self.create()
@@ -185,14 +196,7 @@ class Bench:
                            ["stdout"])
         assert self.up.https.seen[-1]["headers"]["authorization"] == "Bearer sk-bench-value"
         say("https: client and TLS server both inside the sandbox (no proxy)")
-        d = Path(self.up.dir)
-        self.put(sid, "/tmp/server.pem", (d / "server.pem").read_bytes())
-        self.put(sid, "/tmp/server.key", (d / "server.key").read_bytes())
-        self.put(sid, "/tmp/tls_server.py", TLS_SERVER.encode())
-        self.api.post(f"/v1/sandboxes/{sid}/commands", json={
-            "cmd": "exec python3 /tmp/tls_server.py 8443 /tmp/server.pem /tmp/server.key",
-            "background": True}).raise_for_status()
-        self.wait_port(sid, 8443)
+        self.tls_server_inside(sid, 8443)
         inside = json.loads(self.sh(sid, f"python3 /tmp/client.py 127.0.0.1 8443 {n} {ca}")
                             ["stdout"])
         for s in (sid, sid2):
@@ -227,14 +231,7 @@ class Bench:
             size, secs = p.stdout.split()
             out[f"host_direct_{scheme}_mib_s"] = round(mib / float(secs), 1)
         # the sandbox's own floor for TLS: curl and a TLS server both inside, no proxy
-        d = Path(self.up.dir)
-        self.put(sid, "/tmp/server.pem", (d / "server.pem").read_bytes())
-        self.put(sid, "/tmp/server.key", (d / "server.key").read_bytes())
-        self.put(sid, "/tmp/tls_server.py", TLS_SERVER.encode())
-        self.api.post(f"/v1/sandboxes/{sid}/commands", json={
-            "cmd": "exec python3 /tmp/tls_server.py 8443 /tmp/server.pem /tmp/server.key",
-            "background": True}).raise_for_status()
-        self.wait_port(sid, 8443)
+        self.tls_server_inside(sid, 8443)
         say(f"download: {mib} MiB over https inside the sandbox (no proxy)")
         r = self.sh(sid, f"curl -sS -o /dev/null --cacert {ca} -w '%{{time_total}}' "
                          f"https://127.0.0.1:8443/bytes/{n}")

@@ -202,25 +202,19 @@ class HttpRelay:
             up.conn.receive_data(data)
 
     async def _to_client(self, event) -> None:
-        data = self.cconn.send(event)
-        if data:
-            self.rec["bytes_down"] = self.rec.get("bytes_down", 0) + len(data)
-            self.client.write(data)
-            try:
-                await self.client.drain()
-            except (ConnectionError, OSError) as e:
-                raise ClientGone from e
-            self.proxy.activity(self.ctx)
+        await self._send(self.cconn.send(event), self.client, "bytes_down", ClientGone)
 
     async def _to_upstream(self, up: Upstream, event) -> None:
-        data = up.conn.send(event)
+        await self._send(up.conn.send(event), up.stream, "bytes_up", UpstreamGone)
+
+    async def _send(self, data: bytes | None, stream, counter: str, gone: type) -> None:
         if data:
-            self.rec["bytes_up"] = self.rec.get("bytes_up", 0) + len(data)
-            up.stream.write(data)
+            self.rec[counter] = self.rec.get(counter, 0) + len(data)
+            stream.write(data)
             try:
-                await up.stream.drain()
+                await stream.drain()
             except (ConnectionError, OSError) as e:
-                raise UpstreamGone from e
+                raise gone from e
             self.proxy.activity(self.ctx)
 
     async def send_error(self, status: int, message: str, rule: str | None = None) -> None:
