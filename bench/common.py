@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -383,6 +385,47 @@ def check_targets(results: dict, spec: dict[str, tuple[str, float]]) -> dict:
         met = {"<=": v <= limit, "<": v < limit, ">=": v >= limit}[op]
         out[key] = {"value": v, "target": f"{op} {limit}", "met": met}
     return out
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM ends a bench as Ctrl-C does: the sections stop, the cleanup still runs."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+
+
+def run_sections(report: dict, sections: list[str], run: Callable[[str], dict],
+                 close: Callable[[bool], list[str]]) -> None:
+    """`run(name)` for each section, its result (with `section_seconds`) into
+    report["results"]. A section that fails goes to report["errors"] and the next one runs;
+    an interrupt stops them all. `close(keep_logs)` runs last, whatever happened, and what
+    it purged goes to report["leftovers_purged"]."""
+    try:
+        for name in sections:
+            t0 = time.time()
+            try:
+                res = run(name)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - report it and go on with the next
+                traceback.print_exc()
+                report["errors"][name] = f"{type(e).__name__}: {e}"
+                continue
+            res["section_seconds"] = round(time.time() - t0, 1)
+            report["results"][name] = res
+            say(f"{name}: done in {res['section_seconds']} s")
+    except KeyboardInterrupt as e:
+        report["errors"]["interrupted"] = str(e) or "KeyboardInterrupt"
+    finally:
+        say("cleaning up")
+        report["leftovers_purged"] = close(bool(report["errors"]))
+
+
+def default_out(args, bench: str) -> str | None:
+    """Where the JSON goes: --out, else bench/results/<bench>.json on a full run only."""
+    if args.out:
+        return args.out
+    return None if (args.only or args.quick) else str(ROOT / f"bench/results/{bench}.json")
 
 
 def finish(report: dict, spec: dict[str, tuple[str, float]], t_start: float,

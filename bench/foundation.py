@@ -47,11 +47,9 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import ClassVar
 
@@ -60,10 +58,10 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 from common import (
-    ROOT,
     Sampler,
     Server,
     avail_mib,
+    default_out,
     finish,
     machine,
     ms_since,
@@ -71,9 +69,11 @@ from common import (
     processes,
     reproduce_cmd,
     rollup_kib,
+    run_sections,
     sandbox_processes,
     say,
     stats,
+    stop_on_sigterm,
     vm_rss_kib,
 )
 
@@ -669,9 +669,7 @@ def main() -> int:
          "exec_raw": 10 if q else 30, "files": 15 if q else 50, "upload": 256 if q else 1024,
          "density": args.density or (10 if q else 50)}
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_sigterm()
 
     report = {"bench": "foundation",
               "machine": machine(RUNSC) | {"orphan_reap_ms": orphan_reap_ms()},
@@ -683,42 +681,27 @@ def main() -> int:
               "results": {}, "errors": {}}
     b = Bench(args)
     t_start = time.time()
-    try:
-        for name in [s for s in SECTIONS if s in only]:
-            t0 = time.time()
-            try:
-                if name == "cold":
-                    res = b.cold(n["cold"])
-                elif name == "warm":
-                    b.drop_work()
-                    if b.a is not None:  # the pool server runs alone
-                        b.a.stop()
-                        b.a = None
-                    res = b.warm(n["warm"])
-                elif name == "exec":
-                    res = b.exec_(n["exec"], n["exec_raw"])
-                elif name == "files":
-                    res = b.files(n["files"])
-                elif name == "upload":
-                    res = b.upload(n["upload"])
-                else:
-                    res = b.density(n["density"], 3)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 - report it and go on with the next
-                traceback.print_exc()
-                report["errors"][name] = f"{type(e).__name__}: {e}"
-                continue
-            res["section_seconds"] = round(time.time() - t0, 1)
-            report["results"][name] = res
-            say(f"{name}: done in {res['section_seconds']} s")
-    except KeyboardInterrupt as e:
-        report["errors"]["interrupted"] = str(e) or "KeyboardInterrupt"
-    finally:
-        say("cleaning up")
-        left = b.close(keep_logs=bool(report["errors"]))
-        report["leftovers_purged"] = left
-    out = args.out or (None if (args.only or q) else str(ROOT / "bench/results/foundation.json"))
+
+    def run(name: str) -> dict:
+        if name == "cold":
+            return b.cold(n["cold"])
+        if name == "warm":
+            b.drop_work()
+            if b.a is not None:  # the pool server runs alone
+                b.a.stop()
+                b.a = None
+            return b.warm(n["warm"])
+        if name == "exec":
+            return b.exec_(n["exec"], n["exec_raw"])
+        if name == "files":
+            return b.files(n["files"])
+        if name == "upload":
+            return b.upload(n["upload"])
+        return b.density(n["density"], 3)
+
+    run_sections(report, [s for s in SECTIONS if s in only], run,
+                 lambda keep: b.close(keep_logs=keep))
+    out = default_out(args, "foundation")
     return finish(report, TARGETS, t_start, out, table)
 
 

@@ -36,13 +36,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import httpx
@@ -51,7 +49,18 @@ import wsproto.events as we
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import ROOT, Server, finish, machine, ms_since, reproduce_cmd, say, stats
+from common import (
+    Server,
+    default_out,
+    finish,
+    machine,
+    ms_since,
+    reproduce_cmd,
+    run_sections,
+    say,
+    stats,
+    stop_on_sigterm,
+)
 from upstreams import Upstreams
 
 SECTIONS = ["https", "download", "preview"]
@@ -368,9 +377,7 @@ def main() -> int:
     n = 50 if args.quick else 300
     mib = 20 if args.quick else 100
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_sigterm()
     report = {"bench": "network", "machine": machine(),
               "settings": {"sections": only, "requests": n, "download_mib": mib,
                            "upstreams": "tests/upstreams.py on 127.0.0.1 (own test CA)",
@@ -380,27 +387,11 @@ def main() -> int:
               "reproduce": reproduce_cmd("bench/network.py"), "results": {}, "errors": {}}
     t_start = time.time()
     b = Bench()
-    try:
-        for name in [s for s in SECTIONS if s in only]:
-            t0 = time.time()
-            try:
-                res = {"https": lambda: b.https(n), "download": lambda: b.download(mib),
-                       "preview": lambda: b.preview(n)}[name]()
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 - report it and go on with the next
-                traceback.print_exc()
-                report["errors"][name] = f"{type(e).__name__}: {e}"
-                continue
-            res["section_seconds"] = round(time.time() - t0, 1)
-            report["results"][name] = res
-    except KeyboardInterrupt as e:
-        report["errors"]["interrupted"] = str(e) or "KeyboardInterrupt"
-    finally:
-        say("cleaning up")
-        report["leftovers_purged"] = b.close()
-    out = args.out or (None if (args.only or args.quick)
-                       else str(ROOT / "bench/results/network.json"))
+    sections = {"https": lambda: b.https(n), "download": lambda: b.download(mib),
+                "preview": lambda: b.preview(n)}
+    run_sections(report, [s for s in SECTIONS if s in only], lambda name: sections[name](),
+                 lambda keep: b.close())
+    out = default_out(args, "network")
     return finish(report, TARGETS, t_start, out, table)
 
 

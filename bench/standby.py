@@ -63,12 +63,10 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,10 +74,10 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 from common import (
-    ROOT,
     VENV_BIN,
     Server,
     avail_mib,
+    default_out,
     finish,
     machine,
     meminfo,
@@ -89,9 +87,11 @@ from common import (
     processes,
     reproduce_cmd,
     rollup_kib,
+    run_sections,
     sandbox_processes,
     say,
     stats,
+    stop_on_sigterm,
     vm_rss_kib,
 )
 
@@ -1315,9 +1315,7 @@ def main() -> int:
          "density": args.density or (10 if q else 200),
          "idle_running_s": 10 if q else 20, "idle_standby_s": 15 if q else 60}
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_sigterm()
 
     report = {"bench": "standby",
               "machine": machine(RUNSC) | {"orphan_reap_ms": orphan_reap_ms()},
@@ -1334,34 +1332,20 @@ def main() -> int:
               "results": {}, "errors": {}}
     b = Bench(args)
     t_start = time.time()
-    try:
-        for name in [s for s in SECTIONS if s in only]:
-            t0 = time.time()
-            try:
-                if name == "hot":
-                    res = b.hot(n["hot"], n["usage_s"])
-                elif name == "hibernate":
-                    res = b.hibernate(n["hibernate"])
-                elif name == "wake":
-                    res = b.wake(n["wake"], n["cli"])
-                else:
-                    res = b.density(n["density"], 3, n["idle_running_s"],
-                                    n["idle_standby_s"], args.density_budget)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 - report it and go on with the next
-                traceback.print_exc()
-                report["errors"][name] = f"{type(e).__name__}: {e}"
-                continue
-            res["section_seconds"] = round(time.time() - t0, 1)
-            report["results"][name] = res
-            say(f"{name}: done in {res['section_seconds']} s")
-    except KeyboardInterrupt as e:
-        report["errors"]["interrupted"] = str(e) or "KeyboardInterrupt"
-    finally:
-        say("cleaning up")
-        report["leftovers_purged"] = b.close(keep_logs=bool(report["errors"]))
-    out = args.out or (None if (args.only or q) else str(ROOT / "bench/results/standby.json"))
+
+    def run(name: str) -> dict:
+        if name == "hot":
+            return b.hot(n["hot"], n["usage_s"])
+        if name == "hibernate":
+            return b.hibernate(n["hibernate"])
+        if name == "wake":
+            return b.wake(n["wake"], n["cli"])
+        return b.density(n["density"], 3, n["idle_running_s"], n["idle_standby_s"],
+                         args.density_budget)
+
+    run_sections(report, [s for s in SECTIONS if s in only], run,
+                 lambda keep: b.close(keep_logs=keep))
+    out = default_out(args, "standby")
     return finish(report, TARGETS, t_start, out, table)
 
 
