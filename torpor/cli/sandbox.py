@@ -4,6 +4,7 @@ events | usage`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from enum import Enum
 from json import dumps
 from typing import TYPE_CHECKING, Annotated, Any
@@ -214,17 +215,16 @@ def update(
     _print_info(i)
 
 
-def _transition(sandbox_ids: list[str], verb: str) -> None:
-    """Call `verb` (standby, hibernate, resume) on each sandbox; print id, state, time."""
+def _each(sandbox_ids: list[str], act: Callable[[Any], str]) -> None:
+    """Run `act(sbx)` on each sandbox and print the line it returns; a failure is one error
+    line and the next sandbox goes on; any failure makes the exit code 1."""
     from torpor.sdk import Sandbox, TorporError
 
     failed = 0
     for sid in sandbox_ids:
         sbx = Sandbox(sid, **conn())
         try:
-            t0 = time.monotonic()
-            i = getattr(sbx, verb)()
-            out.print(f"{sid} {i.state} ({span(time.monotonic() - t0)})")
+            out.print(act(sbx))
         except TorporError as e:
             failed += 1
             say_error(str(e))
@@ -232,6 +232,15 @@ def _transition(sandbox_ids: list[str], verb: str) -> None:
             sbx.close()
     if failed:
         raise typer.Exit(1)
+
+
+def _transition(sandbox_ids: list[str], verb: str) -> None:
+    """Call `verb` (standby, hibernate, resume) on each sandbox; print id, state, time."""
+    def act(sbx) -> str:
+        t0 = time.monotonic()
+        i = getattr(sbx, verb)()
+        return f"{sbx.id} {i.state} ({span(time.monotonic() - t0)})"
+    _each(sandbox_ids, act)
 
 
 @app.command()
@@ -361,18 +370,7 @@ def usage(
 @app.command("rm")
 def remove(sandbox_ids: IDS) -> None:
     """Delete sandboxes (and everything in them). Prints each id deleted."""
-    from torpor.sdk import Sandbox, TorporError
-
-    failed = 0
-    for sid in sandbox_ids:
-        sbx = Sandbox(sid, **conn())
-        try:
-            sbx.delete()
-            out.print(sid)
-        except TorporError as e:
-            failed += 1
-            say_error(str(e))
-        finally:
-            sbx.close()
-    if failed:
-        raise typer.Exit(1)
+    def act(sbx) -> str:
+        sbx.delete()
+        return sbx.id
+    _each(sandbox_ids, act)
