@@ -442,8 +442,8 @@ class Network:
         self.proxy.forget(sid)
 
     def info(self, row: SandboxRow) -> dict[str, Any]:
-        return {"network": EgressPolicy.parse(dict(row.network or {}),
-                                              default=self.default_policy).to_dict(),
+        # a stored policy is whole (`policy()` wrote it); a pool sandbox's is still empty
+        return {"network": dict(row.network) if row.network else self.default_policy.to_dict(),
                 "secrets": {v: g["secret"] for v, g in (row.secrets or {}).items()},
                 "ports": {p: dict(v) for p, v in (row.ports or {}).items()}}
 
