@@ -14,19 +14,16 @@ either, nor the API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
-import secrets as _secrets
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 
-from torpor.engine.secrets import new_placeholder
+from torpor.engine.secrets import load_or_create_key, new_placeholder
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable
 from torpor.network.ca import CertAuthority
 from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
@@ -78,7 +75,9 @@ class Network:
                 raise Invalid(f"--egress-upstream-ca {ca}: no such file")
         self.ca = CertAuthority(engine.data_dir / "network")
         self.proxy = EgressProxy(self.operator, self.ca, self._audit)
-        self.signer = TokenSigner(_key(engine.data_dir / "network" / "preview.key"))
+        self.signer = TokenSigner(load_or_create_key(
+            engine.data_dir / "network" / "preview.key", "preview signing key",
+            "restore it from a backup, or delete it (signed preview URLs then stop working)"))
         self.gateway = PreviewGateway(
             domain=s.preview_domain, signer=self.signer, lookup=self._lookup,
             check_api_key=self._check_key, open_upstream=self.open_port,
@@ -451,19 +450,3 @@ class Network:
 def _check_port(port: int) -> None:
     if not 1 <= port <= 65535:
         raise Invalid("port must be between 1 and 65535", field="port")
-
-
-def _key(path: Path) -> bytes:
-    """32 random bytes kept in `path` (0600), made on first use."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_secrets.token_bytes(32))
-    data = path.read_bytes()
-    if len(data) != 32:
-        raise Invalid(f"{path}: expected 32 bytes of key, found {len(data)}; restore it from "
-                      "a backup or delete it (signed preview URLs then stop working)")
-    return data
-

@@ -203,12 +203,18 @@ class KeyFileError(TorporError):
     """The key file is unusable (wrong size, unreadable): an operator problem."""
 
 
-def load_or_create_key(path: Path) -> bytes:
+SECRETS_KEY_LOSS = ("restore it from a backup (without it the stored secrets cannot be "
+                    "decrypted), or delete it and the secrets together")
+
+
+def load_or_create_key(path: Path, what: str = "secrets key",
+                       if_lost: str = SECRETS_KEY_LOSS) -> bytes:
     """Read the 32-byte key at `path`, or make one there (mode 0600) if there is none.
     Creation is atomic: the key is written to a temporary file, then linked into place,
-    so a crash never leaves a short key and two processes agree on one key."""
+    so a crash never leaves a short key and two processes agree on one key. `what` names
+    the key in errors; `if_lost` says what to do about a damaged one."""
     try:
-        return _read_key(path)
+        return _read_key(path, what, if_lost)
     except FileNotFoundError:
         pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -220,40 +226,39 @@ def load_or_create_key(path: Path) -> bytes:
             os.fsync(f.fileno())
         try:
             os.link(tmp, path)  # fails if it exists: whoever linked first wins
-            log.info("made a new secrets key at %s", path)
+            log.info("made a new %s at %s", what, path)
         except FileExistsError:
             pass
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    return _read_key(path)
+    return _read_key(path, what, if_lost)
 
 
-def _read_key(path: Path) -> bytes:
+def _read_key(path: Path, what: str, if_lost: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise
     except OSError as e:
-        raise KeyFileError(f"cannot open the secrets key {path}: {e.strerror}") from None
+        raise KeyFileError(f"cannot open the {what} {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"the secrets key {path} is not a regular file")
+            raise KeyFileError(f"the {what} {path} is not a regular file")
         if st.st_mode & 0o077:
-            # others could read every secret with it: take their access away
-            log.warning("secrets key %s had mode %o; setting 0600", path, st.st_mode & 0o777)
+            # others could use it (read every secret, sign URLs): take their access away
+            log.warning("%s %s had mode %o; setting 0600", what, path, st.st_mode & 0o777)
             try:
                 os.fchmod(f.fileno(), 0o600)
             except OSError as e:
-                raise KeyFileError(f"the secrets key {path} is readable by other users and "
+                raise KeyFileError(f"the {what} {path} is readable by other users and "
                                    f"cannot be made private ({e.strerror}); chmod 600 it"
                                    ) from None
         key = f.read(KEY_BYTES + 1)
     if len(key) != KEY_BYTES:
-        raise KeyFileError(f"the secrets key {path} has {len(key)} bytes, not {KEY_BYTES}; "
-                           "restore it from a backup (without it the stored secrets cannot "
-                           "be decrypted), or delete it and the secrets together")
+        raise KeyFileError(f"the {what} {path} has {len(key)} bytes, not {KEY_BYTES}; "
+                           f"{if_lost}")
     return key
 
 
