@@ -16,6 +16,18 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# the `torpor` command line, run by this interpreter (the venv's) from the checkout
+CLI = [sys.executable, "-c", "from torpor.cli.main import app; app()"]
+
+
+def cli(server: Server | None, *args: str, input: str | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI as a subprocess (pointed at `server` if given); text output, no check."""
+    env = dict(os.environ)
+    if server is not None:
+        env.update(TORPOR_URL=server.url, TORPOR_API_KEY=server.key)
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                          input=input, timeout=timeout, check=False)
 
 
 def free_port() -> int:
@@ -43,7 +55,7 @@ class Server:
     def start(self) -> Server:
         env = dict(os.environ, TORPOR_DATA=str(self.data_dir),
                    TORPOR_POOL_SIZE=str(self.pool_size), **self.extra_env)
-        cmd = [sys.executable, "-c", "from torpor.cli.main import app; app()", "serve",
+        cmd = [*CLI, "serve",
                "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
                str(self.data_dir), "--pool-size", str(self.pool_size),
                "--preview-port", str(self.preview_port), *self.args]

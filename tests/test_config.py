@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 from torpor.config import Settings
 
@@ -33,9 +32,7 @@ def test_bad_config_files_are_refused_clearly(tmp_path):
         Settings.from_file(f)
     with pytest.raises(ValueError, match="cannot read"):
         Settings.from_file(tmp_path / "missing.toml")
-    p = subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
-                        "serve", "--config", str(f)], capture_output=True, text=True,
-                       timeout=60, check=False)
+    p = cli(None, "serve", "--config", str(f), timeout=60)
     assert p.returncode != 0 and "torpor.toml" in p.stderr
 
 
@@ -44,7 +41,5 @@ def test_bad_network_flags_stop_the_server_with_a_reason(tmp_path):
                          (["--egress-resolve", "no-equals-sign"], "no-equals-sign"),
                          (["--egress-upstream-ca", "/nonexistent.pem"], "/nonexistent.pem"),
                          (["--default-egress", "sometimes"], "sometimes")):
-        p = subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
-                            "serve", "--data-dir", str(tmp_path / "d"), "--port", "1",
-                            *flags], capture_output=True, text=True, timeout=120, check=False)
+        p = cli(None, "serve", "--data-dir", str(tmp_path / "d"), "--port", "1", *flags)
         assert p.returncode != 0 and words in p.stderr, (flags, p.stderr[-500:])

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 
@@ -22,7 +21,7 @@ import httpx
 import pytest
 import wsproto
 import wsproto.events as we
-from conftest import Server, make_data_dir, run, teardown_data_dir
+from conftest import Server, cli, make_data_dir, run, teardown_data_dir
 from upstreams import Upstreams
 
 REAL = "sk-real-" + os.urandom(12).hex()  # never sent into a sandbox by this test
@@ -577,11 +576,6 @@ def test_preview_url_bad_input(api, site):
 
 
 # --- the SDK and the CLI, against the same server -------------------------------------------
-def _cli(net, *args, input=None):
-    env = dict(os.environ, TORPOR_URL=net.url, TORPOR_API_KEY=net.key)
-    return subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
-                           *args], env=env, capture_output=True, text=True, input=input,
-                          timeout=120, check=False)
 
 
 def test_sdk_network_methods(net, up, site):
@@ -627,29 +621,29 @@ def test_sdk_network_methods(net, up, site):
 
 
 def test_cli_network_verbs(net, up, site):
-    p = _cli(net, "sandbox", "create", "--egress", "deny-all", "--allow", "api.test")
+    p = cli(net, "sandbox", "create", "--egress", "deny-all", "--allow", "api.test")
     assert p.returncode == 0, p.stderr
     sid = p.stdout.strip()
     try:
-        p = _cli(net, "sandbox", "network", sid, "--allow", "other.test", "--json")
+        p = cli(net, "sandbox", "network", sid, "--allow", "other.test", "--json")
         assert p.returncode == 0 and json.loads(p.stdout)["allow"] == ["other.test"]
-        p = _cli(net, "exec", sid, "--", "curl", "-fsS", "-o", "/dev/null",
+        p = cli(net, "exec", sid, "--", "curl", "-fsS", "-o", "/dev/null",
                  f"http://api.test:{up.http_port}/")
         assert p.returncode != 0  # api.test is no longer allowed
-        p = _cli(net, "sandbox", "egress", sid)
+        p = cli(net, "sandbox", "egress", sid)
         assert p.returncode == 0 and "DENIED" in p.stdout and "api.test" in p.stdout
-        p = _cli(net, "sandbox", "preview-url", site, "8000", "--expires-in", "10m")
+        p = cli(net, "sandbox", "preview-url", site, "8000", "--expires-in", "10m")
         assert p.returncode == 0 and "torpor_token=" in p.stdout
-        p = _cli(net, "sandbox", "expose", site, "8000")
+        p = cli(net, "sandbox", "expose", site, "8000")
         assert p.returncode == 0 and f"8000-{site}" in p.stdout
-        p = _cli(net, "sandbox", "expose", site, "8000", "--private")
+        p = cli(net, "sandbox", "expose", site, "8000", "--private")
         assert p.returncode == 0
-        p = _cli(net, "secret", "create", "cli-secret", "--host", "api.test", input=REAL)
+        p = cli(net, "secret", "create", "cli-secret", "--host", "api.test", input=REAL)
         assert p.returncode == 0, p.stderr
-        p = _cli(net, "secret", "list")
+        p = cli(net, "secret", "list")
         assert "cli-secret" in p.stdout and REAL not in p.stdout
-        assert _cli(net, "secret", "delete", "cli-secret").returncode == 0
-        p = _cli(net, "sandbox", "network", sid, "--egress", "sometimes")
+        assert cli(net, "secret", "delete", "cli-secret").returncode == 0
+        p = cli(net, "sandbox", "network", sid, "--egress", "sometimes")
         assert p.returncode != 0
     finally:
-        _cli(net, "sandbox", "rm", sid)
+        cli(net, "sandbox", "rm", sid)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import cli
 
 from torpor import AsyncSandbox, Sandbox
 from torpor.sdk.errors import (
@@ -79,33 +78,28 @@ def test_async_sdk(conn):
     asyncio.run(main())
 
 
-def _cli(server, *args, input=None):
-    env = dict(os.environ, TORPOR_URL=server.url, TORPOR_API_KEY=server.key)
-    return subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
-                           *args], env=env, capture_output=True, text=True, input=input,
-                          timeout=120, check=False)
 
 
 def test_cli_exec_files_and_exit_codes(server, tmp_path):
-    p = _cli(server, "sandbox", "create", "--metadata", "via=cli")
+    p = cli(server, "sandbox", "create", "--metadata", "via=cli")
     assert p.returncode == 0, p.stderr
     sid = p.stdout.strip()
     try:
-        p = _cli(server, "exec", sid, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+        p = cli(server, "exec", sid, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
         assert (p.returncode, p.stdout, p.stderr) == (7, "out\n", "err\n")
         src = tmp_path / "in.bin"
         src.write_bytes(os.urandom(3 << 20))
-        assert _cli(server, "files", "cp", str(src), f"{sid}:up.bin").returncode == 0
+        assert cli(server, "files", "cp", str(src), f"{sid}:up.bin").returncode == 0
         dst = tmp_path / "out.bin"
-        assert _cli(server, "files", "cp", f"{sid}:up.bin", str(dst)).returncode == 0
+        assert cli(server, "files", "cp", f"{sid}:up.bin", str(dst)).returncode == 0
         assert dst.read_bytes() == src.read_bytes()
-        p = _cli(server, "sandbox", "list", "--metadata", "via=cli")
+        p = cli(server, "sandbox", "list", "--metadata", "via=cli")
         assert sid in p.stdout
-        p = _cli(server, "sandbox", "info", "sbx_doesnotexist")
+        p = cli(server, "sandbox", "info", "sbx_doesnotexist")
         assert p.returncode == 1 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
-        assert "base" in _cli(server, "template", "list").stdout
+        assert "base" in cli(server, "template", "list").stdout
     finally:
-        assert _cli(server, "sandbox", "rm", sid).returncode == 0
+        assert cli(server, "sandbox", "rm", sid).returncode == 0
 
 
 def test_sdk_standby_hibernate_resume_usage(conn, server):
@@ -125,5 +119,5 @@ def test_sdk_standby_hibernate_resume_usage(conn, server):
         assert u.cpu_seconds > 0 and u.seconds_by_state["hibernated"] > 0
         kinds = [(e.to_state, e.reason) for e in sbx.events() if e.kind == "state"]
         assert ("hibernated", "explicit") in kinds and ("running", "explicit") in kinds
-        p = _cli(server, "sandbox", "usage", sbx.id, "--json")
+        p = cli(server, "sandbox", "usage", sbx.id, "--json")
         assert p.returncode == 0 and sbx.id in p.stdout

@@ -7,15 +7,13 @@ import asyncio
 import os
 import secrets as pysecrets
 import stat
-import subprocess
-import sys
 import threading
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, make_data_dir, teardown_data_dir
+from conftest import Server, cli, make_data_dir, teardown_data_dir
 from sqlalchemy import text
 
 from torpor.engine.secrets import (
@@ -538,10 +536,7 @@ def test_cli_subprocess_reads_the_value_from_stdin(srv):
     from torpor.sdk import Secret
 
     v = unique_value()
-    env = dict(os.environ, TORPOR_URL=srv.url, TORPOR_API_KEY=srv.key)
-    p = subprocess.run([sys.executable, "-c", "from torpor.cli.main import app; app()",
-                        "secret", "create", "sub1", "--host", "a.com"], input=v + "\n",
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    p = cli(srv, "secret", "create", "sub1", "--host", "a.com", input=v + "\n")
     assert p.returncode == 0, p.stderr
     assert v not in p.stdout + p.stderr
     try:
