@@ -134,6 +134,23 @@ def sandbox(api):
     api.delete(f"/v1/sandboxes/{sid}")
 
 
+def wait_for(pred, timeout: float = 30.0, every: float = 0.25):
+    """pred()'s first true value, polling every `every` s; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def wait_listening(api, sid: str, port: int, timeout: float = 30.0) -> None:
+    """Until something in the sandbox accepts connections on 127.0.0.1:port."""
+    probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}))\""
+    wait_for(lambda: run(api, sid, probe)["exit_code"] == 0, timeout, every=0.2)
+
+
 def run(api, sid: str, cmd: str, **kw) -> dict:
     r = api.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, **kw})
     assert r.status_code == 200, r.text

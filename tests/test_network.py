@@ -21,7 +21,15 @@ import httpx
 import pytest
 import wsproto
 import wsproto.events as we
-from conftest import Server, cli, make_data_dir, run, teardown_data_dir
+from conftest import (
+    Server,
+    cli,
+    make_data_dir,
+    run,
+    teardown_data_dir,
+    wait_for,
+    wait_listening,
+)
 from upstreams import Upstreams
 
 REAL = "sk-real-" + os.urandom(12).hex()  # never sent into a sandbox by this test
@@ -148,11 +156,8 @@ def test_a_policy_change_closes_open_connections(api, up):
                 content=KEEP_ALIVE_CLIENT)
         proc = api.post(f"/v1/sandboxes/{sid}/commands", json={
             "cmd": f"python3 /tmp/ka.py {up.http_port}", "background": True}).json()
-        deadline = time.monotonic() + 30
-        while "first 200" not in api.get(f"/v1/sandboxes/{sid}/processes/{proc['pid']}"
-                                         "/output").text:
-            assert time.monotonic() < deadline, "the first request never finished"
-            time.sleep(0.1)
+        wait_for(lambda: "first 200" in api.get(
+            f"/v1/sandboxes/{sid}/processes/{proc['pid']}/output").text, every=0.1)
         r = api.patch(f"/v1/sandboxes/{sid}/network",
                       json={"egress": "deny-all", "allow": ["other.test"]})
         assert r.status_code == 200
@@ -386,11 +391,7 @@ def site(api):
         assert api.post(f"/v1/sandboxes/{sid}/commands",
                         json={"cmd": cmd, "background": True}).status_code == 201
     for port in (8000, 9000):
-        deadline = time.monotonic() + 30
-        while sh(api, sid, f"python3 -c \"import socket; socket.create_connection(("
-                           f"'127.0.0.1', {port}))\"")["exit_code"] != 0:
-            assert time.monotonic() < deadline, f"port {port} never listened"
-            time.sleep(0.2)
+        wait_listening(api, sid, port)
     yield sid
     api.delete(f"/v1/sandboxes/{sid}")
 
@@ -537,9 +538,8 @@ def test_preview_streams_a_response_as_it_is_written(api, net, site):
             content=STREAMER)
     api.post(f"/v1/sandboxes/{site}/commands",
              json={"cmd": "exec python3 /tmp/streamer.py", "background": True})
-    sh(api, site, "rm -f /tmp/release; for i in $(seq 100); do python3 -c \"import socket; "
-                  "socket.create_connection(('127.0.0.1', 8001))\" 2>/dev/null && break; "
-                  "sleep 0.1; done")
+    sh(api, site, "rm -f /tmp/release")
+    wait_listening(api, site, 8001)
     headers = {"Host": f"8001-{site}.localhost", "Authorization": f"Bearer {net.key}"}
     with httpx.Client(timeout=30) as c, c.stream(
             "GET", f"http://127.0.0.1:{net.preview_port}/", headers=headers) as r:

@@ -16,6 +16,7 @@ import h11
 import httpx
 import pytest
 import uvicorn
+from conftest import wait_for as poll_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -325,10 +326,7 @@ class WSClient:
 
 
 def wait_for(pred, timeout: float = T) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+    poll_until(pred, timeout, every=0.01)
 
 
 # --- unit: tokens and host parsing --------------------------------------------------------

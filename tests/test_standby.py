@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, make_data_dir, run, teardown_data_dir
+from conftest import Server, make_data_dir, run, teardown_data_dir, wait_for, wait_listening
 
 from torpor.runtime.gvisor import GVisorDriver
 
@@ -36,16 +36,6 @@ while True:
 """
 CHECK = ("cat /tmp/state; echo; python3 -c \"import urllib.request; "
          "print(urllib.request.urlopen('http://127.0.0.1:8000/').status)\"")
-
-
-def wait_for(pred, timeout=30.0, every=0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def state(api, sid):
@@ -317,8 +307,7 @@ def test_epoll_sockets_refuse_hibernation_instead_of_losing_the_sandbox(api, sbx
     pid = api.post(f"/v1/sandboxes/{sbx}/commands",
                    json={"cmd": "exec python3 /home/user/srv.py", "background": True}
                    ).json()["pid"]
-    wait_for(lambda: run(api, sbx, "python3 -c \"import socket; socket.create_connection(("
-                                   "'127.0.0.1', 8765))\"")["exit_code"] == 0)
+    wait_listening(api, sbx, 8765)
     r = api.post(f"/v1/sandboxes/{sbx}/hibernate")
     assert r.status_code == 409, r.text
     problems = r.json()["error"]["problems"]
