@@ -176,9 +176,9 @@ class Network:
         then the caller's own env on top."""
         return SANDBOX_ENV | {var: g["placeholder"] for var, g in grants.items()} | env
 
-    def context(self, sid: str) -> SandboxNet:
-        """The sandbox's policy and credentials, read fresh: a policy change or a rotated
-        secret applies to the next connection."""
+    def context(self, sid: str, credentials: bool = True) -> SandboxNet:
+        """The sandbox's policy and (unless not wanted: DNS needs none) its credentials,
+        read fresh: a rotated secret applies to the next connection."""
         with self.engine.sessions() as s:
             row = s.get(SandboxRow, sid)
             network, grants = (dict(row.network or {}), dict(row.secrets or {})) if row \
@@ -186,7 +186,7 @@ class Network:
         policy = EgressPolicy.parse(network, default=self.default_policy)
         creds = []
         values = {}
-        if grants:
+        if grants and credentials:
             try:
                 values = self.engine.secrets.values([g["secret"] for g in grants.values()],
                                                     missing_ok=True)
@@ -239,7 +239,7 @@ class Network:
             self._egress.setdefault(sid, set()).add(task)
         tunnel = False
         try:
-            ctx = await asyncio.to_thread(self.context, sid)
+            ctx = await asyncio.to_thread(self.context, sid, op == "egress")
             self._touch(sid)
             if op == "dns":
                 try:
