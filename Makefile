@@ -7,9 +7,15 @@ STAMP := $(VENV)/.installed
 DATA ?= $(or $(TORPOR_DATA),/var/lib/torpor)
 HOST ?= 127.0.0.1
 PORT ?= 7070
-APT_PKGS := runsc e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev
+APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev
 
-.PHONY: serve test deps venv lint bench clean-test
+# runsc from Debian, at least this version: older ones (bookworm's 0.0~20221219) cannot
+# checkpoint event-loop servers and only write compressed images (slower deep resume). On
+# bookworm it comes from Debian's bookworm-backports suite, pinned to this one package.
+RUNSC_MIN := 0.0~20240729
+BACKPORTS_LIST := /etc/apt/sources.list.d/torpor-bookworm-backports.list
+
+.PHONY: serve test deps runsc venv lint bench clean-test
 
 serve: deps venv compat
 	$(VENV)/bin/torpor serve --host $(HOST) --port $(PORT) --data-dir $(DATA)
@@ -19,13 +25,26 @@ test: deps venv compat
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian packages: only asks apt when something is missing, so a second run is instant.
-deps:
+deps: runsc
 	@missing=""; \
 	for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+runsc:
+	@have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null); \
+	if [ -n "$$have" ] && dpkg --compare-versions "$$have" ge "$(RUNSC_MIN)"; then exit 0; fi; \
+	. /etc/os-release; target=""; \
+	if [ "$$VERSION_CODENAME" = bookworm ]; then \
+	  target="-t bookworm-backports"; \
+	  test -f $(BACKPORTS_LIST) || echo "deb http://deb.debian.org/debian bookworm-backports main" > $(BACKPORTS_LIST); \
+	fi; \
+	echo "installing runsc >= $(RUNSC_MIN) (have: $${have:-none}) $$target"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$target runsc; \
+	have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null); \
+	dpkg --compare-versions "$$have" ge "$(RUNSC_MIN)" || { echo "runsc $$have is older than $(RUNSC_MIN): Torpor runs, but cannot hibernate event-loop servers and resumes slower" >&2; }
 
 venv: $(STAMP)
 

@@ -33,6 +33,9 @@ class Settings:
     hibernate_after: float = float(os.environ.get("TORPOR_HIBERNATE_AFTER", "600"))
     # fraction of host memory in use past which idle sandboxes hibernate, oldest first
     memory_watermark: float = float(os.environ.get("TORPOR_MEMORY_WATERMARK", "0.85"))
+    # hibernation images: "none" (memory as it is: faster deep resume, as much disk as the
+    # sandbox's memory in use) or "flate" (compressed: less disk, slower resume)
+    image_compression: str = os.environ.get("TORPOR_IMAGE_COMPRESSION", "none")
     # a graceful stop hibernates sandboxes for at most this long, then exits
     shutdown_timeout: float = float(os.environ.get("TORPOR_SHUTDOWN_TIMEOUT", "60"))
     log_level: str = os.environ.get("TORPOR_LOG_LEVEL", "info")

@@ -91,8 +91,12 @@ class Engine:
         self.secrets = SecretStore(self.sessions, self.data_dir / "secrets.key")
         self.templates = TemplateStore(self.data_dir)
         self.templates.ensure_base()
+        if settings.image_compression not in ("none", "flate"):
+            raise ValueError(f"image_compression must be none or flate, not "
+                             f"{settings.image_compression!r}")
         self.driver = GVisorDriver(self.data_dir, runsc=settings.runsc,
-                                   platform=settings.platform)
+                                   platform=settings.platform,
+                                   image_compression=settings.image_compression)
         self.channels: dict[str, Channel] = {}
         self._state: dict[str, str] = {}  # cache of the records' states, for the hot path
         self._pooled: set[str] = set()  # booted, waiting in the warm pool

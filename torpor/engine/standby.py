@@ -173,10 +173,11 @@ class Standby:
             e._set_state(sid, HIBERNATED, None, reason, _ms(t0), result)
 
     async def _check_hibernatable(self, sid: str, state: str, reason: str) -> None:
-        """Refuse (409) what this runsc cannot checkpoint without killing the sandbox."""
+        """Refuse (409) what this runsc cannot checkpoint without killing the sandbox
+        (`driver.checkpoint_limits`: nothing on runsc 0.0~20240729 and later)."""
         e = self.engine
         chan = e.channels.get(sid)
-        if chan is None:
+        if chan is None or not e.driver.checkpoint_limits:
             return
         frozen = state == STANDBY
         if frozen:
@@ -185,7 +186,9 @@ class Standby:
             res = await chan.call("hibernate_check", timeout=30)
         except (AgentError, ChannelClosed, TimeoutError) as err:
             res = {"problems": [{"error": f"the agent did not answer the check: {err}"}]}
-        problems = res.get("problems") or []
+        # what the check reports that this runsc can save after all
+        problems = [p for p in res.get("problems") or []
+                    if p.get("kind", "error") in e.driver.checkpoint_limits | {"error"}]
         if problems and frozen:
             # refused: back to standby. (Passed: it stays thawed for the checkpoint, which
             # pauses it itself; freezing it again would race the checkpoint.)
