@@ -147,6 +147,7 @@ class Engine:
         for chan in list(self.channels.values()):
             await chan.close()
         self.channels.clear()
+        await asyncio.to_thread(self.driver.close)
         self.db.dispose()
 
     async def recover(self) -> None:

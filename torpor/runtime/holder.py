@@ -8,8 +8,10 @@ on; the holder tells the agent to drop its streams (RESET), keeps the agent's fr
 (up to a bound, then back-pressure), and hands them to the next server that connects.
 It forwards only whole frames, so a server dying mid-write never corrupts the channel.
 
-Stdlib only, started as `python -I -S holder.py CONFIG.json`; it exits when the
-container's stdout closes (the sandbox is gone) and records why in the status file.
+Stdlib only, started as `python -I -S holder.py CONFIG.json` (or ahead of need as
+`holder.py --spare`, given the config's path on stdin, which stays in its command line);
+it exits when the container's
+stdout closes (the sandbox is gone) and records why in the status file.
 """
 
 from __future__ import annotations
@@ -296,10 +298,35 @@ class Holder:
         reap(until=time.monotonic() + 10)
 
 
+def wait_for_work() -> str | None:
+    """A spare holder (`holder.py --spare`) is started ahead of need, so that a sandbox's
+    start or restore does not wait for Python to start (~25 ms): it reads the path of its
+    config from stdin, then takes its sandbox directory as cwd and its holder.log as
+    stdout and stderr. EOF (the server closed it or died) means no work: exit."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    d = os.path.dirname(line)
+    os.chdir(d)
+    log = os.open(os.path.join(d, "holder.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                  0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, to in ((null, 0), (log, 1), (log, 2)):
+        os.dup2(fd, to)
+    os.close(null)
+    os.close(log)
+    return line
+
+
 def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with open(sys.argv[1]) as f:
+    path = wait_for_work() if sys.argv[1] == "--spare" else sys.argv[1]
+    if path is None:
+        return
+    with open(path) as f:
         cfg = json.load(f)
     become_subreaper()
     Holder(cfg).run()
