@@ -7,6 +7,7 @@ module reads what they use and freezes or thaws them, for either layout.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
@@ -14,6 +15,34 @@ ROOT = Path("/sys/fs/cgroup")
 
 def is_v2() -> bool:
     return (ROOT / "cgroup.controllers").exists()
+
+
+def favor_dynmods() -> str:
+    """Set cgroup2's `favordynmods` mount option, if the kernel has it and it is not set.
+
+    Moving a process into a cgroup (what runsc does for every sandbox it starts or
+    restores) otherwise waits for an RCU grace period under a lock shared by all
+    hierarchies: measured 7.5-28 ms per first write to `cgroup.procs` here, 0.2 ms with the
+    option. The kernel's documentation: it makes "dynamic cgroup modifications such as task
+    migrations" cheaper at a small cost to forks and exits. It stays set until the next
+    boot (and since 6.18 cannot be unset). Returns what happened, for the log."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError as e:
+        return f"not set: cannot read /proc/self/mounts ({e})"
+    cg2 = [m for m in mounts if len(m) >= 4 and m[2] == "cgroup2"]
+    if not cg2:
+        return "not set: no cgroup2 mount"
+    path, opts = cg2[0][1], cg2[0][3].split(",")
+    if "favordynmods" in opts:
+        return f"already set on {path}"
+    # mount(8) keeps the mount's other options (nsdelegate, memory_recursiveprot...)
+    p = subprocess.run(["mount", "-o", "remount,favordynmods", path], check=False,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"not set on {path} (kernel without it?): {p.stderr.strip()}"
+    return f"set on {path}"
 
 
 class Cgroup:

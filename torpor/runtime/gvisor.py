@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from torpor.runtime.base import RuntimeError_, SandboxSpec, Stats
-from torpor.runtime.cgroups import Cgroup
+from torpor.runtime.cgroups import Cgroup, favor_dynmods
 from torpor.runtime.channel import Channel, ChannelClosed
 from torpor.storage.layers import Layer
 
@@ -138,6 +138,7 @@ class GVisorDriver:
             frozenset() if release_date(self.version) >= CHECKPOINT_FIXED
             else frozenset({"deleted_file", "epoll_socket"}))
         raise_pid_max()
+        log.info("cgroup favordynmods: %s", favor_dynmods())
 
     # --- paths ------------------------------------------------------------------------
     def sandbox_dir(self, sid: str) -> Path:
