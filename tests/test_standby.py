@@ -89,6 +89,22 @@ def test_standby_freezes_costs_no_cpu_and_wakes_on_request(server, api, sbx):
         ("standby", "explicit"), ("running", "request")]
 
 
+def test_state_reads_right_at_once_after_a_hot_resume(api, sbx):
+    # a hot resume writes its record a moment after the request: reads must not lag
+    for _ in range(3):
+        assert api.post(f"/v1/sandboxes/{sbx}/standby").json()["state"] == "standby"
+        assert [x["id"] for x in api.get("/v1/sandboxes", params={"state": "standby"}).json()
+                ].count(sbx) == 1
+        assert api.post(f"/v1/sandboxes/{sbx}/resume").json()["state"] == "running"
+        assert state(api, sbx) == "running"
+        listed = api.get("/v1/sandboxes", params={"state": "running"}).json()
+        assert sbx in [x["id"] for x in listed]
+        assert sbx not in [x["id"] for x in
+                           api.get("/v1/sandboxes", params={"state": "standby"}).json()]
+    wait_for(lambda: [e["to_state"] for e in api.get(f"/v1/sandboxes/{sbx}/events").json()
+                      if e["kind"] == "state"][-6:] == ["standby", "running"] * 3)
+
+
 def test_hibernate_keeps_memory_processes_and_files(server, api, sbx):
     pid = start_prog(api, sbx)
     run(api, sbx, "echo file > /home/user/f")

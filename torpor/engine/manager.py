@@ -70,8 +70,8 @@ class SandboxInfo:
 
     @classmethod
     def of(cls, row: SandboxRow, last_active: datetime | None = None,
-           **extra: Any) -> SandboxInfo:
-        return cls(id=row.id, template=row.template, state=row.state,
+           state: str | None = None, **extra: Any) -> SandboxInfo:
+        return cls(id=row.id, template=row.template, state=state or row.state,
                    created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
                    memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
                    metadata=dict(row.meta or {}), reason=row.reason,
@@ -209,7 +209,8 @@ class Engine:
                            to_state=to_state, reason=reason, detail=detail))
 
     def _set_state(self, sid: str, state: str, message: str | None, reason: str,
-                   duration_ms: int | None = None, extra: dict | None = None) -> None:
+                   duration_ms: int | None = None, extra: dict | None = None,
+                   at: datetime | None = None) -> None:
         detail = dict(extra or {})
         if message:
             detail["message"] = message
@@ -219,7 +220,7 @@ class Engine:
             row = s.get(SandboxRow, sid)
             old = row.state
             row.state = state
-            row.updated_at = now()
+            row.updated_at = at or now()
             if sid in self.standby.activity:
                 row.last_active_at = to_datetime(self.standby.activity[sid].last)
             if state == FAILED:
@@ -227,7 +228,7 @@ class Engine:
             if state == DELETED:
                 row.deleted_at = now()
             s.add(EventRow(sandbox_id=sid, kind="state", from_state=old, to_state=state,
-                           reason=reason, detail=detail))
+                           reason=reason, detail=detail, at=at or now()))
         self._state[sid] = state
 
     async def _detach(self, sid: str, bank: bool = True) -> None:
@@ -404,7 +405,9 @@ class Engine:
              metadata: dict[str, str] | None = None) -> list[SandboxInfo]:
         with self.sessions() as s:
             q = select(SandboxRow).where(SandboxRow.pooled.is_(False))
-            q = q.where(SandboxRow.state == state) if state else q.where(
+            # running and standby are told by the in-process state (a hot resume writes
+            # its record a moment later): filter on what _info says, not on the record
+            q = q.where(SandboxRow.state == DELETED) if state == DELETED else q.where(
                 SandboxRow.state != DELETED)
             rows = list(s.scalars(q.order_by(SandboxRow.created_at)))
         out = []
@@ -412,13 +415,15 @@ class Engine:
             meta = r.meta or {}
             if metadata and any(meta.get(k) != v for k, v in metadata.items()):
                 continue
-            out.append(self._info(r))
+            info = self._info(r)
+            if state is None or info.state == state:
+                out.append(info)
         return out
 
     def _info(self, row: SandboxRow) -> SandboxInfo:
         a = self.standby.activity.get(row.id)
         return SandboxInfo.of(row, to_datetime(a.last) if a else None,
-                              **self.network.info(row))
+                              self._state.get(row.id), **self.network.info(row))
 
     def get(self, sid: str) -> SandboxInfo:
         return self._info(self._row(sid))

@@ -35,6 +35,7 @@ RUNNING, STANDBY, HIBERNATED, FAILED, DELETED = (
     "running", "standby", "hibernated", "failed", "deleted")
 IDLE_TICK = 1.0  # seconds between idle checks
 MAX_HOLD = 3600.0  # the longest a keep-alive hold lasts, so a forgotten one cannot pin
+RECORD_THAW_AFTER = 0.05  # seconds after a hot resume before its state record is written
 RETRY_AFTER = 60.0  # seconds before an automatic hibernation that failed is tried again
 
 
@@ -227,10 +228,13 @@ class Standby:
                 e.driver.freeze(e._specs[sid], False)
                 e._state[sid] = RUNNING
                 self.touch(sid)
-                # the record is written right after the caller's request has left; the
-                # lock is held until then, so no other transition sees it half-done
-                asyncio.get_running_loop().call_soon(self._record_thaw, sid, reason,
-                                                     _ms(t0), lock)
+                # the record is written once the caller's command has most likely run:
+                # written at once, its ~2 ms of CPU competed with the command (measured:
+                # standby -> echo 2 ms slower than running -> echo; 0.4 ms deferred). The
+                # lock is held until then, so no other transition sees it half-done; a
+                # server killed meanwhile finds it "standby", and thawing it again is a no-op
+                asyncio.get_running_loop().call_later(RECORD_THAW_AFTER, self._record_thaw,
+                                                      sid, reason, _ms(t0), now(), lock)
                 lock = None
                 return
             await self._resume_locked(sid, reason)
@@ -238,9 +242,10 @@ class Standby:
             if lock is not None:
                 lock.release()
 
-    def _record_thaw(self, sid: str, reason: str, ms: int, lock: asyncio.Lock) -> None:
+    def _record_thaw(self, sid: str, reason: str, ms: int, at: datetime,
+                     lock: asyncio.Lock) -> None:
         try:
-            self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": STANDBY})
+            self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": STANDBY}, at)
         except Exception:  # the sandbox runs; only its record lags: say so, go on
             log.exception("sandbox %s: recording its resume", sid)
         finally:
