@@ -96,6 +96,7 @@ from common import (
 )
 
 from torpor.runtime.cgroups import Cgroup, is_v2
+from torpor.runtime.gvisor import checkpoint_flags
 
 SECTIONS = ["hot", "hibernate", "wake", "density"]
 TARGETS = {  # reported beside the figures, never asserted
@@ -107,6 +108,9 @@ TARGETS = {  # reported beside the figures, never asserted
 }
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
 PLATFORM = "ptrace"
+# raw checkpoints write the image format Torpor writes by default (uncompressed where
+# runsc can), so the raw column compares like with like
+RAW_CHECKPOINT = checkpoint_flags(RUNSC, "none")
 MIB = 1 << 20
 HOLD_MIB = 256
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -553,7 +557,8 @@ class Bench:
         img.mkdir(parents=True)
         out = {}
         t0 = time.perf_counter()
-        self._raw_cli(self.runsc("checkpoint", "--image-path", str(img), c["cid"]))
+        self._raw_cli(self.runsc("checkpoint", *RAW_CHECKPOINT, "--image-path", str(img),
+                                 c["cid"]))
         out["checkpoint_ms"] = ms_since(t0)
         out["image_bytes"] = dir_bytes(img)
         self.raw_close_fds(c)
@@ -795,7 +800,8 @@ class Bench:
                 "restore_to_first_answer_ms": col("restore_to_first_answer_ms", raws),
                 "all_ok": all(x["ok"] for x in raws),
                 "memory_intact_after": bool(raw_check.get("intact")),
-                "commands": [" ".join(self.runsc("checkpoint", "--image-path", "IMG", "ID")),
+                "commands": [" ".join(self.runsc("checkpoint", *RAW_CHECKPOINT, "--image-path",
+                                                 "IMG", "ID")),
                              " ".join(self.runsc("delete", "--force", "ID")),
                              " ".join(self.runsc("restore", "--detach", "--image-path", "IMG",
                                                  "--bundle", "B", "ID"))],

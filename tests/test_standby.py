@@ -103,6 +103,19 @@ def test_state_reads_right_at_once_after_a_hot_resume(api, sbx):
                            api.get("/v1/sandboxes", params={"state": "standby"}).json()]
     wait_for(lambda: [e["to_state"] for e in api.get(f"/v1/sandboxes/{sbx}/events").json()
                       if e["kind"] == "state"][-6:] == ["standby", "running"] * 3)
+    # a transition right after a hot resume writes the pending record first, in order
+    api.post(f"/v1/sandboxes/{sbx}/standby")
+    api.post(f"/v1/sandboxes/{sbx}/resume")
+    assert api.post(f"/v1/sandboxes/{sbx}/standby").json()["state"] == "standby"
+    states = [e for e in api.get(f"/v1/sandboxes/{sbx}/events").json() if e["kind"] == "state"]
+    assert [e["to_state"] for e in states[-3:]] == ["standby", "running", "standby"]
+    assert [e["at"] for e in states] == sorted(e["at"] for e in states)
+    # and a delete right after one is not undone by it
+    api.post(f"/v1/sandboxes/{sbx}/resume")
+    assert api.delete(f"/v1/sandboxes/{sbx}").status_code == 204
+    time.sleep(0.3)
+    assert sbx in [x["id"] for x in
+                   api.get("/v1/sandboxes", params={"state": "deleted"}).json()]
 
 
 def test_hibernate_keeps_memory_processes_and_files(server, api, sbx):

@@ -53,6 +53,8 @@ class Standby:
         self.activity: dict[str, Activity] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.transitioning: set[str] = set()  # channel closes here are expected
+        # hot resumes whose state record is still to be written (see resume)
+        self.pending_thaws: dict[str, tuple[asyncio.TimerHandle, tuple]] = {}
 
     # --- activity -------------------------------------------------------------------------
     def act(self, sid: str) -> Activity:
@@ -110,7 +112,18 @@ class Standby:
     def idle_seconds(self, sid: str) -> float:
         return time.monotonic() - self.act(sid).last
 
+    def flush_thaw(self, sid: str) -> None:
+        """Write a hot resume's state record now if it is still pending (see resume), so
+        that records keep their order and its lock goes free."""
+        pending = self.pending_thaws.get(sid)
+        if pending is not None:
+            timer, args = pending
+            timer.cancel()
+            self._record_thaw(*args)
+
     def lock(self, sid: str) -> asyncio.Lock:
+        """The sandbox's transition lock (free at once after a hot resume: see flush_thaw)."""
+        self.flush_thaw(sid)
         lk = self.locks.get(sid)
         if lk is None:
             lk = self.locks[sid] = asyncio.Lock()
@@ -231,10 +244,13 @@ class Standby:
                 # the record is written once the caller's command has most likely run:
                 # written at once, its ~2 ms of CPU competed with the command (measured:
                 # standby -> echo 2 ms slower than running -> echo; 0.4 ms deferred). The
-                # lock is held until then, so no other transition sees it half-done; a
-                # server killed meanwhile finds it "standby", and thawing it again is a no-op
-                asyncio.get_running_loop().call_later(RECORD_THAW_AFTER, self._record_thaw,
-                                                      sid, reason, _ms(t0), now(), lock)
+                # lock is held until then, so no other transition sees it half-done; any
+                # other state write or lock request writes it first (flush_thaw). A server
+                # killed meanwhile finds it "standby": thawing it again is a no-op
+                args = (sid, reason, _ms(t0), now(), lock)
+                timer = asyncio.get_running_loop().call_later(RECORD_THAW_AFTER,
+                                                              self._record_thaw, *args)
+                self.pending_thaws[sid] = (timer, args)
                 lock = None
                 return
             await self._resume_locked(sid, reason)
@@ -244,6 +260,7 @@ class Standby:
 
     def _record_thaw(self, sid: str, reason: str, ms: int, at: datetime,
                      lock: asyncio.Lock) -> None:
+        self.pending_thaws.pop(sid, None)
         try:
             self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": STANDBY}, at)
         except Exception:  # the sandbox runs; only its record lags: say so, go on

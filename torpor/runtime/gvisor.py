@@ -369,8 +369,8 @@ class GVisorDriver:
     def drop_image(self, sid: str) -> None:
         """Remove the image of a sandbox that resumed. It is renamed away at once (the next
         hibernation writes a fresh one) and deleted in a thread: unlinking an uncompressed
-        image of 256 MiB takes ~15 ms, which a waking request need not wait for."""
-        self._remove_dropped(sid)
+        image of 256 MiB takes ~15 ms, which a waking request need not wait for. (What a
+        thread did not finish, the next hibernation or the delete removes.)"""
         gone = self.sandbox_dir(sid) / f"image.dropped-{time.monotonic_ns()}"
         try:
             os.rename(self.image_dir(sid), gone)
