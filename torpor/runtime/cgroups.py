@@ -61,8 +61,33 @@ class Cgroup:
         except OSError:
             return None
 
+    def _read_int(self, controller: str, name: str) -> int | None:
+        """A one-number file, read with two system calls (the watchdog reads these ten
+        times a second for every running sandbox)."""
+        try:
+            fd = os.open(f"{self._path(controller)}/{name}", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            text = os.read(fd, 64).strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return int(text) if text.isdigit() else None
+
     def exists(self) -> bool:
         return self._path("memory").exists()
+
+    def memory_charged(self) -> int | None:
+        """Memory charged to the cgroup, file cache included: an upper bound of
+        memory_bytes() at the cost of one small read (memory.stat is ~1.5 KiB to parse)."""
+        return self._read_int("memory", "memory.current" if self.v2
+                              else "memory.usage_in_bytes")
+
+    def tasks(self) -> int | None:
+        """Host tasks (threads) in the cgroup now: pids.current."""
+        return self._read_int("pids", "pids.current")
 
     def memory_bytes(self) -> int | None:
         """Memory in use, not counting file cache the kernel can drop."""
