@@ -212,7 +212,7 @@ class Engine:
     def _set_state(self, sid: str, state: str, message: str | None, reason: str,
                    duration_ms: int | None = None, extra: dict | None = None,
                    at: datetime | None = None) -> None:
-        self.standby.flush_thaw(sid)  # a hot resume's record, if pending, comes first
+        self.standby.flush_resume(sid)  # a resume's record, if pending, comes first
         detail = dict(extra or {})
         if message:
             detail["message"] = message

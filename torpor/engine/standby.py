@@ -35,7 +35,7 @@ RUNNING, STANDBY, HIBERNATED, FAILED, DELETED = (
     "running", "standby", "hibernated", "failed", "deleted")
 IDLE_TICK = 1.0  # seconds between idle checks
 MAX_HOLD = 3600.0  # the longest a keep-alive hold lasts, so a forgotten one cannot pin
-RECORD_THAW_AFTER = 0.05  # seconds after a hot resume before its state record is written
+RECORD_RESUME_AFTER = 0.05  # seconds after a resume before its state record is written
 RETRY_AFTER = 60.0  # seconds before an automatic hibernation that failed is tried again
 
 
@@ -53,8 +53,8 @@ class Standby:
         self.activity: dict[str, Activity] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.transitioning: set[str] = set()  # channel closes here are expected
-        # hot resumes whose state record is still to be written (see resume)
-        self.pending_thaws: dict[str, tuple[asyncio.TimerHandle, tuple]] = {}
+        # resumes whose state record is still to be written (see _resumed)
+        self.pending_resumes: dict[str, tuple[asyncio.TimerHandle, tuple]] = {}
 
     # --- activity -------------------------------------------------------------------------
     def act(self, sid: str) -> Activity:
@@ -112,18 +112,17 @@ class Standby:
     def idle_seconds(self, sid: str) -> float:
         return time.monotonic() - self.act(sid).last
 
-    def flush_thaw(self, sid: str) -> None:
-        """Write a hot resume's state record now if it is still pending (see resume), so
-        that records keep their order and its lock goes free."""
-        pending = self.pending_thaws.get(sid)
+    def flush_resume(self, sid: str) -> None:
+        """Write a resume's state record now if it is still pending (see _resumed)."""
+        pending = self.pending_resumes.get(sid)
         if pending is not None:
             timer, args = pending
             timer.cancel()
-            self._record_thaw(*args)
+            self._record_resume(*args)
 
     def lock(self, sid: str) -> asyncio.Lock:
-        """The sandbox's transition lock (free at once after a hot resume: see flush_thaw)."""
-        self.flush_thaw(sid)
+        """The sandbox's transition lock; a resume's pending record is written first."""
+        self.flush_resume(sid)
         lk = self.locks.get(sid)
         if lk is None:
             lk = self.locks[sid] = asyncio.Lock()
@@ -228,45 +227,55 @@ class Standby:
     async def resume(self, sid: str, reason: str) -> None:
         """Bring a sandbox in standby or hibernated back to running; a no-op otherwise."""
         e = self.engine
-        state = e._state.get(sid)
-        if state == RUNNING:
+        if e._state.get(sid) == RUNNING:
             return
-        lock = self.lock(sid)
-        await lock.acquire()
-        try:
-            if e._state.get(sid) == STANDBY and sid in e._specs:
+        async with self.lock(sid):
+            state = e._state.get(sid)
+            if state == RUNNING:
+                return  # another request resumed it while this one waited
+            if state == STANDBY and sid in e._specs:
                 # the hot path: the in-process state is the record's (every change goes
                 # through _set_state), so no read; the thaw is one cgroup write
                 t0 = time.monotonic()
                 e.driver.freeze(e._specs[sid], False)
-                e._state[sid] = RUNNING
-                self.touch(sid)
-                # the record is written once the caller's command has most likely run:
-                # written at once, its ~2 ms of CPU competed with the command (measured:
-                # standby -> echo 2 ms slower than running -> echo; 0.4 ms deferred). The
-                # lock is held until then, so no other transition sees it half-done; any
-                # other state write or lock request writes it first (flush_thaw). A server
-                # killed meanwhile finds it "standby": thawing it again is a no-op
-                args = (sid, reason, _ms(t0), now(), lock)
-                timer = asyncio.get_running_loop().call_later(RECORD_THAW_AFTER,
-                                                              self._record_thaw, *args)
-                self.pending_thaws[sid] = (timer, args)
-                lock = None
+                self._resumed(sid, reason, t0, STANDBY)
                 return
             await self._resume_locked(sid, reason)
-        finally:
-            if lock is not None:
-                lock.release()
 
-    def _record_thaw(self, sid: str, reason: str, ms: int, at: datetime,
-                     lock: asyncio.Lock) -> None:
-        self.pending_thaws.pop(sid, None)
+    def _resumed(self, sid: str, reason: str, t0: float, was: str) -> None:
+        """The sandbox runs again. After a thaw its state record is written
+        RECORD_RESUME_AFTER later, once the caller's command has most likely run: written
+        at once, its ~2 ms of CPU competed with that command (measured: standby -> echo
+        2 ms slower than running -> echo; 0.4 ms deferred). Any other state write or
+        transition writes it first (flush_resume), so records keep their order; reads use
+        the in-process state. A server killed meanwhile finds "standby": thawing again is
+        a no-op. After a restore the record is written at once (a restart that believed
+        it still hibernated would look for an image that is gone)."""
+        self.engine._state[sid] = RUNNING
+        self.touch(sid)
+        args = (sid, reason, _ms(t0), now(), was)
+        if was != STANDBY:
+            self._record_resume(*args)
+            return
+        timer = asyncio.get_running_loop().call_later(RECORD_RESUME_AFTER,
+                                                      self._record_resume, *args)
+        self.pending_resumes[sid] = (timer, args)
+
+    async def _tell_resumed(self, sid: str, chan) -> None:
+        """Have a restored agent check its environment again (`resumed`)."""
         try:
-            self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": STANDBY}, at)
+            await chan.call("resumed", timeout=10)
+        except AgentError:
+            pass  # an agent from before this op: it had SIGHUP, which does the same
+        except (ChannelClosed, TimeoutError) as err:
+            log.warning("sandbox %s: after the restore: %s", sid, err)
+
+    def _record_resume(self, sid: str, reason: str, ms: int, at: datetime, was: str) -> None:
+        self.pending_resumes.pop(sid, None)
+        try:
+            self.engine._set_state(sid, RUNNING, None, reason, ms, {"from": was}, at)
         except Exception:  # the sandbox runs; only its record lags: say so, go on
             log.exception("sandbox %s: recording its resume", sid)
-        finally:
-            lock.release()
 
     async def _resume_locked(self, sid: str, reason: str) -> None:
         e = self.engine
@@ -291,14 +300,12 @@ class Standby:
                                   sandbox_id=sid) from None
             self.transitioning.discard(sid)
             e._attach(sid, spec, chan)
-            try:
-                await chan.call("resumed", timeout=10)
-            except AgentError:
-                pass  # an agent from before this op: it had SIGHUP, which does the same
-            except (ChannelClosed, TimeoutError) as err:
-                log.warning("sandbox %s: after the restore: %s", sid, err)
-            e.driver.drop_image(sid)
-            e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": HIBERNATED})
+            # not awaited: the agent takes its frames in order, so it has checked itself
+            # again before it sees the caller's request
+            asyncio.get_running_loop().create_task(self._tell_resumed(sid, chan))
+            self._resumed(sid, reason, t0, HIBERNATED)
+            e.driver.drop_image(sid)  # only once the record says running
+            return
         else:
             raise Unavailable(f"sandbox {sid} is {row.state}", sandbox_id=sid)
         self.touch(sid)
@@ -316,6 +323,7 @@ class Standby:
         e = self.engine
         for row in e.live_rows():
             sid = row.id
+            state = e._state.get(sid, row.state)  # a resume's record may be pending
             idle = self.idle_seconds(sid)
             age = (now() - row.created_at).total_seconds()
             if row.ttl and age >= row.ttl:
@@ -325,10 +333,10 @@ class Standby:
                 await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s",
                                    ttl=False)
                 continue
-            if row.state == RUNNING and row.standby_after and idle >= row.standby_after:
+            if state == RUNNING and row.standby_after and idle >= row.standby_after:
                 if not await self._busy_quiet(row):
                     await self._try(self.standby(sid, "idle"))
-            elif (row.state == STANDBY and row.hibernate_after
+            elif (state == STANDBY and row.hibernate_after
                   and idle >= row.standby_after + row.hibernate_after
                   and time.monotonic() - self.act(sid).failed_at > RETRY_AFTER):
                 await self._try(self.hibernate(sid, "idle"))
