@@ -8,10 +8,10 @@ on; the holder tells the agent to drop its streams (RESET), keeps the agent's fr
 (up to a bound, then back-pressure), and hands them to the next server that connects.
 It forwards only whole frames, so a server dying mid-write never corrupts the channel.
 
-Stdlib only, started as `python -I -S holder.py CONFIG.json` (or ahead of need as
-`holder.py --spare`, given the config's path on stdin, which stays in its command line);
-it exits when the container's
-stdout closes (the sandbox is gone) and records why in the status file.
+Stdlib only, started as `python -I -S holder.py CONFIG.json`, or ahead of need as
+`holder.py --spare` and given the config's path on stdin (`--spare` then stays in its
+command line). It exits when the container's stdout closes (the sandbox is gone) and
+records why in the status file.
 """
 
 from __future__ import annotations
