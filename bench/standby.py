@@ -11,7 +11,9 @@ start, a sample byte, a counter) every second. Sandboxes are created with
 `standby_after=0, hibernate_after=0` (no automatic timers). Sections (`--only a,b`):
 
   hot        `echo ok` on a running sandbox (baseline); then cycles of POST /standby, 50 ms
-             frozen, POST /commands `echo ok` (the request wakes it): latency of both.
+             frozen, POST /commands `echo ok` (the request wakes it): latency of both;
+             then the same cycles streamed, to the first stdout event (the target's
+             "first output"), beside a running sandbox left idle 50 ms.
              Raw: FROZEN/THAWED written straight to the sandbox's freezer cgroup (behind the
              server's back), and `echo ok` right after the thaw. Also /usage cpu_seconds
              over 10 s running vs 10 s in standby.
@@ -100,8 +102,8 @@ from torpor.runtime.gvisor import checkpoint_flags
 
 SECTIONS = ["hot", "hibernate", "wake", "density"]
 TARGETS = {  # reported beside the figures, never asserted
-    "hot.resume_echo_ms.p50": ("<=", 10),
-    "hot.resume_echo_ms.p99": ("<=", 25),
+    "hot.resume_first_output_ms.p50": ("<=", 10),
+    "hot.resume_first_output_ms.p99": ("<=", 25),
     "hibernate.deep_resume_echo_ms.p50": ("<=", 400),
     "wake.total_ms.p50": ("<=", 400),
     "density.hibernated.mem_available_drop_per_sandbox_mib": ("<=", 5),
@@ -356,6 +358,23 @@ class Bench:
         t0 = time.perf_counter()
         r = self.run(sid, "echo ok")
         return ms_since(t0), r.get("stdout") == "ok\n" and r.get("exit_code") == 0
+
+    def first_output(self, sid: str) -> tuple[float, bool]:
+        """`echo ok` streamed (NDJSON): ms until its first stdout event reaches us (the
+        issue's "first output of a command"), and whether the whole stream was right."""
+        t0 = time.perf_counter()
+        first, out, code = None, "", None
+        with self.c.stream("POST", f"/v1/sandboxes/{sid}/commands",
+                           json={"cmd": "echo ok", "stream": True}) as r:
+            for line in r.iter_lines():
+                ev = json.loads(line)
+                if ev["type"] == "stdout":
+                    if first is None:
+                        first = ms_since(t0)
+                    out += ev["data"]
+                elif ev["type"] == "exit":
+                    code = ev["exit_code"]
+        return (first if first is not None else ms_since(t0)), out == "ok\n" and code == 0
 
     def state(self, sid: str) -> str:
         return self.c.get(f"/v1/sandboxes/{sid}").json()["state"]
@@ -641,6 +660,20 @@ class Bench:
             ms, ok = self.echo(sid)
             echo_ms.append(ms)
             bad += not ok
+        # the same, to the first output of a streamed command (the target's measure); and,
+        # for scale, a running sandbox left idle as long (idle vCPUs and parked threads
+        # wake slower than busy ones)
+        first_ms, idle_first_ms = [], []
+        for _ in range(n):
+            self.post(f"/v1/sandboxes/{sid}/standby")
+            time.sleep(0.05)
+            ms, ok = self.first_output(sid)
+            first_ms.append(ms)
+            bad += not ok
+            time.sleep(0.05)
+            ms, ok = self.first_output(sid)
+            idle_first_ms.append(ms)
+            bad += not ok
         evs = [e for e in self.events(sid) if e["kind"] == "state"]
         thaw_ev = [e["detail"].get("duration_ms") for e in evs
                    if e["from_state"] == "standby" and e["to_state"] == "running"][-n:]
@@ -697,6 +730,8 @@ class Bench:
             "standby_ms": stats99(sb_ms),
             "standby_states_returned": sorted(set(states)),
             "resume_echo_ms": stats99(echo_ms),
+            "resume_first_output_ms": stats99(first_ms),
+            "running_idle_first_output_ms": stats99(idle_first_ms),
             "resume_echo_not_ok": bad,
             "events_freeze_duration_ms": stats(freeze_ev),
             "events_thaw_duration_ms": stats(ev_ms),
@@ -1178,7 +1213,11 @@ def table(report: dict) -> str:
         rows.append(("  until freezer.state reads FROZEN p50/p99 ms", "",
                      pp(rf["freeze_until_frozen_ms"], nd=2), ""))
         rows.append(("hot: standby -> echo ok response p50/p99 ms", pp(h["resume_echo_ms"]),
-                     f"thaw+echo {pp(rf['thaw_then_echo_ms'])}", "p50<=10, p99<=25"))
+                     f"thaw+echo {pp(rf['thaw_then_echo_ms'])}", ""))
+        rows.append(("hot: standby -> first output (streamed echo ok) p50/p99 ms",
+                     pp(h["resume_first_output_ms"]), "", "p50<=10, p99<=25"))
+        rows.append(("  the same on a running sandbox idle 50 ms p50/p99 ms",
+                     pp(h["running_idle_first_output_ms"]), "", ""))
         rows.append(("  thaw alone p50/p99 ms (events: int ms / raw write)",
                      pp(h["events_thaw_duration_ms"], nd=0), pp(rf["thaw_write_ms"], nd=2), ""))
         u = h["usage_cpu_seconds"]
