@@ -25,7 +25,8 @@ def favor_dynmods() -> str:
     hierarchies: measured 7.5-28 ms per first write to `cgroup.procs` here, 0.2 ms with the
     option. The kernel's documentation: it makes "dynamic cgroup modifications such as task
     migrations" cheaper at a small cost to forks and exits. It stays set until the next
-    boot (and since 6.18 cannot be unset). Returns what happened, for the log."""
+    boot (on 6.18, migrations stay fast even after a remount without it). Returns what
+    happened, for the log."""
     try:
         with open("/proc/self/mounts") as f:
             mounts = [line.split() for line in f]
