@@ -34,7 +34,7 @@ deps: runsc
 	fi
 
 runsc:
-	@have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null); \
+	@have=$$(dpkg-query -W -f='$${Status} $${Version}' runsc 2>/dev/null | sed -n 's/^install ok installed //p'); \
 	if [ -n "$$have" ] && dpkg --compare-versions "$$have" ge "$(RUNSC_MIN)"; then exit 0; fi; \
 	. /etc/os-release; target=""; \
 	if [ "$$VERSION_CODENAME" = bookworm ]; then \
@@ -43,7 +43,8 @@ runsc:
 	fi; \
 	echo "installing runsc >= $(RUNSC_MIN) (have: $${have:-none}) $$target"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$target runsc; \
-	have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null); \
+	have=$$(dpkg-query -W -f='$${Status} $${Version}' runsc 2>/dev/null | sed -n 's/^install ok installed //p'); \
+	if [ -z "$$have" ]; then echo "runsc could not be installed (see apt's output above)" >&2; exit 1; fi; \
 	dpkg --compare-versions "$$have" ge "$(RUNSC_MIN)" || { echo "runsc $$have is older than $(RUNSC_MIN): Torpor runs, but cannot hibernate event-loop servers and resumes slower" >&2; }
 
 venv: $(STAMP)
