@@ -36,6 +36,7 @@ RUNNING, STANDBY, HIBERNATED, FAILED, DELETED = (
 IDLE_TICK = 1.0  # seconds between idle checks
 MAX_HOLD = 3600.0  # the longest a keep-alive hold lasts, so a forgotten one cannot pin
 RECORD_RESUME_AFTER = 0.05  # seconds after a resume before its state record is written
+STREAM_GRACE = 1.0  # seconds a standby or hibernation waits for streams already closing
 RETRY_AFTER = 60.0  # seconds before an automatic hibernation that failed is tried again
 
 
@@ -89,6 +90,16 @@ class Standby:
         chan = self.engine.channels.get(sid)
         return len(chan.streams) if chan is not None else 0
 
+    async def _streams_left(self, sid: str, running: bool) -> int:
+        """Open streams, once those already closing have had STREAM_GRACE seconds to go:
+        an egress connection outlives the command that made it by a few ms, and a standby
+        or hibernation asked for right after that command should not fail for it. (A
+        frozen agent closes nothing: no wait then.)"""
+        deadline = time.monotonic() + (STREAM_GRACE if running else 0.0)
+        while (n := self.open_streams(sid)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return n
+
     async def busy(self, sid: str) -> bool:
         """True if something other than time says the sandbox is in use."""
         a = self.act(sid)
@@ -138,8 +149,8 @@ class Standby:
                     return
                 raise Conflict(f"sandbox {sid} is {row.state}; only a running sandbox can go "
                                "to standby (resume it first)", sandbox_id=sid)
-            if not force and self.open_streams(sid):
-                raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
+            if not force and (n := await self._streams_left(sid, True)):
+                raise Conflict(f"sandbox {sid} has {n} open streams "
                                "(command output, follows, transfers, egress or preview "
                                "connections); close them first",
                                sandbox_id=sid)
@@ -156,8 +167,8 @@ class Standby:
             if row.state not in (RUNNING, STANDBY):
                 raise Conflict(f"sandbox {sid} is {row.state}; it cannot hibernate",
                                sandbox_id=sid)
-            if not force and self.open_streams(sid):
-                raise Conflict(f"sandbox {sid} has {self.open_streams(sid)} open streams "
+            if not force and (n := await self._streams_left(sid, row.state == RUNNING)):
+                raise Conflict(f"sandbox {sid} has {n} open streams "
                                "(command output, follows, transfers, egress or preview "
                                "connections); close them first",
                                sandbox_id=sid)
