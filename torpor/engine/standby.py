@@ -297,29 +297,27 @@ class Standby:
         spec = e._spec(row)
         if row.state == STANDBY:
             e.driver.freeze(spec, False)  # one small cgroup write: no thread hop
-            e._set_state(sid, RUNNING, None, reason, _ms(t0), {"from": STANDBY})
-        elif row.state == HIBERNATED:
-            self.transitioning.add(sid)
-            try:
-                chan = await e.driver.restore(spec)
-            except (RuntimeError_, OSError) as err:
-                self.transitioning.discard(sid)
-                # the image stays on disk: never removed before a restore succeeded
-                await e._fail(sid, f"could not resume from hibernation: {err}",
-                              "restore_failed")
-                raise Unavailable(f"sandbox {sid} could not be resumed: {err}",
-                                  sandbox_id=sid) from None
-            self.transitioning.discard(sid)
-            e._attach(sid, spec, chan)
-            # not awaited: the agent takes its frames in order, so it has checked itself
-            # again before it sees the caller's request
-            asyncio.get_running_loop().create_task(self._tell_resumed(sid, chan))
-            self._resumed(sid, reason, t0, HIBERNATED)
-            e.driver.drop_image(sid)  # only once the record says running
+            self._resumed(sid, reason, t0, STANDBY)
             return
-        else:
+        if row.state != HIBERNATED:
             raise Unavailable(f"sandbox {sid} is {row.state}", sandbox_id=sid)
-        self.touch(sid)
+        self.transitioning.add(sid)
+        try:
+            chan = await e.driver.restore(spec)
+        except (RuntimeError_, OSError) as err:
+            self.transitioning.discard(sid)
+            # the image stays on disk: never removed before a restore succeeded
+            await e._fail(sid, f"could not resume from hibernation: {err}",
+                          "restore_failed")
+            raise Unavailable(f"sandbox {sid} could not be resumed: {err}",
+                              sandbox_id=sid) from None
+        self.transitioning.discard(sid)
+        e._attach(sid, spec, chan)
+        # not awaited: the agent takes its frames in order, so it has checked itself
+        # again before it sees the caller's request
+        asyncio.get_running_loop().create_task(self._tell_resumed(sid, chan))
+        self._resumed(sid, reason, t0, HIBERNATED)
+        e.driver.drop_image(sid)  # only once the record says running
 
     # --- automatic ------------------------------------------------------------------------
     async def loop(self) -> None:
