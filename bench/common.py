@@ -428,6 +428,26 @@ def default_out(args, bench: str) -> str | None:
     return None if (args.only or args.quick) else str(ROOT / f"bench/results/{bench}.json")
 
 
+def render_rows(rows: list[tuple[str, str, str, str]], report: dict, raw_label: str,
+                widths: tuple[int, int], notes: list[str]) -> str:
+    """A bench's table: (what, ours, raw, target) rows aligned under a header, then each
+    target met or not, each section's error, `notes` (the machine...) and how to
+    reproduce the run."""
+    w0 = max(len(x[0]) for x in rows) if rows else 10
+    wb, wc = widths
+    lines = [f"{'measure':<{w0}}  {'torpor':>{wb}}  {raw_label:>{wc}}  target",
+             "-" * (w0 + wb + wc + 18)]
+    for a, b, c, d in rows:
+        lines.append(f"{a:<{w0}}  {b:>{wb}}  {c:>{wc}}  {d}")
+    for k, t in report.get("targets", {}).items():
+        lines.append(f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT MET'}")
+    for k, e in report.get("errors", {}).items():
+        lines.append(f"ERROR in {k}: {e}")
+    lines.extend(notes)
+    lines.append(f"reproduce: {report['reproduce']}")
+    return "\n".join(lines)
+
+
 def finish(report: dict, spec: dict[str, tuple[str, float]], t_start: float,
            out: str | None, table) -> int:
     """Close a report: targets, duration, load; the JSON to stdout (and to `out`), the

@@ -67,6 +67,7 @@ from common import (
     ms_since,
     orphan_reap_ms,
     processes,
+    render_rows,
     reproduce_cmd,
     rollup_kib,
     run_sections,
@@ -636,20 +637,12 @@ def table(report: dict) -> str:
                      str(d["mem_available_not_back_mib"]), "", ""))
         rows.append(("  create p50 ms at concurrency " + str(d["concurrency"]),
                      f(d["create_ms"]), "", ""))
-    w0 = max(len(x[0]) for x in rows) if rows else 10
-    lines = [f"{'measure':<{w0}}  {'torpor':>20}  {'raw runsc':>26}  target",
-             "-" * (w0 + 60)]
-    for a, b, c, d in rows:
-        lines.append(f"{a:<{w0}}  {b:>20}  {c:>26}  {d}")
-    for k, t in report.get("targets", {}).items():
-        lines.append(f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT MET'}")
     m = report["machine"]
-    lines.append(f"machine: {m['cpu_model']}, {m['nproc']} cpus, {m['mem_total_mib']} MiB; "
-                 f"runsc {m['runsc']}; {m['uname']}")
-    lines.append(f"orphans are reaped by PID 1 after {m['orphan_reap_ms']} ms here; "
-                 "`runsc delete` waits for that, so it bounds every delete")
-    lines.append(f"reproduce: {report['reproduce']}")
-    return "\n".join(lines)
+    return render_rows(rows, report, "raw runsc", (20, 26), [
+        (f"machine: {m['cpu_model']}, {m['nproc']} cpus, {m['mem_total_mib']} MiB; "
+        f"runsc {m['runsc']}; {m['uname']}"),
+        (f"orphans are reaped by PID 1 after {m['orphan_reap_ms']} ms here; "
+        "`runsc delete` waits for that, so it bounds every delete")])
 
 
 def main() -> int:

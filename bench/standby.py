@@ -89,6 +89,7 @@ from common import (
     orphan_reap_ms,
     pct,
     processes,
+    render_rows,
     reproduce_cmd,
     rollup_kib,
     run_sections,
@@ -1355,21 +1356,12 @@ def table(report: dict) -> str:
                       f"{f(hb['ms'], nd=0)} / {f(d['delete_hibernated_ms'], nd=0)}"), "", ""))
         rows.append(("  woken from hibernation: echo ok p50 ms",
                      f(d["wake_sample"]["echo_ms"], nd=0), "", ""))
-    w0 = max(len(x[0]) for x in rows) if rows else 10
-    lines = [f"{'measure':<{w0}}  {'torpor':>22}  {'raw':>30}  target", "-" * (w0 + 70)]
-    for a, b, c, d in rows:
-        lines.append(f"{a:<{w0}}  {b:>22}  {c:>30}  {d}")
-    for k, t in report.get("targets", {}).items():
-        lines.append(f"target {k}: {t['value']} {t['target']}: {'met' if t['met'] else 'NOT MET'}")
-    for k, e in report.get("errors", {}).items():
-        lines.append(f"ERROR in {k}: {e}")
     m = report["machine"]
-    lines.append(f"machine: {m['cpu_model']}, {m['nproc']} cpus, {m['mem_total_mib']} MiB; "
-                 f"runsc {m['runsc']} --platform={PLATFORM}; {m['uname']}")
-    lines.append(f"orphans are reaped by PID 1 after {m['orphan_reap_ms']} ms here; `runsc "
-                 "delete` waits for that (raw containers have no subreaper of ours)")
-    lines.append(f"reproduce: {report['reproduce']}")
-    return "\n".join(lines)
+    return render_rows(rows, report, "raw", (22, 30), [
+        (f"machine: {m['cpu_model']}, {m['nproc']} cpus, {m['mem_total_mib']} MiB; "
+        f"runsc {m['runsc']} --platform={PLATFORM}; {m['uname']}"),
+        (f"orphans are reaped by PID 1 after {m['orphan_reap_ms']} ms here; `runsc "
+        "delete` waits for that (raw containers have no subreaper of ours)")])
 
 
 def main() -> int:
