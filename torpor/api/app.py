@@ -145,6 +145,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     app.include_router(lifecycle.router, prefix="/v1", dependencies=deps)
     app.include_router(secrets.router, prefix="/v1", dependencies=deps)
     app.include_router(network.router, prefix="/v1", dependencies=deps)
+    app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
     app.add_middleware(PortProxy, engine=engine)  # outermost: before body limits
     return app

