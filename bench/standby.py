@@ -13,10 +13,15 @@ start, a sample byte, a counter) every second. Sandboxes are created with
   hot        `echo ok` on a running sandbox (baseline); then cycles of POST /standby, 50 ms
              frozen, POST /commands `echo ok` (the request wakes it): latency of both;
              then the same cycles streamed, to the first stdout event (the target's
-             "first output"), beside a running sandbox left idle 50 ms.
+             "first output"), beside a running sandbox left idle 50 ms, 2x as many
+             cycles, each with http.client (stdlib: the target's figure) and with httpx
+             (the SDK's client, more Python of its own per request) in turn.
              Raw: FROZEN/THAWED written straight to the sandbox's freezer cgroup (behind the
-             server's back), and `echo ok` right after the thaw. Also /usage cpu_seconds
-             over 10 s running vs 10 s in standby.
+             server's back), and `echo ok` right after the thaw; and a raw runsc container
+             (same memory, same CPU quota) whose process spawns `sh -c 'echo ok'` for each
+             line on its stdin: freeze, 50 ms, thaw + a line, to its first output (no
+             server, holder or agent). Also /usage cpu_seconds over 10 s running vs 10 s in
+             standby.
   hibernate  cycles of POST /hibernate (latency; events: detail.seconds = runsc checkpoint,
              detail.image_bytes) and deep resume: POST /resume then `echo ok`; host
              processes naming the sandbox while hibernated; then the 256 MiB are checked
@@ -63,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import select
@@ -188,6 +194,28 @@ def raw_program(fill: str) -> str:
             "    print(json.dumps(out), flush=True)\n")
 
 
+def raw_spawner_program(fill: str) -> str:
+    """The raw hot-resume container's process: the same memory; each line on stdin spawns
+    `/bin/sh -c 'echo ok'` (posix_spawn, stdout to a pipe) and its first output goes back
+    on stdout at once, then `done` once it has exited. What an agent does for a command,
+    with no server, holder, channel or protocol around it."""
+    return ("import os, sys\n"
+            + fill_code(fill) +
+            "print('{\"ready\": 1}', flush=True)\n"
+            "for line in sys.stdin:\n"
+            "    r, w = os.pipe()\n"
+            "    pid = os.posix_spawn('/bin/sh', ['sh', '-c', 'echo ok'], dict(os.environ),\n"
+            "                         file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])\n"
+            "    os.close(w)\n"
+            "    sys.stdout.write(os.read(r, 4096).decode())\n"
+            "    sys.stdout.flush()\n"
+            "    while os.read(r, 4096):\n"
+            "        pass\n"
+            "    os.close(r)\n"
+            "    os.waitpid(pid, 0)\n"
+            "    print('done', flush=True)\n")
+
+
 HTTP_CHECK = ("import urllib.request; print(urllib.request.urlopen("
               "'http://127.0.0.1:8000/', timeout=60).read().decode())")
 
@@ -204,6 +232,28 @@ class WtServer(Server):
                      "from torpor.cli.main import app; app()", "serve", "--host", "127.0.0.1",
                      "--port", str(self.port), "--data-dir", str(self.data_dir),
                      "--pool-size", str(pool_size)]
+
+
+def freeze_raw(cg: Cgroup, frozen: bool) -> Path:
+    """Write the cgroup's freezer directly (one open, write, close); returns its file."""
+    if is_v2():
+        state_file, value = cg._path("") / "cgroup.freeze", b"1" if frozen else b"0"
+    else:
+        state_file = cg._path("freezer") / "freezer.state"
+        value = b"FROZEN" if frozen else b"THAWED"
+    fd = os.open(state_file, os.O_WRONLY)
+    try:
+        os.write(fd, value)
+    finally:
+        os.close(fd)
+    return state_file
+
+
+def wait_frozen(state_file: Path, t0: float) -> None:
+    want = "1" if state_file.name == "cgroup.freeze" else "FROZEN"
+    while state_file.read_text().strip() != want:
+        if ms_since(t0) > 5000:
+            raise RuntimeError(f"{state_file} did not read {want} in 5 s")
 
 
 def evict(directory: Path) -> None:
@@ -328,6 +378,7 @@ class Bench:
         self.base = f"/tmp/tsb{os.getpid()}"
         self.srv: WtServer | None = None
         self.http: httpx.Client | None = None
+        self.lean_http: http.client.HTTPConnection | None = None
         self.live: set[str] = set()
         self.work: str | None = None
         self.work_fill: str | None = None
@@ -379,21 +430,42 @@ class Bench:
         r = self.run(sid, "echo ok")
         return ms_since(t0), r.get("stdout") == "ok\n" and r.get("exit_code") == 0
 
-    def first_output(self, sid: str) -> tuple[float, bool]:
+    def first_output(self, sid: str, lean: bool = False) -> tuple[float, bool]:
         """`echo ok` streamed (NDJSON): ms until its first stdout event reaches us (the
-        issue's "first output of a command"), and whether the whole stream was right."""
+        issue's "first output of a command"), and whether the whole stream was right.
+        `lean`: through http.client (the standard library's HTTP/1.1 client, one kept-alive
+        connection) rather than httpx (the SDK's client), which runs more Python of its
+        own per request (0.7 ms more against a trivial loopback server here)."""
+        path = f"/v1/sandboxes/{sid}/commands"
+        payload = {"cmd": "echo ok", "stream": True}
         t0 = time.perf_counter()
+        if not lean:
+            with self.c.stream("POST", path, json=payload) as r:
+                return self._first_output(t0, r.iter_lines())
+        if self.lean_http is None:
+            self.lean_http = http.client.HTTPConnection("127.0.0.1", self.server().port,
+                                                        timeout=300)
+        self.lean_http.request("POST", path, body=json.dumps(payload),
+                               headers={"Authorization": f"Bearer {self.server().api_key}",
+                                        "Content-Type": "application/json"})
+        r = self.lean_http.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: {r.status} {r.read()[:300]!r}")
+        return self._first_output(t0, (line.decode() for line in iter(r.readline, b"")))
+
+    @staticmethod
+    def _first_output(t0: float, lines) -> tuple[float, bool]:
         first, out, code = None, "", None
-        with self.c.stream("POST", f"/v1/sandboxes/{sid}/commands",
-                           json={"cmd": "echo ok", "stream": True}) as r:
-            for line in r.iter_lines():
-                ev = json.loads(line)
-                if ev["type"] == "stdout":
-                    if first is None:
-                        first = ms_since(t0)
-                    out += ev["data"]
-                elif ev["type"] == "exit":
-                    code = ev["exit_code"]
+        for line in lines:
+            if not line.strip():
+                continue
+            ev = json.loads(line)
+            if ev["type"] == "stdout":
+                if first is None:
+                    first = ms_since(t0)
+                out += ev["data"]
+            elif ev["type"] == "exit":
+                code = ev["exit_code"]
         return (first if first is not None else ms_since(t0)), out == "ok\n" and code == 0
 
     def state(self, sid: str) -> str:
@@ -494,16 +566,18 @@ class Bench:
     def raw_cgroup(self) -> str:
         return f"/torpor-bench{os.getpid()}/rawq"
 
-    def raw_bundle(self, fill: str, quota: float | None = None) -> Path:
+    def raw_bundle(self, fill: str, quota: float | None = None, spawner: bool = False) -> Path:
         """The raw container's bundle; with `quota`, in a cgroup of its own with a CFS quota
-        of that many CPUs (as a Torpor sandbox has: its `cpu`)."""
+        of that many CPUs (as a Torpor sandbox has: its `cpu`). `spawner`: the process
+        runs raw_spawner_program instead of raw_program."""
         rootfs = self.raw_dir / "rootfs"
         if not rootfs.exists():
             for d in ("usr", "proc", "dev", "sys", "tmp", "etc"):
                 (rootfs / d).mkdir(parents=True, exist_ok=True)
             for name in ("bin", "lib", "lib64", "sbin"):
                 os.symlink(f"usr/{name}", rootfs / name)
-        b = self.raw_dir / (f"bundle-{fill}" + (f"-q{quota}" if quota else ""))
+        b = self.raw_dir / (f"bundle-{fill}" + (f"-q{quota}" if quota else "")
+                            + ("-spawner" if spawner else ""))
         if b.exists():
             return b
         b.mkdir(parents=True)
@@ -511,7 +585,7 @@ class Bench:
             "ociVersion": "1.0.2",
             "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
                         "args": ["/usr/bin/python3", "-s", "-B", "-u", "-c",
-                                 raw_program(fill)],
+                                 (raw_spawner_program if spawner else raw_program)(fill)],
                         "env": ["PATH=/usr/bin:/bin"], "cwd": "/"},
             "root": {"path": str(rootfs), "readonly": True},
             "hostname": "raw",
@@ -556,7 +630,7 @@ class Bench:
             buf += chunk
         return buf
 
-    def raw_start(self, fill: str, quota: float | None = None) -> dict:
+    def raw_start(self, fill: str, quota: float | None = None, spawner: bool = False) -> dict:
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         self.raw_n += 1
         cid = f"rawsb{os.getpid()}x{self.raw_n}"
@@ -565,7 +639,7 @@ class Bench:
         t0 = time.perf_counter()
         try:
             self._raw_cli(self.runsc("run", "--detach", "--bundle",
-                                     str(self.raw_bundle(fill, quota)), cid),
+                                     str(self.raw_bundle(fill, quota, spawner)), cid),
                           stdin=in_r, stdout=out_w)
         finally:
             os.close(in_r)
@@ -630,6 +704,49 @@ class Bench:
                        check=False)
         self.raw_close_fds(c)
 
+    def raw_hot(self, n: int, quota: float) -> dict:
+        """Raw runsc beside the hot measure: a container holding the same memory, in a
+        cgroup with the sandbox's CPU quota, whose process spawns `sh -c 'echo ok'` for each
+        line on its stdin and passes the first output back. Frozen 50 ms, then thawed and
+        sent a line (standby -> first output); left idle 50 ms, then sent a line."""
+        say(f"hot: raw runsc, {n} cycles of freeze, 50 ms, thaw + spawn `sh -c 'echo ok'`")
+        c = self.raw_start(self.args.fill, quota, spawner=True)
+        cg = Cgroup(self.raw_cgroup())
+
+        def line(t0: float) -> tuple[float, bool]:
+            """Send a line; ms from t0 to the first output, whether it was right. Returns
+            once the spawned shell has exited too (a freeze then finds the container idle,
+            as a standby does)."""
+            os.write(c["in"], b"go\n")
+            out = self._readline(c["out"], 60)
+            ms = ms_since(t0)
+            while not out.endswith(b"done\n"):
+                out += self._readline(c["out"], 60)
+            return ms, out == b"ok\ndone\n"
+
+        thawed, idle, bad = [], [], 0
+        try:
+            for _ in range(5):
+                line(time.perf_counter())
+            for _ in range(n):
+                t0 = time.perf_counter()
+                wait_frozen(freeze_raw(cg, True), t0)
+                time.sleep(0.05)
+                t0 = time.perf_counter()
+                freeze_raw(cg, False)
+                ms, ok = line(t0)
+                thawed.append(ms)
+                bad += not ok
+                time.sleep(0.05)
+                ms, ok = line(time.perf_counter())
+                idle.append(ms)
+                bad += not ok
+        finally:
+            freeze_raw(cg, False)
+            self.raw_stop(c)
+        return {"thaw_spawn_first_output_ms": stats99(thawed),
+                "running_idle_spawn_first_output_ms": stats99(idle), "not_ok": bad}
+
     def cli_costs(self, n: int) -> dict:
         """What the server's restore path pays besides `runsc restore` itself: a
         `runsc delete --force` of an id that is already gone, `runsc kill <id> <sig>` into
@@ -680,19 +797,22 @@ class Bench:
             ms, ok = self.echo(sid)
             echo_ms.append(ms)
             bad += not ok
-        # the same, to the first output of a streamed command (the target's measure); and,
-        # for scale, a running sandbox left idle as long (idle vCPUs and parked threads
-        # wake slower than busy ones)
-        first_ms, idle_first_ms = [], []
-        for _ in range(n):
+        # the same, to the first output of a streamed command (the target's measure), 2n
+        # cycles for each client in turn (so that p99 is not just the maximum); and, for
+        # scale, a running sandbox left idle as long (idle vCPUs and parked threads wake
+        # slower than busy ones)
+        first_ms = {"lean": [], "httpx": []}
+        idle_first_ms = {"lean": [], "httpx": []}
+        for i in range(4 * n):
+            client = "lean" if i % 2 else "httpx"
             self.post(f"/v1/sandboxes/{sid}/standby")
             time.sleep(0.05)
-            ms, ok = self.first_output(sid)
-            first_ms.append(ms)
+            ms, ok = self.first_output(sid, lean=client == "lean")
+            first_ms[client].append(ms)
             bad += not ok
             time.sleep(0.05)
-            ms, ok = self.first_output(sid)
-            idle_first_ms.append(ms)
+            ms, ok = self.first_output(sid, lean=client == "lean")
+            idle_first_ms[client].append(ms)
             bad += not ok
         evs = [e for e in self.events(sid) if e["kind"] == "state"]
         thaw_ev = [e["detail"].get("duration_ms") for e in evs
@@ -702,32 +822,21 @@ class Bench:
         ev_ms = thaw_ev
         # raw: the freezer cgroup written directly (the server believes it is running)
         cg = Cgroup(f"/torpor/{sid}")
-        if is_v2():
-            state_file = cg._path("") / "cgroup.freeze"
-            frz, thw, want = b"1", b"0", "1"
-        else:
-            state_file = cg._path("freezer") / "freezer.state"
-            frz, thw, want = b"FROZEN", b"THAWED", "FROZEN"
         fw, fdone, tw, techo, raw_bad = [], [], [], [], 0
         for _ in range(n):
             t0 = time.perf_counter()
-            fd = os.open(state_file, os.O_WRONLY)
-            os.write(fd, frz)
-            os.close(fd)
+            state_file = freeze_raw(cg, True)
             fw.append(ms_since(t0))
-            while state_file.read_text().strip() != want:
-                if ms_since(t0) > 5000:
-                    raise RuntimeError("the freezer did not reach FROZEN in 5 s")
+            wait_frozen(state_file, t0)
             fdone.append(ms_since(t0))
             time.sleep(0.05)
             t1 = time.perf_counter()
-            fd = os.open(state_file, os.O_WRONLY)
-            os.write(fd, thw)
-            os.close(fd)
+            freeze_raw(cg, False)
             tw.append(ms_since(t1))
             r = self.run(sid, "echo ok")
             techo.append(ms_since(t1))
             raw_bad += r.get("stdout") != "ok\n"
+        raw_spawn = self.raw_hot(2 * n, self.sandbox_cpu(sid))
         # CPU accounted while running vs in standby (the writer loop ticks once a second)
         say(f"hot: /usage cpu_seconds over {usage_s:.0f} s running, then {usage_s:.0f} s "
             "in standby")
@@ -750,11 +859,15 @@ class Bench:
             "standby_ms": stats99(sb_ms),
             "standby_states_returned": sorted(set(states)),
             "resume_echo_ms": stats99(echo_ms),
-            "resume_first_output_ms": stats99(first_ms),
-            "running_idle_first_output_ms": stats99(idle_first_ms),
+            "first_output_client": "http.client (stdlib), one kept-alive connection",
+            "resume_first_output_ms": stats99(first_ms["lean"]),
+            "running_idle_first_output_ms": stats99(idle_first_ms["lean"]),
+            "resume_first_output_httpx_ms": stats99(first_ms["httpx"]),
+            "running_idle_first_output_httpx_ms": stats99(idle_first_ms["httpx"]),
             "resume_echo_not_ok": bad,
             "events_freeze_duration_ms": stats(freeze_ev),
             "events_thaw_duration_ms": stats(ev_ms),
+            "raw_spawner": raw_spawn,
             "raw_freezer": {
                 "file": str(state_file),
                 "freeze_write_ms": stats99(fw, 3),
@@ -1191,6 +1304,8 @@ class Bench:
     # --- cleanup ------------------------------------------------------------------------
     def close(self, keep_logs: bool = False) -> list[str]:
         left: list[str] = []
+        if self.lean_http is not None:
+            self.lean_http.close()
         if self.srv is not None:
             if self.srv.proc is not None and self.srv.proc.poll() is None and self.live:
                 say(f"cleanup: deleting {len(self.live)} sandboxes")
@@ -1249,10 +1364,18 @@ def table(report: dict) -> str:
                      pp(rf["freeze_until_frozen_ms"], nd=2), ""))
         rows.append(("hot: standby -> echo ok response p50/p99 ms", pp(h["resume_echo_ms"]),
                      f"thaw+echo {pp(rf['thaw_then_echo_ms'])}", ""))
+        rs = h.get("raw_spawner", {})
         rows.append(("hot: standby -> first output (streamed echo ok) p50/p99 ms",
-                     pp(h["resume_first_output_ms"]), "", "p50<=10, p99<=25"))
+                     pp(h["resume_first_output_ms"]),
+                     f"thaw+spawn {pp(rs.get('thaw_spawn_first_output_ms'))}",
+                     "p50<=10, p99<=25"))
         rows.append(("  the same on a running sandbox idle 50 ms p50/p99 ms",
-                     pp(h["running_idle_first_output_ms"]), "", ""))
+                     pp(h["running_idle_first_output_ms"]),
+                     f"spawn {pp(rs.get('running_idle_spawn_first_output_ms'))}", ""))
+        if "resume_first_output_httpx_ms" in h:
+            rows.append(("  both again with httpx (the SDK's client) p50/p99 ms",
+                         (f"{pp(h['resume_first_output_httpx_ms'])}, "
+                          f"{pp(h['running_idle_first_output_httpx_ms'])}"), "", ""))
         rows.append(("  thaw alone p50/p99 ms (events: int ms / raw write)",
                      pp(h["events_thaw_duration_ms"], nd=0), pp(rf["thaw_write_ms"], nd=2), ""))
         u = h["usage_cpu_seconds"]
