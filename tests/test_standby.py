@@ -71,6 +71,9 @@ def test_standby_freezes_costs_no_cpu_and_wakes_on_request(server, api, sbx):
     pid = start_prog(api, sbx)
     api.post(f"/v1/sandboxes/{sbx}/commands",
              json={"cmd": "while :; do :; done", "background": True})
+    # and processes forking and exiting all the time (the freezer catches some mid-exit)
+    api.post(f"/v1/sandboxes/{sbx}/commands",
+             json={"cmd": "while :; do /bin/true; done", "background": True})
     r = api.post(f"/v1/sandboxes/{sbx}/standby")
     assert r.status_code == 200 and r.json()["state"] == "standby"
     cg = GVisorDriver(server.data_dir).cgroup(sbx)
