@@ -218,7 +218,11 @@ class Holder:
             try:
                 n = self.conn.send(self.to_server)
             except (BlockingIOError, InterruptedError):
-                return
+                # the socket is full: wait until it can take more (update_conn watches for
+                # that). Returning here left the frames waiting for some other event when
+                # the socket was not watched for writing yet: a download stalled at random
+                # until the next request to the sandbox.
+                n = 0
             except OSError:
                 self.drop_conn()
                 return
