@@ -126,8 +126,8 @@ async def command_response(engine: Engine, sid: str, body: RunCommand,
 
 class FastCommands:
     """POST /v1/sandboxes/{id}/commands answered straight from ASGI, without FastAPI's
-    per-request machinery (routing through every route, dependency solving, the body's
-    second pass). It is the call an agent makes most and the one that wakes a sandbox:
+    per-request machinery (matching every route, solving dependencies, its request and
+    response wrappers). It is the call an agent makes most and the one that wakes a sandbox:
     measured 0.64 -> 0.11 ms from the request to the engine call (of ~10 ms for a
     command). Same auth, the same pydantic model, the same work (command_response), the
     same error bodies. What it does not take goes on to the app unchanged, body included,
@@ -157,7 +157,7 @@ class FastCommands:
             headers.setdefault(k.lower(), v)  # the first of a repeated header, as Starlette
         cmd = None
         if msg["type"] == "http.request":
-            cmd = self._take(headers, b"".join(m.get("body", b"") for m in messages))
+            cmd = self._take(headers, b"".join(x.get("body", b"") for x in messages))
         if cmd is None:
             return await self.app(scope, _replay(messages, receive), send)
         try:
