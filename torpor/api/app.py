@@ -87,10 +87,9 @@ class PortProxy:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        auth = headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         try:
-            self.engine.keys.check(key or headers.get("x-api-key"))
+            self.engine.keys.check(presented_key(headers.get("authorization", ""),
+                                                 headers.get("x-api-key")))
         except TorporError as e:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 4401})
@@ -155,10 +154,15 @@ async def require_key(request: Request) -> str:
     # async, so FastAPI runs it on the loop: as a plain def it went through the thread
     # pool on every request (a thread hop each way, ~5% of the server's CPU per command).
     # The check is a dict lookup after a key's first use.
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-    key = key or request.headers.get("x-api-key")
+    key = presented_key(request.headers.get("authorization", ""),
+                        request.headers.get("x-api-key"))
     return request.app.state.engine.keys.check(key)  # raises Unauthorized
+
+
+def presented_key(authorization: str, x_api_key: str | None) -> str | None:
+    """The API key a request presents: `Authorization: Bearer KEY`, else `X-API-Key`."""
+    key = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+    return key or x_api_key
 
 
 def engine_of(request: Request) -> Engine:

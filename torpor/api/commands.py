@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from torpor.api.app import engine_of, error_response
+from torpor.api.app import engine_of, error_response, presented_key
 from torpor.api.schemas import CommandResultOut, ProcessOut, RunCommand, SignalIn, StdinIn
 from torpor.engine.manager import Engine
 from torpor.errors import Timeout, TorporError, Unavailable, from_agent
@@ -172,10 +172,10 @@ class FastCommands:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
             return None
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         try:
-            self.engine.keys.check(key or headers.get(b"x-api-key", b"").decode("latin-1"))
+            self.engine.keys.check(presented_key(
+                headers.get(b"authorization", b"").decode("latin-1"),
+                headers.get(b"x-api-key", b"").decode("latin-1")))
             # as FastAPI does it: json.loads, then the model in Python mode
             return RunCommand.model_validate(json.loads(body))
         except (TorporError, ValueError, ValidationError, RecursionError):
