@@ -90,15 +90,18 @@ class Standby:
         chan = self.engine.channels.get(sid)
         return len(chan.streams) if chan is not None else 0
 
-    async def _streams_left(self, sid: str, running: bool) -> int:
-        """Open streams, once those already closing have had STREAM_GRACE seconds to go:
-        an egress connection outlives the command that made it by a few ms, and a standby
-        or hibernation asked for right after that command should not fail for it. (A
-        frozen agent closes nothing: no wait then.)"""
+    async def _refuse_open_streams(self, sid: str, running: bool) -> None:
+        """409 if streams are open, once those already closing have had STREAM_GRACE
+        seconds to go: an egress connection outlives the command that made it by a few ms,
+        and a standby or hibernation asked for right after that command should not fail
+        for it. (A frozen agent closes nothing: no wait then.)"""
         deadline = time.monotonic() + (STREAM_GRACE if running else 0.0)
         while (n := self.open_streams(sid)) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return n
+        if n:
+            raise Conflict(f"sandbox {sid} has {n} open streams (command output, follows, "
+                           "transfers, egress or preview connections); close them first",
+                           sandbox_id=sid)
 
     async def busy(self, sid: str) -> bool:
         """True if something other than time says the sandbox is in use."""
@@ -149,11 +152,8 @@ class Standby:
                     return
                 raise Conflict(f"sandbox {sid} is {row.state}; only a running sandbox can go "
                                "to standby (resume it first)", sandbox_id=sid)
-            if not force and (n := await self._streams_left(sid, True)):
-                raise Conflict(f"sandbox {sid} has {n} open streams "
-                               "(command output, follows, transfers, egress or preview "
-                               "connections); close them first",
-                               sandbox_id=sid)
+            if not force:
+                await self._refuse_open_streams(sid, True)
             t0 = time.monotonic()
             await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
             e._set_state(sid, STANDBY, None, reason, _ms(t0))
@@ -167,11 +167,8 @@ class Standby:
             if row.state not in (RUNNING, STANDBY):
                 raise Conflict(f"sandbox {sid} is {row.state}; it cannot hibernate",
                                sandbox_id=sid)
-            if not force and (n := await self._streams_left(sid, row.state == RUNNING)):
-                raise Conflict(f"sandbox {sid} has {n} open streams "
-                               "(command output, follows, transfers, egress or preview "
-                               "connections); close them first",
-                               sandbox_id=sid)
+            if not force:
+                await self._refuse_open_streams(sid, row.state == RUNNING)
             spec = e._specs[sid]
             await self._check_hibernatable(sid, row.state, reason)
             t0 = time.monotonic()
