@@ -109,6 +109,13 @@ def checkpoint_flags(runsc: str, compression: str) -> list[str]:
     return ["--compression=" + ("none" if compression == "none" else "flate-best-speed")]
 
 
+def _popen_holder(arg: str, cwd: Path, stdin, out) -> subprocess.Popen:
+    """`python -I -S holder.py ARG` in a session of its own (it outlives the server)."""
+    return subprocess.Popen([sys.executable, "-I", "-S", str(HOLDER), arg], stdin=stdin,
+                            stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                            cwd=str(cwd))
+
+
 class GVisorDriver:
     name = "gvisor"
 
@@ -400,15 +407,10 @@ class GVisorDriver:
                 self._holders.append(spare)
         if holder is None:
             with open(d / "holder.log", "ab") as log:
-                holder = subprocess.Popen(
-                    [sys.executable, "-I", "-S", str(HOLDER), str(d / "holder.json")],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                    close_fds=True, cwd=str(d))
+                holder = _popen_holder(str(d / "holder.json"), d, subprocess.DEVNULL, log)
         # until it is given work the spare's output goes nowhere; then to its holder.log
-        self._spare = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(HOLDER), "--spare"], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            close_fds=True, cwd=str(self.sandboxes_dir))
+        self._spare = _popen_holder("--spare", self.sandboxes_dir, subprocess.PIPE,
+                                    subprocess.DEVNULL)
         return holder
 
     def reap_holders(self) -> None:
