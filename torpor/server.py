@@ -9,6 +9,8 @@ import uvicorn
 
 from torpor.config import Settings
 
+KEEP_ALIVE_SECONDS = 75  # how long an idle client connection stays open
+
 
 def build(settings: Settings):
     from torpor.api.app import create_app
@@ -28,5 +30,9 @@ def run(settings: Settings) -> None:
     app = build(settings)
     print(f"Torpor listening on http://{settings.host}:{settings.port} "
           f"(data: {settings.data_dir})", file=sys.stderr, flush=True)
+    # keep idle connections well past the clients' own expiry (httpx's is 5 s, the same as
+    # uvicorn's default): with equal timers the server sometimes closes a connection just as
+    # a client sends its next request on it, which the client sees as a reset connection
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=10)
+                access_log=False, timeout_graceful_shutdown=10,
+                timeout_keep_alive=KEEP_ALIVE_SECONDS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 import time
 
@@ -30,6 +31,7 @@ from protocol import OpError
 LOG_LIMIT = 4 << 20  # bytes of output kept per process
 EXIT_GRACE = 0.1  # seconds a finished command waits for output still in its pipes
 READ_SIZE = 64 * 1024
+DRAIN_LIMIT = 1 << 20  # bytes read at most when the exit grace ends
 KEEP_EXITED = 200  # exited processes remembered for status queries
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _COMPAT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat")
@@ -98,12 +100,17 @@ class Proc:
     # --- output ---------------------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
         # The read ends are blocking (setting O_NONBLOCK would cost two syscalls per command):
-        # the loop calls us only when epoll says the pipe is readable and nobody else reads
+        # the loop calls us only when poll says the pipe is readable and nobody else reads
         # it, so one read() returns at once, with data or with EOF.
+        self._read(fd)
+        self._apply_backpressure()
+
+    def _read(self, fd: int) -> bool:
+        """One read of a pipe known to be readable; False once it reached EOF (and is closed)."""
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
-            return
+            return True
         except OSError:
             data = b""
         if not data:
@@ -114,12 +121,35 @@ class Proc:
             if self.open_pipes == 0:
                 self.pipes_done.set()
             self._notify()
-            return
+            return False
         self.log.append((self.log_end, self._fds[fd], data))
         self.log_end += len(data)
         self._trim()
         self._notify()
-        self._apply_backpressure()
+        return True
+
+    def _drain(self) -> None:
+        """Read what the pipes hold right now, without waiting for more.
+
+        Called when the exit grace ends: everything the process wrote before it exited is in
+        its pipes by then, but the loop may not have read it yet. Under load the agent can be
+        kept off the CPU for longer than the grace (0.5 s was seen with 30 busy sandboxes on
+        two cores); the timer then fires before the next poll, and the followers used to
+        finish with the output still in the pipe. Bounded, because something the command left
+        in the background may still be writing; what comes later stays in the log.
+        """
+        budget = DRAIN_LIMIT
+        while self._fds and budget > 0:
+            p = select.poll()
+            for fd in self._fds:
+                p.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in p.poll(0)]
+            if not ready:
+                return
+            for fd in ready:
+                before = self.log_end
+                self._read(fd)
+                budget -= self.log_end - before or 1
 
     def _trim(self) -> None:
         floor = min((f.pos for f in self.blocking), default=self.log_end)
@@ -257,6 +287,7 @@ class Proc:
                 pass
 
     def _end_grace(self) -> None:
+        self._drain()
         self.grace_over = True
         self._notify()
 
