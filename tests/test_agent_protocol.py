@@ -420,6 +420,17 @@ def test_fs_small_operations(agent, tmp_path):
     ("exec", {"argv": ["true"], "user": "root", "cwd": "/nonexistent-dir"}, "bad_cwd"),
     ("exec", {"argv": ["true"], "user": "no-such-user-xyz"}, "unknown_user"),
     ("exec", {"argv": ["true"], "user": "root", "bogus": 1}, "bad_request"),
+    ("exec", {"argv": ["echo", "a\0b"], "user": "root"}, "bad_request"),
+    ("exec", {"argv": ["echo", "\ud800"], "user": "root"}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "env": {"A=B": "1"}}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "env": {"A": "x\0y"}}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "env": {"A": "\udcff"}}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "cwd": "/\0"}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "ro\0ot"}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "timeout": -1}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "timeout": 0}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "timeout": 1e300}, "bad_request"),
+    ("exec", {"argv": ["true"], "user": "root", "timeout": "10"}, "bad_request"),
     ("proc_info", {"pid": 999999}, "no_such_process"),
     ("fs_read", {"path": "/nonexistent/file", "user": "root"}, "not_found"),
     ("fs_read", {"path": "/", "user": "root"}, "is_directory"),
@@ -439,6 +450,18 @@ def test_removing_a_non_empty_directory_needs_recursive(agent, tmp_path):
     assert res.error["code"] == "not_empty"
     agent.ok("fs_remove", path=str(tmp_path / "d"), user="root", recursive=True)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_timeout_past_a_c_int_of_milliseconds_does_not_kill_the_agent(agent):
+    # 2147484 s is 2**31 ms and a little: poll(2) took it as a C int and the agent died
+    for timeout in (2147484, 30 * 86400, 10 * 365 * 86400):
+        res = run(agent, ["echo", "ok"], timeout=timeout)
+        assert bytes(res.out) == b"ok\n"
+        info = agent.ok("exec", argv=["sleep", "30"], user="root", timeout=timeout,
+                        background=True)
+        agent.ok("proc_signal", pid=info["pid"], signal="SIGKILL")
+    assert agent.ok("ping") == {"pid": agent.pid}
+    assert agent.proc.poll() is None
 
 
 def test_bad_signal_and_exited_process(agent):
@@ -607,6 +630,58 @@ def test_miniloop_readers_writers_and_signals(agent_modules):
         signal.signal(signal.SIGUSR1, old)
         signal.set_wakeup_fd(-1)
     assert got == [b"hi"]
+
+
+def test_output_written_before_exit_survives_an_agent_kept_off_the_cpu(agent_modules):
+    """Regression: under load (30 sandboxes on two cores) the agent can be kept off the CPU
+    for longer than a command's exit grace. When that happened after it had reaped a command
+    but before it polled its pipes again, the grace timer ran first and the command was
+    reported done with its output still in the pipe: exit 0, empty stdout. Here the stall
+    is made on purpose, in one loop callback: the command writes and exits, the agent reaps
+    it, then sleeps past the grace before the loop polls again."""
+    ml, _, _ = agent_modules
+    import procs
+
+    class Host:  # what ProcessTable needs of the agent
+        def __init__(self):
+            self.base_env: dict = {}
+
+    class Sink:  # a follower's stream, taking everything
+        closed = False
+
+        def __init__(self):
+            self.data = bytearray()
+
+        async def send(self, kind, data):
+            self.data += data
+
+        async def msg(self, obj):
+            pass
+
+    async def main():
+        loop = ml.get_loop()
+        table = procs.ProcessTable(Host())
+        proc = table.start(["sh", "-c", "read go; echo written-before-exit"], {},
+                           os.getcwd(), "root", True, None, None)
+        sink = Sink()
+        follower = loop.create_task(proc.follow(sink, offset=0, blocking=True))
+        trigger_r, trigger_w = os.pipe()
+
+        def stalled_iteration():
+            loop.remove_reader(trigger_r)
+            os.write(proc.stdin_fd, b"go\n")
+            _, status = os.waitpid(proc.pid, 0)  # it has written and exited
+            proc.on_exit(status)  # what reap() does on SIGCHLD
+            time.sleep(procs.EXIT_GRACE * 2)  # kept off the CPU past the grace
+
+        loop.add_reader(trigger_r, stalled_iteration)
+        os.write(trigger_w, b"x")
+        await follower
+        os.close(trigger_r)
+        os.close(trigger_w)
+        return bytes(sink.data), proc.exit_code
+
+    assert ml.run(main()) == (b"written-before-exit\n", 0)
 
 
 def test_accounts_cache_follows_file_changes(agent_modules, tmp_path, monkeypatch):

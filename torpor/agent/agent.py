@@ -236,7 +236,9 @@ class Agent:
             self.streams.pop(st.sid, None)
         except OpError as e:
             await st.close(error=e.to_wire())
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
+            # a request whose values the OS refuses (a NUL byte in a name, text that is not
+            # UTF-8): the caller's mistake, told as such, never an internal error
             await st.close(error={"code": "bad_request", "message": str(e)})
         except OSError as e:
             code = errno.errorcode.get(e.errno or 0, "EIO")

@@ -42,6 +42,10 @@ except ImportError:  # pragma: no cover - an interpreter without it
 
 # Callbacks run per iteration at most, before the loop polls for I/O again (with timeout 0).
 MAX_CALLBACKS_PER_ITERATION = 1000
+# The longest one poll(2) waits; a timer further off (a command's 30-day timeout) is reached
+# by polling again. Past 2**31 - 1 ms the call raised OverflowError and the agent died.
+MAX_POLL_SECONDS = 3600.0
+MAX_DELAY_SECONDS = 100 * 365 * 86400.0  # what call_later makes of an infinite delay
 
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
@@ -378,6 +382,8 @@ class Loop:
         return h
 
     def call_later(self, delay: float, cb, *args) -> TimerHandle:
+        if not delay < math.inf:  # inf or nan: never (a nan in the heap breaks its order)
+            delay = MAX_DELAY_SECONDS
         h = TimerHandle(time.monotonic() + max(delay, 0.0), cb, args)
         heapq.heappush(self._timers, h)
         return h
@@ -515,6 +521,8 @@ class Loop:
             timeout = max(0.0, self._timers[0].when - time.monotonic()) if self._timers else -1
         else:
             timeout = -1
+        # poll(2) takes a C int of ms: past MAX_POLL_SECONDS, wake up and look again
+        timeout = min(timeout, MAX_POLL_SECONDS)
         try:
             events = self._ep.poll(None if timeout < 0 else math.ceil(timeout * 1000))
         except InterruptedError:

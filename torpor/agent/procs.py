@@ -32,6 +32,7 @@ LOG_LIMIT = 4 << 20  # bytes of output kept per process
 EXIT_GRACE = 0.1  # seconds a finished command waits for output still in its pipes
 READ_SIZE = 64 * 1024
 DRAIN_LIMIT = 1 << 20  # bytes read at most when the exit grace ends
+MAX_TIMEOUT = 10 * 365 * 86400  # seconds: the longest command timeout the agent takes
 KEEP_EXITED = 200  # exited processes remembered for status queries
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _COMPAT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat")
@@ -419,6 +420,32 @@ class _PosixSpawner:
                               resetids=self.switch, setsigdef=_DEFAULT_SIGNALS)
 
 
+def _check_text(what: str, value) -> None:
+    """A string the kernel can take: no NUL byte, no lone surrogate (not UTF-8)."""
+    if not isinstance(value, str):
+        raise OpError("bad_request", f"{what} must be a string")
+    if "\0" in value:
+        raise OpError("bad_request", f"{what} contains a NUL byte")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise OpError("bad_request", f"{what} is not valid UTF-8 text "
+                      "(it holds a lone surrogate)") from None
+
+
+def _check_timeout(timeout):
+    """None, or seconds in (0, MAX_TIMEOUT]: whatever the host let through, a number must
+    never reach the loop's timers in a shape that breaks them."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise OpError("bad_request", "timeout must be a number of seconds")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise OpError("bad_request",
+                      f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds")
+    return float(timeout)
+
+
 def _resolve(fut: miniloop.Future) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -485,8 +512,22 @@ class ProcessTable:
         return proc
 
     def start(self, argv, env, cwd, user, want_stdin, timeout, tag) -> Proc:
-        if not argv or not all(isinstance(a, str) for a in argv):
+        if not isinstance(argv, list) or not argv:
             raise OpError("bad_request", "argv must be a non-empty list of strings")
+        for a in argv:
+            _check_text("argv", a)
+        if not isinstance(env, dict):
+            raise OpError("bad_request", "env must be an object of strings")
+        for k, v in env.items():
+            _check_text("env name", k)
+            _check_text(f"env {k}", v)
+            if not k or "=" in k:
+                raise OpError("bad_request", f"env name {k!r} must be non-empty, without '='")
+        if cwd is not None:
+            _check_text("cwd", cwd)
+        if isinstance(user, str):
+            _check_text("user", user)
+        timeout = _check_timeout(timeout)
         acc = users.lookup(user)
         full_env = {
             "PATH": DEFAULT_PATH,
