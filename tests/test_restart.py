@@ -8,7 +8,7 @@ import os
 import signal
 
 import pytest
-from conftest import Server, make_data_dir, run, teardown_data_dir
+from conftest import Server, make_data_dir, run, teardown_data_dir, wait_for
 
 
 @pytest.fixture
@@ -85,3 +85,56 @@ def test_sandbox_that_dies_is_marked_failed_not_lost(own_server):
                 break
             time.sleep(0.1)
         assert info["state"] == "failed" and info["reason"]
+
+
+def _left_behind(data_dir) -> tuple[list[str], list[str]]:
+    """Processes whose command line or working directory names the data dir (runsc's
+    sandbox and gofer, holders), and mounts below it."""
+    root = str(data_dir)
+    procs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if root in cmd or cwd.startswith(root):
+            procs.append(f"{pid}: {cmd[:120]}")
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if root in line.split()[4]]
+    return procs, mounts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_graceful_stop_leaves_no_pool_sandbox_behind(sig):
+    """Regression: SIGTERM, or Ctrl-C on `make serve`, left the warm pool running (2 runsc
+    sandboxes, 2 gofers, 2 holders and their mounts per data dir)."""
+    srv = Server(make_data_dir(), pool_size=2)
+    try:
+        srv.start()
+        wait_for(lambda: len(_pool_ids(srv)) == 2, timeout=60)
+        assert _left_behind(srv.data_dir)[0], "the pool's processes are visible while it runs"
+        srv.stop(sig)
+        assert srv.proc.returncode in (0, -sig)
+        wait_for(lambda: _left_behind(srv.data_dir) == ([], []), timeout=10)
+        # the next start boots a fresh pool and hands it out as before
+        srv.start()
+        with srv.client() as c:
+            sid = c.post("/v1/sandboxes", json={}).json()["id"]
+            assert run(c, sid, "echo ok")["stdout"] == "ok\n"
+    finally:
+        teardown_data_dir(srv)
+
+
+def _pool_ids(srv) -> list[str]:
+    """Pool sandboxes that run: the directories of sandboxes whose holder says running."""
+    out = []
+    for d in (srv.data_dir / "sandboxes").glob("*"):
+        try:
+            status = json.loads((d / "status.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if status.get("state") == "running":
+            out.append(d.name)
+    return out

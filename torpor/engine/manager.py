@@ -39,6 +39,7 @@ RUNNING, CREATING, FAILED, DELETED = "running", "creating", "failed", "deleted"
 _ALPHABET = string.ascii_lowercase + string.digits
 WATCH_INTERVAL = 0.1  # seconds between memory and task checks of running sandboxes
 METER_INTERVAL = 1.0  # seconds between samples of memory in use for metering
+POOL_STOP_SECONDS = 30.0  # a graceful stop waits this long for a pool sandbox's boot
 
 
 def new_id() -> str:
@@ -108,6 +109,8 @@ class Engine:
         self._pids_mark: dict[str, int] = {}  # host threads at the last runaway kill
         self._pool_lock = asyncio.Lock()
         self._pool_wakeup = asyncio.Event()
+        self._pool_task: asyncio.Task | None = None
+        self._pool_stopping = False
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.network = Network(self)
@@ -128,7 +131,8 @@ class Engine:
     async def start(self) -> None:
         await self.network.start()
         await self.recover()
-        self._tasks.append(asyncio.create_task(self._pool_loop()))
+        self._pool_task = asyncio.create_task(self._pool_loop())
+        self._tasks.append(self._pool_task)
         self._tasks.append(asyncio.create_task(self._watchdog_loop()))
         self._tasks.append(asyncio.create_task(self.standby.loop()))
 
@@ -136,10 +140,12 @@ class Engine:
         """Stop the server. With `hibernate` (a graceful stop) every running or standby
         sandbox is hibernated first, within `shutdown_timeout`; the rest (and all of them
         after a kill) keep running under their holders and the next start adopts them."""
+        await self._stop_pool_loop()
         for t in self._tasks:
             t.cancel()
         if hibernate:
             await self.standby.hibernate_all(time.monotonic() + self.settings.shutdown_timeout)
+            await self._drain_pool()
         self.metering.flush()
         await self.network.stop()
         self._closing = True
@@ -150,6 +156,30 @@ class Engine:
         self.channels.clear()
         await asyncio.to_thread(self.driver.close)
         self.db.dispose()
+
+    async def _stop_pool_loop(self) -> None:
+        """Let the pool loop finish the boot it may be in (cancelling it there would leave a
+        sandbox starting in a thread with nobody to record it), then end it."""
+        self._pool_stopping = True
+        self._pool_wakeup.set()
+        if self._pool_task is not None and not self._pool_task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pool_task), POOL_STOP_SECONDS)
+            except (TimeoutError, asyncio.CancelledError):
+                self._pool_task.cancel()
+
+    async def _drain_pool(self) -> None:
+        """On a graceful stop: the warm pool's sandboxes hold nothing of anyone's, so they are
+        deleted rather than hibernated; the next start boots a fresh pool. Nothing of them
+        (runsc, gofer, holder, mounts) outlives the server."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(SandboxRow).where(
+                SandboxRow.pooled.is_(True), SandboxRow.state.in_([RUNNING, CREATING]))))
+        for row in rows:
+            try:
+                await self._remove(row, "shutdown")
+            except (TorporError, OSError) as e:
+                log.warning("shutdown: pool sandbox %s could not be deleted: %s", row.id, e)
 
     async def recover(self) -> None:
         """Bring back every sandbox the database says exists: adopt the running ones (their
@@ -431,7 +461,10 @@ class Engine:
         return self._info(self._row(sid))
 
     async def delete(self, sid: str, reason: str = "explicit") -> None:
-        row = self._row(sid)
+        await self._remove(self._row(sid), reason)
+
+    async def _remove(self, row: SandboxRow, reason: str) -> None:
+        sid = row.id
         await self._detach(sid, bank=row.state in (RUNNING, STANDBY))
         self._set_state(sid, DELETED, None, reason)
         await self.driver.destroy(self._spec(row))
@@ -524,11 +557,12 @@ class Engine:
 
     async def _pool_loop(self) -> None:
         """Keep `pool_size` booted sandboxes per template, with the template's defaults."""
-        while True:
+        while not self._pool_stopping:
             self._pool_wakeup.clear()
             if self.settings.pool_size > 0:
                 for tpl in self.templates.list():
-                    while len(self._pool_rows(tpl.name)) < self.settings.pool_size:
+                    while (not self._pool_stopping
+                           and len(self._pool_rows(tpl.name)) < self.settings.pool_size):
                         row = SandboxRow(id=new_id(), template=tpl.name, state=CREATING,
                                          cpu=tpl.cpu, memory_mb=tpl.memory_mb,
                                          disk_mb=tpl.disk_mb, env={}, meta={}, pooled=True)
@@ -540,6 +574,8 @@ class Engine:
                             log.error("warm pool: %s", e)
                             await asyncio.sleep(5)
                             break
+            if self._pool_stopping:
+                return
             try:
                 await asyncio.wait_for(self._pool_wakeup.wait(), 30)
             except TimeoutError:
