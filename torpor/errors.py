@@ -44,6 +44,11 @@ class Unauthorized(TorporError):
     code = "unauthorized"
 
 
+class Forbidden(TorporError):
+    status = 403
+    code = "forbidden"
+
+
 class Unavailable(TorporError):
     status = 503
     code = "unavailable"

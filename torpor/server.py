@@ -21,6 +21,13 @@ def build(settings: Settings):
     if key:
         print(f"Torpor: created the admin API key (shown once, also in "
               f"{settings.api_key_file}, mode 0600):\n  {key}", file=sys.stderr, flush=True)
+    elif not engine.keys.has_valid_admin():
+        # keys exist but no admin can manage them: say so, never mint one behind the
+        # operator's back (a revoked key was revoked on purpose)
+        print(f"Torpor: WARNING: no valid admin API key in {settings.db_path} (every one "
+              "is revoked), so keys and secrets cannot be managed over the API. To get back "
+              f"in, on this host run:\n  torpor keys create NAME --admin --offline --data-dir "
+              f"{settings.data_dir}", file=sys.stderr, flush=True)
     return create_app(engine)
 
 

@@ -135,10 +135,11 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def healthz():
         return {"ok": True, "version": __version__, "runsc": engine.driver.version}
 
-    from torpor.api import commands, files, lifecycle, network, sandboxes, secrets
+    from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets
 
     deps = [Depends(require_key)]
     app.include_router(sandboxes.router, prefix="/v1", dependencies=deps)
+    app.include_router(keys.router, prefix="/v1", dependencies=deps)  # and admin scope
     app.include_router(commands.router, prefix="/v1", dependencies=deps)
     app.include_router(files.router, prefix="/v1", dependencies=deps)
     app.include_router(lifecycle.router, prefix="/v1", dependencies=deps)

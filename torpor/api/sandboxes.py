@@ -1,4 +1,4 @@
-"""Routes: sandboxes, templates, API keys."""
+"""Routes: sandboxes, templates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request, Response
 
 from torpor.api.app import engine_of
-from torpor.api.schemas import CreateKey, CreateSandbox, EventOut, KeyOut, SandboxOut, TemplateOut
+from torpor.api.schemas import CreateSandbox, EventOut, SandboxOut, TemplateOut
 
 router = APIRouter()
 
@@ -46,22 +46,3 @@ async def sandbox_events(sid: str, request: Request):
     return [EventOut.model_validate(e, from_attributes=True)
             for e in engine_of(request).events(sid)]
 
-
-@router.post("/keys", status_code=201, response_model=KeyOut, tags=["keys"])
-async def create_key(body: CreateKey, request: Request):
-    row, key = engine_of(request).keys.create(body.name)
-    out = KeyOut.model_validate(row, from_attributes=True)
-    out.key = key
-    return out
-
-
-@router.get("/keys", response_model=list[KeyOut], tags=["keys"])
-async def list_keys(request: Request):
-    return [KeyOut.model_validate(r, from_attributes=True)
-            for r in engine_of(request).keys.list()]
-
-
-@router.delete("/keys/{key_id}", status_code=204, tags=["keys"])
-async def revoke_key(key_id: str, request: Request):
-    engine_of(request).keys.revoke(key_id)
-    return Response(status_code=204)

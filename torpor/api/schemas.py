@@ -174,12 +174,14 @@ class TemplateOut(BaseModel):
 
 class CreateKey(Strict):
     name: str = Field(min_length=1, max_length=128)
+    scope: Literal["user", "admin"] = "user"
 
 
 class KeyOut(BaseModel):
     id: str
     name: str
     prefix: str
+    scope: Literal["user", "admin"]
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None

@@ -6,12 +6,16 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import datetime
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from torpor.api.app import engine_of
+from torpor.api.keys import require_admin
 
 router = APIRouter()
+# writing a secret (its value, its allowed_hosts) changes what every sandbox granted it
+# sends where, server-wide: admin only; reading names and hosts and granting stay open
+ADMIN = [Depends(require_admin)]
 
 
 class CreateSecret(BaseModel):
@@ -48,7 +52,8 @@ class SecretList(BaseModel):
     secrets: list[SecretOut]
 
 
-@router.post("/secrets", status_code=201, response_model=SecretOut, tags=["secrets"])
+@router.post("/secrets", status_code=201, response_model=SecretOut, tags=["secrets"],
+             dependencies=ADMIN)
 async def create_secret(body: CreateSecret, request: Request):
     info = engine_of(request).secrets.create(body.name, body.value, body.allowed_hosts,
                                              inject_body=body.inject_body)
@@ -65,7 +70,8 @@ async def get_secret(name: str, request: Request):
     return asdict(engine_of(request).secrets.get(name))
 
 
-@router.put("/secrets/{name}", response_model=SecretOut, tags=["secrets"])
+@router.put("/secrets/{name}", response_model=SecretOut, tags=["secrets"],
+            dependencies=ADMIN)
 async def update_secret(name: str, body: UpdateSecret, request: Request):
     info = engine_of(request).secrets.replace(name, value=body.value,
                                               allowed_hosts=body.allowed_hosts,
@@ -73,7 +79,7 @@ async def update_secret(name: str, body: UpdateSecret, request: Request):
     return asdict(info)
 
 
-@router.delete("/secrets/{name}", status_code=204, tags=["secrets"])
+@router.delete("/secrets/{name}", status_code=204, tags=["secrets"], dependencies=ADMIN)
 async def delete_secret(name: str, request: Request):
     engine_of(request).secrets.delete(name)
     return Response(status_code=204)

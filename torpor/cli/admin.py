@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from torpor.cli._common import App, conn, err, out, print_json, when
+from torpor.cli._common import App, conn, err, fail, out, print_json, when
+from torpor.config import default_data_dir
+
+if TYPE_CHECKING:
+    from torpor.engine.keys import KeyStore
 
 templates = App(help="Templates sandboxes start from.")
 keys = App(help="API keys.")
@@ -34,40 +41,110 @@ def list_templates(json: JSON = False) -> None:
     out.print(table)
 
 
-@keys.command()
-def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. ci.")]) -> None:
-    """Create an API key and print it (the only time it is shown)."""
-    from torpor.sdk import Keys
+DataDir = Annotated[Path | None, typer.Option(
+    "--data-dir", help="The server's data directory, for --offline [default: $TORPOR_DATA "
+                       "or /var/lib/torpor].")]
+Offline = Annotated[bool, typer.Option(
+    "--offline", help="Read and write the data directory's database directly, not through "
+                      "the server: on the server's host, as its user; works whether the "
+                      "server runs or not.")]
 
-    with Keys(**conn()) as client:
-        key = client.create(name)
-    out.print(key.key, soft_wrap=True)
-    err.print(f"key {key.id} ({key.name}): store it now, it is not shown again; use it as "
-              "TORPOR_API_KEY")
+
+@contextmanager
+def _offline_keys(data_dir: Path | None) -> Iterator[tuple[KeyStore, Path]]:
+    """The KeyStore the server uses, over the data directory's SQLite file."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from torpor.engine.keys import KeyStore
+    from torpor.store.db import open_db
+
+    db_path = (data_dir or default_data_dir()) / "torpor.db"
+    if not db_path.is_file():
+        fail(f"no Torpor database at {db_path}: point --data-dir (or TORPOR_DATA) at the "
+             "server's data directory")
+    try:
+        db, sessions = open_db(db_path)
+    except SQLAlchemyError as e:
+        fail(f"cannot open {db_path} ({e.orig or e}); run this as the server's user (root)")
+    try:
+        yield KeyStore(sessions), db_path
+    finally:
+        db.dispose()
+
+
+def _scope(admin: bool, scope: str | None) -> str:
+    if admin and scope not in (None, "admin"):
+        raise typer.BadParameter(f"--admin contradicts --scope {scope}", param_hint="--scope")
+    if scope not in (None, "user", "admin"):
+        raise typer.BadParameter(f"{scope!r} is not user or admin",
+                                 param_hint="--scope")
+    return "admin" if admin else scope or "user"
+
+
+@keys.command()
+def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. ci.")],
+           admin: Annotated[bool, typer.Option("--admin", help="Same as --scope admin.")
+                            ] = False,
+           scope: Annotated[str | None, typer.Option(
+               help="user (sandboxes, files, commands, network) or admin (that, plus keys "
+                    "and secrets) [default: user].")] = None,
+           offline: Offline = False, data_dir: DataDir = None) -> None:
+    """Create an API key and print it (the only time it is shown). Needs an admin key, or
+    --offline on the server's host; with no server reachable, it goes offline by itself."""
+    from torpor.sdk import Keys
+    from torpor.sdk.errors import ServerUnavailableError
+
+    scope = _scope(admin, scope)
+    if not offline:
+        try:
+            with Keys(**conn()) as client:
+                key = client.create(name, scope)
+            _created(key.id, key.name, scope, key.key, where="")
+            return
+        except ServerUnavailableError as e:
+            db_path = (data_dir or default_data_dir()) / "torpor.db"
+            if e.code != "connect" or not db_path.is_file():
+                raise
+            err.print(f"{e}\nwriting the key into {db_path} directly instead")
+    with _offline_keys(data_dir) as (store, db_path):
+        row, secret = store.create(name, admin=scope == "admin")
+    _created(row.id, row.name, scope, secret, where=f" in {db_path}")
+
+
+def _created(key_id: str, name: str, scope: str, secret: str | None, where: str) -> None:
+    out.print(secret, soft_wrap=True)
+    err.print(f"{scope} key {key_id} ({name}){where}: store it now, it is not shown again; "
+              "use it as TORPOR_API_KEY")
 
 
 @keys.command("list")
-def list_keys(json: JSON = False) -> None:
-    """List API keys (never the secrets)."""
+def list_keys(json: JSON = False, offline: Offline = False, data_dir: DataDir = None) -> None:
+    """List API keys (never the secrets). Needs an admin key, or --offline."""
     from torpor.sdk import Keys
+    from torpor.sdk.models import ApiKey
 
-    with Keys(**conn()) as client:
-        items = client.list()
+    if offline:
+        with _offline_keys(data_dir) as (store, _):
+            items = [ApiKey.model_validate(r, from_attributes=True) for r in store.list()]
+    else:
+        with Keys(**conn()) as client:
+            items = client.list()
     if json:
         print_json([k.model_dump(mode="json") for k in items])
         return
     table = Table(box=None, header_style="bold")
-    for col in ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED"):
+    for col in ("ID", "NAME", "SCOPE", "PREFIX", "CREATED", "LAST USED", "REVOKED"):
         table.add_column(col, no_wrap=True)
     for k in items:
-        table.add_row(k.id, k.name, k.prefix, when(k.created_at), when(k.last_used_at),
-                      when(k.revoked_at) if k.revoked_at else "")
+        table.add_row(k.id, k.name, k.scope, k.prefix, when(k.created_at),
+                      when(k.last_used_at), when(k.revoked_at) if k.revoked_at else "")
     out.print(table)
 
 
 @keys.command()
 def revoke(key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Revoke an API key; it is refused from then on."""
+    """Revoke an API key; it is refused from then on. Needs an admin key; the last valid
+    admin key cannot be revoked."""
     from torpor.sdk import Keys
 
     with Keys(**conn()) as client:

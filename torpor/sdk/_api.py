@@ -235,9 +235,10 @@ def list_templates() -> Call[list[Template]]:
     return Call("list templates", "GET", "/v1/templates", _models(Template))
 
 
-def create_key(name: str) -> Call[ApiKey]:
-    return Call(f"create API key {name!r}", "POST", "/v1/keys", _model(ApiKey),
-                json={"name": name})
+def create_key(name: str, scope: str | None = None) -> Call[ApiKey]:
+    """POST /v1/keys; without a scope the server makes a user key."""
+    body = {"name": name} if scope is None else {"name": name, "scope": scope}
+    return Call(f"create API key {name!r}", "POST", "/v1/keys", _model(ApiKey), json=body)
 
 
 def list_keys() -> Call[list[ApiKey]]:

@@ -7,7 +7,7 @@ that release their connections.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 import httpx
 
@@ -50,16 +50,20 @@ class _AsyncClient:
 
 
 class Keys(_Client):
-    """API keys: `Keys().create("ci").key` is the secret, shown only then."""
+    """API keys: `Keys().create("ci").key` is the secret, shown only then. Managing keys
+    needs an admin key (403 AuthError otherwise)."""
 
-    def create(self, name: str) -> ApiKey:
-        return self._s.call(_api.create_key(name))
+    def create(self, name: str, scope: Literal["user", "admin"] | None = None) -> ApiKey:
+        """A new key of `scope`: "user" (the default: sandboxes, files, commands, network)
+        or "admin" (that, plus managing keys and secrets)."""
+        return self._s.call(_api.create_key(name, scope))
 
     def list(self) -> list[ApiKey]:
         return self._s.call(_api.list_keys())
 
     def revoke(self, key_id: str) -> None:
-        """Revoke a key by id; it gets 401 from then on."""
+        """Revoke a key by id; it gets 401 from then on. The last valid admin key cannot be
+        revoked (409 ConflictError): create another admin key first."""
         self._s.call(_api.revoke_key(key_id))
 
 
@@ -71,8 +75,9 @@ class Templates(_Client):
 
 
 class AsyncKeys(_AsyncClient):
-    async def create(self, name: str) -> ApiKey:
-        return await self._s.call(_api.create_key(name))
+    async def create(self, name: str, scope: Literal["user", "admin"] | None = None
+                     ) -> ApiKey:
+        return await self._s.call(_api.create_key(name, scope))
 
     async def list(self) -> list[ApiKey]:
         return await self._s.call(_api.list_keys())

@@ -105,6 +105,7 @@ class ApiKey(_Model):
     id: str
     name: str
     prefix: str
+    scope: str = "user"  # "admin" (manages keys and secrets) or "user"
     created_at: Time
     last_used_at: Time | None = None
     revoked_at: Time | None = None

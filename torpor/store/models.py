@@ -97,6 +97,11 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
+    @property
+    def scope(self) -> str:
+        """"admin" (manages keys and secrets) or "user"; the `admin` column holds it."""
+        return "admin" if self.admin else "user"
+
 
 class SecretRow(Base):
     """A credential the egress proxy injects; the value is encrypted (see engine/secrets.py)
