@@ -58,8 +58,12 @@ def _offline_keys(data_dir: Path | None) -> Iterator[tuple[KeyStore, Path]]:
     from torpor.engine.keys import KeyStore
     from torpor.store.db import open_db
 
-    db_path = (data_dir or default_data_dir()) / "torpor.db"
-    if not db_path.is_file():
+    db_path = _db_path(data_dir)
+    try:
+        db_path.stat()
+    except PermissionError:
+        fail(f"cannot read {db_path}: run this as the server's user (root)")
+    except FileNotFoundError:
         fail(f"no Torpor database at {db_path}: point --data-dir (or TORPOR_DATA) at the "
              "server's data directory")
     try:
@@ -70,6 +74,10 @@ def _offline_keys(data_dir: Path | None) -> Iterator[tuple[KeyStore, Path]]:
         yield KeyStore(sessions), db_path
     finally:
         db.dispose()
+
+
+def _db_path(data_dir: Path | None) -> Path:
+    return (data_dir or default_data_dir()) / "torpor.db"
 
 
 def _scope(admin: bool, scope: str | None) -> str:
@@ -102,8 +110,8 @@ def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. c
             _created(key.id, key.name, scope, key.key, where="")
             return
         except ServerUnavailableError as e:
-            db_path = (data_dir or default_data_dir()) / "torpor.db"
-            if e.code != "connect" or not db_path.is_file():
+            db_path = _db_path(data_dir)
+            if e.code != "connect" or not db_path.exists():
                 raise
             err.print(f"{e}\nwriting the key into {db_path} directly instead")
     with _offline_keys(data_dir) as (store, db_path):

@@ -73,10 +73,10 @@ class KeyStore:
                     raise NotFound(f"no API key {key_id}; `torpor keys list` shows them",
                                    key_id=key_id)
                 if row.revoked_at is None:
-                    raise Conflict(f"cannot revoke API key {key_id}: it is the last valid "
-                                   "admin key, and without one nobody can manage keys. "
-                                   "Create another admin key first (`torpor keys create "
-                                   "NAME --admin`), then revoke this one", key_id=key_id)
+                    raise Conflict(f"API key {key_id} is the last valid admin key and "
+                                   "is kept: without one nobody can manage keys. Create "
+                                   "another admin key first (`torpor keys create NAME "
+                                   "--admin`), then revoke this one", key_id=key_id)
         self._cache = {h: v for h, v in self._cache.items() if v[0] != key_id}
 
     def check(self, presented: str | None) -> str:
