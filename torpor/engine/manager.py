@@ -42,6 +42,30 @@ METER_INTERVAL = 1.0  # seconds between samples of memory in use for metering
 POOL_STOP_SECONDS = 30.0  # a graceful stop waits this long for a pool sandbox's boot
 
 
+class States(dict):
+    """The records' states by sandbox id, for the hot path, with the running ones kept in a
+    set beside them: the watchdog visits only those, so a parked sandbox costs it nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: set[str] = set()
+
+    def __setitem__(self, sid: str, state: str) -> None:
+        super().__setitem__(sid, state)
+        if state == RUNNING:
+            self.running.add(sid)
+        else:
+            self.running.discard(sid)
+
+    def __delitem__(self, sid: str) -> None:
+        super().__delitem__(sid)
+        self.running.discard(sid)
+
+    def pop(self, sid: str, *default):
+        self.running.discard(sid)
+        return super().pop(sid, *default)
+
+
 def new_id() -> str:
     # lowercase letters and digits only: the id is a DNS label in preview URLs
     return "sbx" + "".join(secrets.choice(_ALPHABET) for _ in range(13))
@@ -100,7 +124,7 @@ class Engine:
                                    platform=settings.platform,
                                    image_compression=settings.image_compression)
         self.channels: dict[str, Channel] = {}
-        self._state: dict[str, str] = {}  # cache of the records' states, for the hot path
+        self._state = States()  # cache of the records' states, for the hot path
         self._pooled: set[str] = set()  # booted, waiting in the warm pool
         self.standby = Standby(self)
         self.metering = Metering(self)
@@ -190,8 +214,16 @@ class Engine:
         for row in rows:
             spec = self._spec(row)
             self._state[row.id] = row.state
+            self.standby.wake(row.id)  # its timers, from now
             if row.state == HIBERNATED:
-                continue  # its image waits on disk; the first request restores it
+                # its image waits on disk; the first request restores it. Nothing of it stays
+                # mounted (an older server, or one killed mid-hibernation, left its layer so)
+                try:
+                    await asyncio.to_thread(self.driver.layer(spec).unmount)
+                except OSError as e:
+                    log.warning("sandbox %s: hibernated, but its layer stays mounted: %s",
+                                row.id, e)
+                continue
             if row.state == CREATING:
                 await self._fail(row.id, "the server stopped while the sandbox was created",
                                  "restore_failed", destroy=True)
@@ -368,6 +400,7 @@ class Engine:
                 setattr(row, k, v)
             row.updated_at = now()
         self._event(sid, "updated", None, None, "explicit", changes)
+        self.standby.wake(sid)  # its timers may fall due sooner now
         if touch:
             self.standby.touch(sid)
         return self.get(sid)
@@ -471,6 +504,7 @@ class Engine:
         self._specs.pop(sid, None)
         self.standby.activity.pop(sid, None)
         self.standby.locks.pop(sid, None)
+        self.standby.due.pop(sid, None)
         self._pids_mark.pop(sid, None)
         self._pooled.discard(sid)
         self.network.forget(sid)
@@ -614,9 +648,10 @@ class Engine:
             if sample:
                 next_sample = time.monotonic() + METER_INTERVAL
             in_use: dict[str, int] = {}
-            for sid, spec in list(self._specs.items()):
+            for sid in list(self._state.running):  # frozen or hibernated: nothing to watch
+                spec = self._specs.get(sid)
                 chan = self.channels.get(sid)
-                if chan is None or chan.closed.is_set() or self._state.get(sid) != RUNNING:
+                if spec is None or chan is None or chan.closed.is_set():
                     continue
                 cg = self.driver.cgroup(sid)
                 tasks, limit = cg.tasks(), self.driver.host_threads_limit(spec)

@@ -9,12 +9,19 @@ Activity is: an API call on the sandbox (the engine calls `touch`), a stream ope
 channel (command output, process follow, file transfer, egress and preview connections),
 and keep-alive holds (explicit, or a process started with keep_alive), each bounded by
 `max_hold` seconds.
+
+Timers are deadlines, not a poll: each sandbox has one due time in a heap (when its next
+timer could fire), checked then and set again. Activity only moves deadlines later, so
+`touch` costs nothing; what can bring one earlier (a state change, an update of the timers)
+calls `wake`. A parked sandbox with no timer left costs the server no work at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -33,7 +40,8 @@ log = logging.getLogger("torpor.standby")
 
 RUNNING, STANDBY, HIBERNATED, FAILED, DELETED = (
     "running", "standby", "hibernated", "failed", "deleted")
-IDLE_TICK = 1.0  # seconds between idle checks
+IDLE_TICK = 1.0  # seconds before a due timer held off (busy, refused) is checked again
+PRESSURE_EVERY = 1.0  # seconds between checks of host memory in use
 MAX_HOLD = 3600.0  # the longest a keep-alive hold lasts, so a forgotten one cannot pin
 RECORD_RESUME_AFTER = 0.05  # seconds after a resume before its state record is written
 STREAM_GRACE = 1.0  # seconds a standby or hibernation waits for streams already closing
@@ -56,6 +64,11 @@ class Standby:
         self.transitioning: set[str] = set()  # channel closes here are expected
         # resumes whose state record is still to be written (see _resumed)
         self.pending_resumes: dict[str, tuple[asyncio.TimerHandle, tuple]] = {}
+        # timers: sandbox -> when to check it next (inf: nothing to check until a state or
+        # timer change), and a heap of (due, sandbox) whose stale entries are skipped
+        self.due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wakeup = asyncio.Event()
 
     # --- activity -------------------------------------------------------------------------
     def act(self, sid: str) -> Activity:
@@ -66,6 +79,21 @@ class Standby:
 
     def touch(self, sid: str) -> None:
         self.act(sid).last = time.monotonic()
+        if sid not in self.due:  # new to the timers (created, handed out, recovered)
+            self.wake(sid)
+
+    def wake(self, sid: str, at: float | None = None) -> None:
+        """Check the sandbox's timers at `at` (now if not given), or sooner if already due
+        sooner. Called on what can bring a deadline earlier: a change of state or timers."""
+        at = time.monotonic() if at is None else at
+        current = self.due.get(sid)
+        if current is not None and current <= at:
+            return
+        self.due[sid] = at
+        if at < math.inf:
+            heapq.heappush(self._heap, (at, sid))
+            if self._heap[0][1] == sid:
+                self._wakeup.set()
 
     def hold(self, sid: str, seconds: float) -> tuple[str, float]:
         if not 0 < seconds <= MAX_HOLD:
@@ -157,6 +185,7 @@ class Standby:
             t0 = time.monotonic()
             await asyncio.to_thread(e.driver.freeze, e._specs[sid], True)
             e._set_state(sid, STANDBY, None, reason, _ms(t0))
+            self.wake(sid)
 
     async def hibernate(self, sid: str, reason: str, force: bool = False) -> None:
         e = self.engine
@@ -192,6 +221,7 @@ class Standby:
                 await chan.close()
             self.transitioning.discard(sid)
             e._set_state(sid, HIBERNATED, None, reason, _ms(t0), result)
+            self.wake(sid)
 
     async def _check_hibernatable(self, sid: str, state: str, reason: str) -> None:
         """Refuse (409) what this runsc cannot checkpoint without killing the sandbox
@@ -261,6 +291,7 @@ class Standby:
         it still hibernated would look for an image that is gone)."""
         self.engine._state[sid] = RUNNING
         self.touch(sid)
+        self.wake(sid)
         args = (sid, reason, _ms(t0), now(), was)
         if was != STANDBY:
             self._record_resume(*args)
@@ -318,38 +349,86 @@ class Standby:
 
     # --- automatic ------------------------------------------------------------------------
     async def loop(self) -> None:
+        """Check each sandbox's timers when they fall due, and host memory every
+        PRESSURE_EVERY seconds; between these the loop sleeps."""
+        next_pressure = time.monotonic() + PRESSURE_EVERY
         while True:
-            await asyncio.sleep(IDLE_TICK)
+            t = time.monotonic()
+            wait = min(next_pressure, self._heap[0][0] if self._heap else math.inf) - t
+            if wait > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
             try:
-                await self.tick()
+                await self.run_due(t)
+                if t >= next_pressure:
+                    next_pressure = t + PRESSURE_EVERY
+                    await self.relieve_memory_pressure()
             except Exception:  # the loop must outlive any one sandbox's trouble
                 log.exception("standby loop")
 
-    async def tick(self) -> None:
-        e = self.engine
-        for row in e.live_rows():
-            sid = row.id
-            state = e._state.get(sid, row.state)  # a resume's record may be pending
-            idle = self.idle_seconds(sid)
-            age = (now() - row.created_at).total_seconds()
-            if row.ttl and age >= row.ttl:
-                await self._expire(row, f"older than its ttl of {row.ttl:.0f}s", ttl=True)
-                continue
-            if row.idle_ttl and idle >= row.idle_ttl and not await self._busy_quiet(row):
-                await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s",
-                                   ttl=False)
-                continue
-            if state == RUNNING and row.standby_after and idle >= row.standby_after:
-                if not await self._busy_quiet(row):
-                    await self._try(self.standby(sid, "idle"))
-            elif (state == STANDBY and row.hibernate_after
-                  and idle >= row.standby_after + row.hibernate_after
-                  and time.monotonic() - self.act(sid).failed_at > RETRY_AFTER):
-                await self._try(self.hibernate(sid, "idle"))
-        await self.relieve_memory_pressure()
+    async def run_due(self, t: float) -> None:
+        """Check every sandbox whose timers are due at `t`."""
+        while self._heap and self._heap[0][0] <= t:
+            at, sid = heapq.heappop(self._heap)
+            if self.due.get(sid) != at:
+                continue  # superseded by an earlier wake, or checked already
+            del self.due[sid]
+            try:
+                nxt = await self.check(sid)
+            except Exception:
+                log.exception("sandbox %s: checking its timers", sid)
+                nxt = time.monotonic() + IDLE_TICK
+            if nxt is not None:
+                self.wake(sid, nxt)
 
-    async def _busy_quiet(self, row: SandboxRow) -> bool:
-        if row.state != RUNNING:
+    async def check(self, sid: str) -> float | None:
+        """Act on the sandbox's timer that is due, if one is; return when to check it next
+        (inf: no timer in its state; None: it is gone, pooled or failed)."""
+        e = self.engine
+        with e.sessions() as s:
+            row = s.get(SandboxRow, sid)
+        if row is None or row.pooled or row.state not in (RUNNING, STANDBY, HIBERNATED):
+            return None
+        state = e._state.get(sid, row.state)  # a resume's record may be pending
+        t = time.monotonic()
+        idle = t - self.act(sid).last
+        age = (now() - row.created_at).total_seconds()
+        parked_for_good = row.expire_action == "hibernate" and state == HIBERNATED
+        if row.ttl and age >= row.ttl and not parked_for_good:
+            await self._expire(row, f"older than its ttl of {row.ttl:.0f}s", ttl=True)
+            return t + IDLE_TICK
+        if (row.idle_ttl and idle >= row.idle_ttl and not parked_for_good
+                and not await self._busy_quiet(row, state)):
+            await self._expire(row, f"idle longer than its idle_ttl of {row.idle_ttl:.0f}s",
+                               ttl=False)
+            return t + IDLE_TICK
+        if state == RUNNING and row.standby_after and idle >= row.standby_after:
+            if not await self._busy_quiet(row, state):
+                await self._try(self.standby(sid, "idle"))
+            return t + IDLE_TICK  # busy, refused or done (done: standby() woke it anew)
+        hibernate_at = max(row.standby_after + row.hibernate_after - idle,
+                           self.act(sid).failed_at + RETRY_AFTER - t)
+        if state == STANDBY and row.hibernate_after and hibernate_at <= 0:
+            await self._try(self.hibernate(sid, "idle"))
+            return t + IDLE_TICK
+        # nothing due: the earliest deadline of the state it is in
+        due = []
+        if row.ttl and not parked_for_good:
+            due.append(row.ttl - age)
+        if row.idle_ttl and not parked_for_good:
+            due.append(row.idle_ttl - idle)
+        if state == RUNNING and row.standby_after:
+            due.append(row.standby_after - idle)
+        if state == STANDBY and row.hibernate_after:
+            due.append(hibernate_at)
+        return t + max(min(due), 0.0) if due else math.inf
+
+    async def _busy_quiet(self, row: SandboxRow, state: str) -> bool:
+        if state != RUNNING:
             return False
         return await self.busy(row.id)
 
