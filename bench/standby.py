@@ -41,13 +41,15 @@ start, a sample byte, a counter) every second. Sandboxes are created with
              (resume duration_ms), the holder's status (runsc restore --detach seconds) and
              the rest (HTTP, database, the command). Checks the memory again.
   density    N sandboxes (`--density`, default 200; idle agents, default resources) created
-             at concurrency 3 and answering `echo ok`; host CPU over 20 s running idle and
-             over 60 s in standby (their cgroups' cpuacct, their host processes' utime+stime
-             incl. holders, the server, /proc/stat for the whole host); all hibernated:
-             MemAvailable drop vs before they were created / N, host processes whose cmdline
-             names a sandbox (PSS), cgroups and mounts left, images on disk; then all but
-             5 deleted (MemAvailable read again: what the hibernated ones held), the 5
-             woken with `echo ok` and deleted. Creation stops after --density-budget
+             at concurrency 3 and answering `echo ok`; the server's CPU over 60 s before
+             any exists (its own idle floor); host CPU over 20 s running idle and over 60 s
+             in standby (their cgroups' cpuacct, their host processes' utime+stime incl.
+             holders, the server, /proc/stat for the whole host); all hibernated:
+             MemAvailable drop vs before they were created / N, host processes whose
+             cmdline names a sandbox (PSS), cgroups, mounts and loop devices left, kernel
+             slab (Slab, SUnreclaim) grown per sandbox, images on disk, then the server's
+             CPU over 60 s with all hibernated; then all but 5 deleted (MemAvailable read
+             again: what the hibernated ones held), the 5 woken with `echo ok` and deleted. Creation stops after --density-budget
              seconds; N is reported as made. Hibernations run at concurrency 3 from
              standby; a `runsc checkpoint` stuck on a FROZEN cgroup (a race in the server)
              is thawed by the bench after --unstick-after seconds and reported.
@@ -310,6 +312,17 @@ def dir_bytes(d: Path) -> int:
 def mounts_under(prefix: str) -> int:
     with open("/proc/self/mounts") as f:
         return sum(1 for line in f if line.split()[1].startswith(prefix))
+
+
+def loops_under(prefix: str) -> int:
+    """Loop devices whose backing file lies under prefix."""
+    n = 0
+    for dev in Path("/sys/block").glob("loop*"):
+        try:
+            n += (dev / "loop" / "backing_file").read_text().startswith(prefix)
+        except OSError:
+            pass
+    return n
 
 
 class Unsticker:
@@ -1066,6 +1079,44 @@ class Bench:
         say(f"density: up to {n} sandboxes at concurrency {conc} (creation budget "
             f"{budget_s:.0f} s)")
         time.sleep(3)
+
+        def cpu_window(seconds: float, sids: list[str]) -> dict:
+            procs = processes()
+            pids = {}
+            for sid in sids:
+                pids.update(sandbox_processes(sid, procs))
+            cgs = [Cgroup(f"/torpor/{s}") for s in sids]
+            cg0 = sum(c.cpu_seconds() or 0.0 for c in cgs)
+            p0 = {p: proc_cpu_s(p) for p in pids}
+            s0 = proc_cpu_s(srv.pid) or 0.0
+            h0 = host_cpu()
+            t = time.perf_counter()
+            time.sleep(seconds)
+            el = time.perf_counter() - t
+            cg1 = sum(c.cpu_seconds() or 0.0 for c in cgs)
+            p1 = {p: proc_cpu_s(p) for p in pids}
+            s1 = proc_cpu_s(srv.pid) or 0.0
+            h1 = host_cpu()
+            pdelta = sum((p1[p] or 0) - (p0[p] or 0) for p in pids
+                         if p0[p] is not None and p1[p] is not None)
+            by_kind: dict[str, float] = {}
+            for p, kind in pids.items():
+                if p0[p] is not None and p1[p] is not None:
+                    by_kind[kind] = by_kind.get(kind, 0.0) + p1[p] - p0[p]
+            busy = h1[0] - h0[0]
+            return {"seconds": round(el, 1),
+                    "cgroups_cpuacct_cpu_s": round(cg1 - cg0, 4),
+                    "host_procs_cpu_s": round(pdelta, 3),
+                    "host_procs_cpu_s_by_kind": {k: round(v, 3) for k, v in by_kind.items()},
+                    "host_procs": len(pids),
+                    "server_cpu_s": round(s1 - s0, 3),
+                    "server_cpu_s_per_min": round((s1 - s0) * 60 / el, 3),
+                    "host_busy_cpu_s_all_users": round(busy, 2),
+                    "host_busy_pct_of_all_cpus": round(100 * busy / max(h1[1] - h0[1], 1e-9), 2),
+                    "cgroups_cpu_pct_of_one_cpu": round(100 * (cg1 - cg0) / el, 3)}
+
+        say(f"density: server CPU over {idle_standby_s:.0f} s with no sandbox")
+        cpu_empty = cpu_window(idle_standby_s, [])
         before = avail_mib()
         mi_before = meminfo()
         foreign_before = self.foreign_sentries()
@@ -1115,42 +1166,8 @@ class Bench:
         with_running = avail_mib()
         pss_running = self.pss_of(sids)
 
-        def cpu_window(seconds: float) -> dict:
-            procs = processes()
-            pids = {}
-            for sid in sids:
-                pids.update(sandbox_processes(sid, procs))
-            cgs = [Cgroup(f"/torpor/{s}") for s in sids]
-            cg0 = sum(c.cpu_seconds() or 0.0 for c in cgs)
-            p0 = {p: proc_cpu_s(p) for p in pids}
-            s0 = proc_cpu_s(srv.pid) or 0.0
-            h0 = host_cpu()
-            t = time.perf_counter()
-            time.sleep(seconds)
-            el = time.perf_counter() - t
-            cg1 = sum(c.cpu_seconds() or 0.0 for c in cgs)
-            p1 = {p: proc_cpu_s(p) for p in pids}
-            s1 = proc_cpu_s(srv.pid) or 0.0
-            h1 = host_cpu()
-            pdelta = sum((p1[p] or 0) - (p0[p] or 0) for p in pids
-                         if p0[p] is not None and p1[p] is not None)
-            by_kind: dict[str, float] = {}
-            for p, kind in pids.items():
-                if p0[p] is not None and p1[p] is not None:
-                    by_kind[kind] = by_kind.get(kind, 0.0) + p1[p] - p0[p]
-            busy = h1[0] - h0[0]
-            return {"seconds": round(el, 1),
-                    "cgroups_cpuacct_cpu_s": round(cg1 - cg0, 4),
-                    "host_procs_cpu_s": round(pdelta, 3),
-                    "host_procs_cpu_s_by_kind": {k: round(v, 3) for k, v in by_kind.items()},
-                    "host_procs": len(pids),
-                    "server_cpu_s": round(s1 - s0, 3),
-                    "host_busy_cpu_s_all_users": round(busy, 2),
-                    "host_busy_pct_of_all_cpus": round(100 * busy / max(h1[1] - h0[1], 1e-9), 2),
-                    "cgroups_cpu_pct_of_one_cpu": round(100 * (cg1 - cg0) / el, 3)}
-
         say(f"density: CPU over {idle_running_s:.0f} s with all running idle")
-        cpu_running = cpu_window(idle_running_s)
+        cpu_running = cpu_window(idle_running_s, sids)
         say("density: all to standby")
         sb_ms = []
 
@@ -1168,7 +1185,7 @@ class Bench:
         frozen = sum(Cgroup(f"/torpor/{s}").frozen() for s in sids)
         time.sleep(2)
         say(f"density: CPU over {idle_standby_s:.0f} s with all in standby")
-        cpu_standby = cpu_window(idle_standby_s)
+        cpu_standby = cpu_window(idle_standby_s, sids)
         with_standby = avail_mib()
         say("density: all to hibernation")
         hib_ms, hib_err = [], []
@@ -1199,6 +1216,7 @@ class Bench:
         mi_hib = meminfo()
         foreign_hib = self.foreign_sentries()
         mounts_left = mounts_under(str(srv.data_dir / "sandboxes") + "/")
+        loops_left = loops_under(str(srv.data_dir / "sandboxes") + "/")
         procs = processes()
         left_procs: dict[int, str] = {}
         for sid in sids:
@@ -1209,6 +1227,8 @@ class Bench:
         sdir = [dir_bytes(srv.data_dir / "sandboxes" / s) for s in sids]
         server_rss_hib = vm_rss_kib(srv.pid) or 0
         nh = len(hib_ms) or 1
+        say(f"density: CPU over {idle_standby_s:.0f} s with all hibernated")
+        cpu_hib = cpu_window(idle_standby_s, sids)
         # delete the hibernated ones but a few (MemAvailable back = what they held), then
         # wake those few and delete them too
         wake_n = min(5, len(sids) - 1)
@@ -1245,6 +1265,7 @@ class Bench:
             "running": {"mem_available_drop_per_sandbox_mib": round((before - with_running) / ns, 1),
                         "pss_per_sandbox_mib": round(pss_running / ns, 1),
                         "cpu": cpu_running},
+            "empty_server": {"cpu": cpu_empty},
             "standby": {"ms": stats99(sb_ms), "wall_s": round(sb_wall, 1),
                         "in_standby": in_standby, "cgroups_frozen": frozen,
                         "mem_available_drop_per_sandbox_mib": round((before - with_standby) / ns,
@@ -1263,8 +1284,18 @@ class Bench:
                 "host_procs_left_pss_mib": round(left_pss, 1),
                 "cgroups_left": cgs_left,
                 "mounts_left": mounts_left,
-                "mounts_left_note": "the layer (loop-mounted disk image, overlays) stays "
-                                    "mounted while hibernated, for the restore",
+                "loop_devices_left": loops_left,
+                "per_sandbox": {
+                    "mounts": round(mounts_left / nh, 2),
+                    "loop_devices": round(loops_left / nh, 2),
+                    "host_procs": round(len(left_procs) / nh, 2),
+                    "slab_kib": round((mi_hib.get("Slab", 0) - mi_before.get("Slab", 0)) / nh,
+                                      1),
+                    "sunreclaim_kib": round(
+                        (mi_hib.get("SUnreclaim", 0) - mi_before.get("SUnreclaim", 0)) / nh, 1),
+                    "note": "growth of /proc/meminfo's Slab and SUnreclaim from before the "
+                            "sandboxes were created to all hibernated, over their number"},
+                "cpu": cpu_hib,
                 "meminfo_delta_vs_before_mib": {
                     k: round((mi_hib.get(k, 0) - mi_before.get(k, 0)) / 1024, 1)
                     for k in ("MemFree", "MemAvailable", "Cached", "Dirty", "Shmem", "Slab",
@@ -1452,6 +1483,12 @@ def table(report: dict) -> str:
                      f"{cr['host_procs_cpu_s']} / {cs['host_procs_cpu_s']}", "", ""))
         rows.append(("  server CPU s running / standby",
                      f"{cr['server_cpu_s']} / {cs['server_cpu_s']}", "", ""))
+        if "empty_server" in d:
+            ce, ch = d["empty_server"]["cpu"], d["hibernated"]["cpu"]
+            n_ = d["sandboxes"]
+            rows.append((f"  server CPU s per minute: none / {n_} standby / {n_} hibernated",
+                         (f"{ce['server_cpu_s_per_min']} / {cs['server_cpu_s_per_min']} / "
+                          f"{ch['server_cpu_s_per_min']}"), "", "flat in N"))
         rows.append(("  host busy % of all CPUs (all users) running / standby",
                      f"{cr['host_busy_pct_of_all_cpus']} / {cs['host_busy_pct_of_all_cpus']}",
                      "", ""))
@@ -1471,6 +1508,13 @@ def table(report: dict) -> str:
                       f"{hb['cgroups_left']}"), "", ""))
         rows.append(("  hibernated: mounts left (all), stalled checkpoints thawed by bench",
                      f"{hb['mounts_left']}, {hb['stalled_checkpoints']}", "", ""))
+        if "per_sandbox" in hb:
+            ps = hb["per_sandbox"]
+            rows.append(("  hibernated, per sandbox: mounts / loop devices / host processes",
+                         f"{ps['mounts']} / {ps['loop_devices']} / {ps['host_procs']}", "",
+                         "0 / 0 / 0"))
+            rows.append(("  hibernated, per sandbox: Slab / SUnreclaim growth KiB",
+                         f"{ps['slab_kib']} / {ps['sunreclaim_kib']}", "", ""))
         rows.append(("  hibernated: image / sandbox dir on disk p50 MiB",
                      (f"{f(hb['image_per_sandbox_mib'], nd=2)} / "
                       f"{f(hb['sandbox_dir_on_disk_per_sandbox_mib'], nd=2)}"), "", ""))
