@@ -66,7 +66,8 @@ _AGENT = {
     "exists": Conflict, "is_directory": Conflict, "not_directory": Conflict,
     "not_running": Conflict, "stdin_closed": Conflict, "permission_denied": Conflict,
     "no_space": TooLarge, "too_many": TooLarge, "channel_closed": Unavailable,
-    "not_empty": Conflict,
+    "not_empty": Conflict, "name_too_long": Invalid, "read_only": Conflict,
+    "cross_device": Conflict, "busy": Conflict,
 }
 
 

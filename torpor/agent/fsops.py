@@ -17,6 +17,26 @@ import users
 from protocol import OpError
 
 READ_CHUNK = P.CHUNK
+NAME_MAX = 255  # bytes in one path component (ext4, tmpfs, overlay)
+PATH_MAX = 4095  # bytes in a whole path, without its NUL
+
+# errnos a caller causes, as the codes the server maps to HTTP (torpor/errors.py)
+_ERRNO_CODES = {
+    errno.ENOTEMPTY: ("not_empty", "directory not empty"),
+    errno.ENOSPC: ("no_space", "no space left on the sandbox disk"),
+    errno.EDQUOT: ("no_space", "no space left on the sandbox disk"),
+    errno.EFBIG: ("no_space", "file too large for the sandbox disk"),
+    errno.ENAMETOOLONG: ("name_too_long",
+                         f"a name is over {NAME_MAX} bytes, or the path over {PATH_MAX}"),
+    errno.EROFS: ("read_only",
+                  "read-only file system (the agent's own files and /sys cannot be changed)"),
+    errno.ELOOP: ("bad_path", "too many levels of symbolic links"),
+    errno.EINVAL: ("bad_path", "invalid for this path (a directory moved into itself?)"),
+    errno.EXDEV: ("cross_device",
+                  "source and destination are on different file systems; copy, then remove"),
+    errno.EBUSY: ("busy", "in use (a mount point?)"),
+    errno.ETXTBSY: ("busy", "a running program's file"),
+}
 
 
 def _pw(user) -> users.Account:
@@ -28,7 +48,12 @@ def _resolve(path: str, user="user") -> str:
         raise OpError("bad_path", f"invalid path {path!r}")
     if not path.startswith("/"):
         path = os.path.join(_pw(user).home, path)
-    return os.path.normpath(path)
+    path = os.path.normpath(path)
+    raw = path.encode()  # a lone surrogate raises ValueError: the caller's bad_request
+    if len(raw) > PATH_MAX or any(len(c) > NAME_MAX for c in raw.split(b"/")):
+        raise OpError("name_too_long", f"{path[:64]}...: a name is over {NAME_MAX} bytes, "
+                      f"or the path over {PATH_MAX}", path=path[:256])
+    return path
 
 
 def _oserror(e: OSError, path: str) -> OpError:
@@ -42,10 +67,9 @@ def _oserror(e: OSError, path: str) -> OpError:
         return OpError("not_directory", f"{path}: not a directory", path=path)
     if isinstance(e, PermissionError):
         return OpError("permission_denied", f"{path}: permission denied", path=path)
-    if e.errno == errno.ENOTEMPTY:
-        return OpError("not_empty", f"{path}: directory not empty", path=path)
-    if e.errno == errno.ENOSPC:
-        return OpError("no_space", f"{path}: no space left on the sandbox disk", path=path)
+    if e.errno in _ERRNO_CODES:
+        code, what = _ERRNO_CODES[e.errno]
+        return OpError(code, f"{path}: {what}", path=path)
     return OpError("os_error", f"{path}: {e.strerror}", path=path)
 
 
@@ -154,7 +178,8 @@ async def op_write(agent, st, path, user="user", mode=None, append=False, data=N
         if append:
             fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         else:
-            tmp = os.path.join(parent, f".{os.path.basename(p)}.torpor-{st.sid}.tmp")
+            # not named after the file: a name near NAME_MAX would make it too long
+            tmp = os.path.join(parent, f".torpor-{os.urandom(6).hex()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o644)
         try:
             if data is not None:
