@@ -5,6 +5,7 @@ Routes live in sibling modules, each a thin translation onto one engine call.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from contextlib import asynccontextmanager
@@ -12,16 +13,44 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from torpor._version import __version__
+from torpor.api.schemas import PATTERN_WORDS, ErrorOut
 from torpor.engine.manager import Engine
 from torpor.errors import TooLarge, TorporError
 
 log = logging.getLogger("torpor.api")
 
 
-def error_response(e: TorporError) -> JSONResponse:
-    return JSONResponse({"error": e.to_dict()}, status_code=e.status)
+def error_response(e: TorporError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": e.to_dict()}, status_code=e.status, headers=headers)
+
+
+def _doc(*statuses: int) -> dict:
+    return {s: {"model": ErrorOut, "description": ERRORS[s]} for s in statuses}
+
+
+# the error answers the OpenAPI document lists, by who can give them (`_doc`)
+ERRORS = {
+    400: "bad_request: the body could not be read (not UTF-8)",
+    401: "unauthorized: no API key, or not a valid one",
+    403: "forbidden: the key's scope does not allow this",
+    404: "not_found: no such sandbox, process, file, secret, domain or key",
+    409: "conflict: the sandbox's state, or what exists already, does not allow this",
+    413: "too_large: the body is over the limit, or the sandbox's disk is full",
+    422: "invalid: a parameter or a field of the body breaks the schema or a rule; `field` "
+         "names it",
+    503: "unavailable: the sandbox is not running (it failed, or stopped while the call ran)",
+    504: "timeout: the sandbox did not answer in time, or the waited-for process still runs",
+}
+COMMON = _doc(400, 401, 413, 422)  # any route under /v1
+ON_SANDBOX = {**COMMON, **_doc(404, 409, 503, 504)}  # routes that reach a sandbox
+ADMIN_ONLY = {**COMMON, **_doc(403, 404, 409)}  # secrets and keys
+# the member of a union (`user`: a name or a uid) pydantic adds to an error's location
+_UNION_TAG = re.compile(r"^(constrained-)?(str|int|float|bool)$|^function-")
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large"}
 
 
 class BodyLimit:
@@ -123,13 +152,39 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def _validation(request: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x not in ("body", "query", "path")]
-        field = ".".join(loc) or None
-        msg = f"{field or 'request'}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"error": _json_syntax(first, e.body)}, status_code=422)
+        loc = list(first.get("loc", []))
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]  # where it was sent; a body field may be called "path" too
+        field = ".".join(str(x) for x in loc if not _UNION_TAG.match(str(x))) or None
+        msg = f"{field or 'request'}: {_say(first)}"
         body = {"error": {"code": "invalid", "message": msg, "field": field,
                           "errors": [{"loc": list(map(str, x.get("loc", []))),
-                                      "msg": x.get("msg")} for x in errs]}}
+                                      "msg": _say(x)} for x in errs]}}
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        # Starlette's own answers (no route, wrong method, unreadable body) in our envelope
+        what = f"{request.method} {request.url.path}"
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # Starlette names the methods of one route of the path
+            headers["Allow"] = ", ".join(_allowed(request))
+        message = {404: f"no route {what}; the routes are listed at /openapi.json",
+                   405: f"{what}: method not allowed (allowed: {headers.get('Allow')})",
+                   400: f"{what}: the request body could not be read as UTF-8 JSON"
+                   }.get(e.status_code, f"{what}: {e.detail}")
+        err = TorporError(message)
+        err.status, err.code = e.status_code, _HTTP_CODES.get(e.status_code, "http_error")
+        return error_response(err, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        # a bug: the traceback goes to the log (Starlette re-raises), the client gets JSON
+        err = TorporError(f"{request.method} {request.url.path}: internal error "
+                          f"({type(e).__name__}); the server's log has the details")
+        return error_response(err)
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -138,13 +193,12 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets
 
     deps = [Depends(require_key)]
-    app.include_router(sandboxes.router, prefix="/v1", dependencies=deps)
-    app.include_router(keys.router, prefix="/v1", dependencies=deps)  # and admin scope
-    app.include_router(commands.router, prefix="/v1", dependencies=deps)
-    app.include_router(files.router, prefix="/v1", dependencies=deps)
-    app.include_router(lifecycle.router, prefix="/v1", dependencies=deps)
-    app.include_router(secrets.router, prefix="/v1", dependencies=deps)
-    app.include_router(network.router, prefix="/v1", dependencies=deps)
+    for module, responses in ((sandboxes, ON_SANDBOX), (keys, ADMIN_ONLY),
+                              (commands, ON_SANDBOX), (files, ON_SANDBOX),
+                              (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
+                              (network, ON_SANDBOX)):
+        app.include_router(module.router, prefix="/v1", dependencies=deps,
+                           responses=responses)
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
     app.add_middleware(PortProxy, engine=engine)  # outermost: before body limits
@@ -168,3 +222,37 @@ def presented_key(authorization: str, x_api_key: str | None) -> str | None:
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine
+
+
+def _json_syntax(err: dict, doc) -> dict:
+    """A JSON syntax error as line and column (FastAPI gives a character offset as the
+    error's location, which read as a field named "8")."""
+    pos = err["loc"][-1] if isinstance(err["loc"][-1], int) else 0
+    where = json.JSONDecodeError(err.get("ctx", {}).get("error", "invalid JSON"),
+                                 doc if isinstance(doc, str) else "", pos)
+    return {"code": "invalid", "field": None,
+            "message": f"the body is not valid JSON: {where.msg} at line {where.lineno}, "
+                       f"column {where.colno}", "line": where.lineno, "column": where.colno}
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods the OpenAPI document lists at the request's path."""
+    methods: set[str] = set()
+    for template, ops in request.app.openapi()["paths"].items():
+        parts = re.split(r"(\{[^}]+\})", template)
+        pattern = "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {m.upper() for m in ops}
+    return sorted(methods)
+
+
+def _say(err: dict) -> str:
+    """A pydantic error in words a client can act on (it never quotes the input)."""
+    kind, ctx = err.get("type"), err.get("ctx") or {}
+    if kind == "string_unicode":
+        return "must be UTF-8 text (it holds a lone surrogate)"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_WORDS:
+        return PATTERN_WORDS[ctx["pattern"]]
+    if kind == "value_error":
+        return str(ctx.get("error") or err.get("msg", "invalid"))
+    return err.get("msg", "invalid")

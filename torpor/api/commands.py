@@ -6,19 +6,29 @@ import codecs
 import json
 import re
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from torpor.api.app import engine_of, error_response, presented_key
-from torpor.api.schemas import CommandResultOut, ProcessOut, RunCommand, SignalIn, StdinIn
+from torpor.api.schemas import (
+    MAX_COMMAND_TIMEOUT,
+    CommandResultOut,
+    ProcessOut,
+    RunCommand,
+    SignalIn,
+    StdinIn,
+)
 from torpor.engine.manager import Engine
 from torpor.errors import Timeout, TorporError, Unavailable, from_agent
 from torpor.runtime.channel import AgentError, ChannelClosed, Stream
 
 router = APIRouter(tags=["commands"])
 RESULT_CAP = 16 << 20  # bytes of stdout (and of stderr) kept in a waited-for result
+START_WAIT = 60.0  # seconds a background process may take to start
+Pid = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 async def events(sid: str, stream: Stream) -> AsyncIterator[dict]:
@@ -67,8 +77,13 @@ def stream_response(accept: str, sid: str, stream: Stream) -> StreamingResponse:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-@router.post("/sandboxes/{sid}/commands", responses={200: {"model": CommandResultOut},
-                                                    201: {"model": ProcessOut}})
+@router.post("/sandboxes/{sid}/commands", responses={
+    200: {"model": CommandResultOut, "description": "The command's result; with `stream: "
+          "true`, its events as NDJSON lines, or as server-sent events when Accept asks "
+          "for text/event-stream",
+          "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                      "text/event-stream": {"schema": {"type": "string"}}}},
+    201: {"model": ProcessOut, "description": "A background process, started"}})
 async def run_command(sid: str, body: RunCommand, request: Request):
     # most requests never get here: FastCommands (below) answers them first
     return await command_response(engine_of(request), sid, body,
@@ -80,16 +95,25 @@ async def command_response(engine: Engine, sid: str, body: RunCommand,
     """Run a command as POST /v1/sandboxes/{sid}/commands asks: the route's whole work,
     shared by the route and FastCommands."""
     args = {"argv": body.full_argv(), "env": body.env, "cwd": body.cwd, "user": body.user,
-            "timeout": body.timeout, "tag": body.tag}
+            "tag": body.tag}
     if body.background:
-        # a background process keeps a stdin pipe, so it can be fed later
-        info = await engine.call(sid, "exec", background=True, stdin=True, **args)
+        # a background process keeps a stdin pipe, so it can be fed later. `timeout` is
+        # the wait for the start here, not the command's: it runs until it exits or is
+        # signalled (the SDK sends its foreground default of 60 s for background too)
+        try:
+            info = await engine.call(sid, "exec", background=True, stdin=True,
+                                     timeout=START_WAIT, **args)
+        except TimeoutError:
+            raise Unavailable(f"sandbox {sid}: the background command did not start within "
+                              f"{START_WAIT:.0f} s; list the processes to see whether it "
+                              "runs", sandbox_id=sid) from None
         if body.keep_alive:
             engine.standby.hold_process(sid, info["pid"])
         if body.stdin is not None:
             await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
         return JSONResponse(ProcessOut(**info).model_dump(mode="json"), status_code=201)
-    stream = await engine.open(sid, "exec", stdin=body.stdin is not None, **args)
+    stream = await engine.open(sid, "exec", stdin=body.stdin is not None,
+                               timeout=body.timeout, **args)
     if body.stdin is not None:
         try:
             await stream.send(body.stdin.encode())
@@ -206,13 +230,17 @@ async def list_processes(sid: str, request: Request):
 
 
 @router.get("/sandboxes/{sid}/processes/{pid}", response_model=ProcessOut)
-async def process_info(sid: str, pid: int, request: Request):
+async def process_info(sid: str, pid: Pid, request: Request):
     return await engine_of(request).call(sid, "proc_info", pid=pid)
 
 
-@router.get("/sandboxes/{sid}/processes/{pid}/output")
-async def process_output(sid: str, pid: int, request: Request, follow: bool = False,
-                         offset: int | None = None):
+@router.get("/sandboxes/{sid}/processes/{pid}/output", response_class=StreamingResponse,
+            responses={200: {"description": "The process's events as NDJSON lines, or as "
+                             "server-sent events when Accept asks for text/event-stream",
+                             "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                         "text/event-stream": {"schema": {"type": "string"}}}}})
+async def process_output(sid: str, pid: Pid, request: Request, follow: bool = False,
+                         offset: int | None = Query(None, ge=0, le=2**63 - 1)):
     engine = engine_of(request)
     await engine.call(sid, "proc_info", pid=pid)  # 404 before the stream starts
     stream = await engine.open(sid, "proc_follow", pid=pid, offset=offset, follow=follow)
@@ -220,21 +248,28 @@ async def process_output(sid: str, pid: int, request: Request, follow: bool = Fa
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/stdin")
-async def process_stdin(sid: str, pid: int, body: StdinIn, request: Request):
+async def process_stdin(sid: str, pid: Pid, body: StdinIn, request: Request):
     return await engine_of(request).call(sid, "proc_stdin", pid=pid, data=body.data,
                                          eof=body.eof)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/signal")
-async def process_signal(sid: str, pid: int, body: SignalIn, request: Request):
+async def process_signal(sid: str, pid: Pid, body: SignalIn, request: Request):
     return await engine_of(request).call(sid, "proc_signal", pid=pid, signal=body.signal)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/wait", response_model=ProcessOut)
-async def process_wait(sid: str, pid: int, request: Request, timeout: float = 60.0):
-
+async def process_wait(sid: str, pid: Pid, request: Request,
+                       timeout: float = Query(60.0, ge=0, le=MAX_COMMAND_TIMEOUT)):
+    engine = engine_of(request)
     try:
-        return await engine_of(request).call(sid, "proc_wait", pid=pid, timeout=timeout)
+        return await engine.call(sid, "proc_wait", pid=pid, timeout=timeout)
     except TimeoutError:
-        raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s",
-                      sandbox_id=sid, pid=pid) from None
+        pass
+    # the wait ran out, maybe before the agent answered at all (timeout=0): ask again, so
+    # an unknown pid is a 404 and a process that has just exited is its info
+    info = await engine.call(sid, "proc_info", pid=pid)
+    if not info.get("running"):
+        return info
+    raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s; wait "
+                  "again, or signal it", sandbox_id=sid, pid=pid)

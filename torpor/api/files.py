@@ -3,19 +3,26 @@ at most a flow-control window of any file, whatever its size."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from torpor.api.app import engine_of
-from torpor.api.schemas import EntryOut, MkdirIn, RenameIn
+from torpor.api.schemas import NO_NUL, USER_PATTERN, EntryOut, MkdirIn, RenameIn
 from torpor.errors import Invalid, from_agent
 from torpor.runtime.channel import AgentError, ChannelClosed
 
 router = APIRouter(tags=["files"])
+FilePath = Annotated[str, Query(min_length=1, max_length=4096, pattern=NO_NUL)]
+User = Annotated[str, Query(min_length=1, max_length=33, pattern=USER_PATTERN)]
+OCTET = {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                             "format": "binary"}}}}
 
 
-@router.get("/sandboxes/{sid}/files")
-async def read_file(sid: str, path: str, request: Request, user: str = "user"):
+@router.get("/sandboxes/{sid}/files", response_class=StreamingResponse,
+            responses={200: {"description": "The file's bytes", **OCTET}})
+async def read_file(sid: str, path: FilePath, request: Request, user: User = "user"):
     engine = engine_of(request)
     stream = await engine.open(sid, "fs_read", path=path, user=user)
     # wait for the size (or the error) before answering, so errors get their status code
@@ -41,9 +48,10 @@ async def read_file(sid: str, path: str, request: Request, user: str = "user"):
     return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
-@router.put("/sandboxes/{sid}/files")
-async def write_file(sid: str, path: str, request: Request, user: str = "user",
-                     mode: str | None = None):
+@router.put("/sandboxes/{sid}/files", openapi_extra={"requestBody": {"required": True,
+                                                                     **OCTET}})
+async def write_file(sid: str, path: FilePath, request: Request, user: User = "user",
+                     mode: str | None = Query(None, pattern=r"^(?:0o?)?[0-7]{1,4}$")):
     engine = engine_of(request)
     try:
         perm = int(mode, 8) if mode is not None else None
@@ -66,17 +74,18 @@ async def write_file(sid: str, path: str, request: Request, user: str = "user",
 
 
 @router.get("/sandboxes/{sid}/files/stat", response_model=EntryOut)
-async def stat(sid: str, path: str, request: Request, user: str = "user"):
+async def stat(sid: str, path: FilePath, request: Request, user: User = "user"):
     return await engine_of(request).call(sid, "fs_stat", path=path, user=user)
 
 
 @router.get("/sandboxes/{sid}/files/list", response_model=list[EntryOut])
-async def list_dir(sid: str, path: str, request: Request, depth: int = 1, user: str = "user"):
+async def list_dir(sid: str, path: FilePath, request: Request,
+                   depth: int = Query(1, ge=1, le=1000), user: User = "user"):
     return await engine_of(request).call(sid, "fs_list", path=path, depth=depth, user=user)
 
 
 @router.get("/sandboxes/{sid}/files/exists")
-async def exists(sid: str, path: str, request: Request, user: str = "user"):
+async def exists(sid: str, path: FilePath, request: Request, user: User = "user"):
     return await engine_of(request).call(sid, "fs_exists", path=path, user=user)
 
 
@@ -91,7 +100,7 @@ async def rename(sid: str, body: RenameIn, request: Request):
 
 
 @router.delete("/sandboxes/{sid}/files", status_code=204)
-async def remove(sid: str, path: str, request: Request, recursive: bool = False,
-                 user: str = "user"):
+async def remove(sid: str, path: FilePath, request: Request, recursive: bool = False,
+                 user: User = "user"):
     await engine_of(request).call(sid, "fs_remove", path=path, recursive=recursive, user=user)
     return Response(status_code=204)

@@ -8,8 +8,9 @@ ways and carries WebSockets.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from torpor.api.app import engine_of
 from torpor.api.schemas import (
@@ -26,6 +27,7 @@ from torpor.api.schemas import (
 )
 
 router = APIRouter(tags=["network"])
+Port = Annotated[int, Path(ge=1, le=65535)]
 
 
 @router.patch("/sandboxes/{sid}/network", response_model=SandboxOut)
@@ -36,7 +38,7 @@ async def update_network(sid: str, body: NetworkIn, request: Request):
 
 @router.get("/sandboxes/{sid}/egress", response_model=EgressLog)
 async def egress_log(sid: str, request: Request, limit: int = Query(100, ge=1, le=1000),
-                     before: int | None = Query(None, ge=1)):
+                     before: int | None = Query(None, ge=1, le=2**63 - 1)):
     rows = engine_of(request).network.egress_log(sid, limit=limit, before=before)
     return {"entries": [EgressOut.model_validate(r, from_attributes=True) for r in rows]}
 
@@ -50,12 +52,12 @@ async def list_ports(sid: str, request: Request):
 
 
 @router.put("/sandboxes/{sid}/ports/{port}", response_model=PortOut)
-async def expose_port(sid: str, port: int, body: PortIn, request: Request):
+async def expose_port(sid: str, port: Port, body: PortIn, request: Request):
     return engine_of(request).network.set_port(sid, port, body.public)
 
 
 @router.delete("/sandboxes/{sid}/ports/{port}", status_code=204)
-async def unexpose_port(sid: str, port: int, request: Request):
+async def unexpose_port(sid: str, port: Port, request: Request):
     engine_of(request).network.set_port(sid, port, False)
     return Response(status_code=204)
 

@@ -2,16 +2,89 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 Str = Field(max_length=4096)
 
+# Bounds on what a client sends, stated here so the OpenAPI document carries them.
+MAX_COMMAND_TIMEOUT = 30 * 86400  # seconds: a command or a wait lasts at most 30 days
+MAX_TIMER = 10 * 365 * 86400  # seconds: idle timers and TTLs (null or 0 turn them off)
+MAX_UID = 4294967294  # (uid_t)-1 means "no change" to the kernel, so it is not a uid
+HOST_CORES = os.cpu_count() or 1  # what the engine checks a sandbox's cpu against
+HOST_MEMORY_MB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+# the OS takes no NUL inside a name, an argument or an environment variable; strings with
+# a constraint also refuse lone surrogates (pydantic reads them as UTF-8)
+NO_NUL = r"^[^\x00]*$"
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be UTF-8 text (it holds a lone surrogate)") from None
+    return text
+
+
+def _names_schema(schema: dict) -> None:
+    """A dict with constrained keys, as JSON Schema says it: pydantic writes the key
+    pattern as patternProperties, which lets any other key through."""
+    for pattern, values in schema.pop("patternProperties", {}).items():
+        schema["additionalProperties"] = values
+        schema.setdefault("propertyNames", {})["pattern"] = pattern
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # any text, NUL included, that UTF-8 can carry
+Arg = Annotated[str, Field(max_length=131072, pattern=NO_NUL)]  # Linux's MAX_ARG_STRLEN
+ENV_NAME = r"^[^\x00=]+$"
+EnvName = Annotated[str, Field(min_length=1, max_length=1024, pattern=ENV_NAME)]
+EnvValue = Annotated[str, Field(max_length=131072, pattern=NO_NUL)]
+Path_ = Annotated[str, Field(min_length=1, max_length=4096, pattern=NO_NUL)]
+# a user name, or a uid written in digits (at most 9 of them: larger ones go as integers)
+USER_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,9})$"
+UserName = Annotated[str, Field(min_length=1, max_length=33, pattern=USER_PATTERN)]
+Uid = Annotated[int, Field(ge=0, le=MAX_UID)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_TIMER)]
+# a secret's rules, as the store checks them (engine/secrets.py; it counts the value's
+# length in UTF-8 bytes, JSON Schema in characters)
+SECRET_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+SECRET_VALUE = r"^[^\r\n\x00]*$"
+
+# what a pattern means, for the validation errors (which never quote the input)
+PATTERN_WORDS = {
+    NO_NUL: "must not contain a NUL byte",
+    ENV_NAME: "an environment variable name is not empty and has no '=' or NUL byte",
+    USER_PATTERN: "must be a user name (user, root...) or a uid",
+    SECRET_NAME: "a secret's name starts with a letter and has at most 64 letters, digits, "
+                 "'_', '.' or '-'",
+    SECRET_VALUE: "must not contain CR, LF or NUL characters (it is sent in HTTP headers); "
+                  "strip the trailing newline",
+}
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, and no coercion (`false` is not 0, `0` is
+    not false, "1" is not 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: `code` is stable, `message` says what to do next; some errors
+    add fields (`field`, `sandbox_id`, `templates`, `problems`...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
 
 
 class NetworkIn(Strict):
@@ -19,32 +92,38 @@ class NetworkIn(Strict):
     deny-all, `deny` always wins. Entries: domains, `*.` wildcards, IPs, CIDRs, `:port`."""
 
     egress: Literal["allow-all", "deny-all"] | None = None
-    allow: list[str] | None = Field(None, max_length=256)
-    deny: list[str] | None = Field(None, max_length=256)
+    allow: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
+        None, max_length=256)
+    deny: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
+        None, max_length=256)
 
 
 class CreateSandbox(Strict):
-    template: str = Field("base", max_length=64)
-    env: dict[str, str] = Field(default_factory=dict, max_length=1000)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=100)
-    cpu: float | None = Field(None, gt=0)
-    memory_mb: int | None = Field(None, gt=0)
-    disk_mb: int | None = Field(None, gt=0)
-    standby_after: float | None = Field(None, ge=0)
-    hibernate_after: float | None = Field(None, ge=0)
-    ttl: float | None = Field(None, ge=0)
-    idle_ttl: float | None = Field(None, ge=0)
+    template: str = Field("base", min_length=1, max_length=64)
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=1000,
+                                         json_schema_extra=_names_schema)
+    metadata: dict[Annotated[str, Field(max_length=256)],
+                   Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict,
+                                                                   max_length=100)
+    cpu: float | None = Field(None, ge=0.1, le=HOST_CORES)
+    memory_mb: int | None = Field(None, ge=64, le=HOST_MEMORY_MB)
+    disk_mb: int | None = Field(None, ge=64, le=1 << 20)
+    standby_after: Seconds | None = None
+    hibernate_after: Seconds | None = None
+    ttl: Seconds | None = None
+    idle_ttl: Seconds | None = None
     expire_action: Literal["delete", "hibernate"] | None = None
     network: NetworkIn | None = None
     # env var -> secret name: the variable holds a placeholder the egress proxy swaps
-    secrets: dict[str, str] = Field(default_factory=dict, max_length=100)
+    secrets: dict[EnvName, Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=dict, max_length=100, json_schema_extra=_names_schema)
 
 
 class UpdateSandbox(Strict):
-    standby_after: float | None = Field(None, ge=0)
-    hibernate_after: float | None = Field(None, ge=0)
-    ttl: float | None = Field(None, ge=0)
-    idle_ttl: float | None = Field(None, ge=0)
+    standby_after: Seconds | None = None
+    hibernate_after: Seconds | None = None
+    ttl: Seconds | None = None
+    idle_ttl: Seconds | None = None
     expire_action: Literal["delete", "hibernate"] | None = None
 
 
@@ -198,13 +277,24 @@ class EventOut(BaseModel):
 
 
 class RunCommand(Strict):
-    cmd: str | None = Field(None, max_length=262144)
-    argv: list[str] | None = Field(None, min_length=1, max_length=10000)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = Field(None, max_length=4096)
-    user: str | int = "user"
-    stdin: str | None = None
-    timeout: float | None = Field(60.0, gt=0)
+    """Exactly one of `cmd` and `argv`; `timeout` bounds a foreground command (a background
+    process runs until it exits or is signalled)."""
+
+    # the rule of _one_of below, for the OpenAPI document
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["cmd"], "properties": {"cmd": {"type": "string"},
+                                             "argv": {"type": "null"}}},
+        {"required": ["argv"], "properties": {"argv": {"type": "array"},
+                                              "cmd": {"type": "null"}}}]})
+
+    cmd: str | None = Field(None, max_length=262144, pattern=NO_NUL)
+    argv: list[Arg] | None = Field(None, min_length=1, max_length=10000)
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=1000,
+                                         json_schema_extra=_names_schema)
+    cwd: Path_ | None = None
+    user: UserName | Uid = "user"
+    stdin: Text | None = None
+    timeout: float | None = Field(60.0, gt=0, le=MAX_COMMAND_TIMEOUT)
     background: bool = False
     stream: bool = False
     tag: str | None = Field(None, max_length=256)
@@ -245,7 +335,7 @@ class CommandResultOut(BaseModel):
 
 
 class StdinIn(Strict):
-    data: str = ""
+    data: Text = ""
     eof: bool = False
 
 
@@ -267,13 +357,13 @@ class EntryOut(BaseModel):
 
 
 class MkdirIn(Strict):
-    path: str = Field(max_length=4096)
+    path: Path_
     parents: bool = True
-    user: str = "user"
+    user: UserName = "user"
 
 
 class RenameIn(Strict):
-    src: str = Field(max_length=4096)
-    dst: str = Field(max_length=4096)
+    src: Path_
+    dst: Path_
     overwrite: bool = False
-    user: str = "user"
+    user: UserName = "user"

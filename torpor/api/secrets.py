@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from torpor.api.app import engine_of
 from torpor.api.keys import require_admin
+from torpor.api.schemas import SECRET_NAME, SECRET_VALUE
 
 router = APIRouter()
+
+# the store's rules, also written here for the OpenAPI document
+SecretName = Annotated[str, Field(pattern=SECRET_NAME)]
+SecretValue = Annotated[str, Field(min_length=1, max_length=65536, pattern=SECRET_VALUE)]
+HostList = Annotated[list[Annotated[str, Field(min_length=1, max_length=300)]],
+                     Field(min_length=1, max_length=64)]
 # writing a secret (its value, its allowed_hosts) changes what every sandbox granted it
 # sends where, server-wide: admin only; reading names and hosts and granting stay open
 ADMIN = [Depends(require_admin)]
@@ -22,21 +30,21 @@ class CreateSecret(BaseModel):
     """POST /v1/secrets. Field rules (name, value, host patterns) are checked by the
     store (engine/secrets.py), which names the field at fault."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, strict=True)
 
-    name: str
-    value: str
-    allowed_hosts: list[str]
+    name: SecretName
+    value: SecretValue
+    allowed_hosts: HostList
     inject_body: bool = False
 
 
 class UpdateSecret(BaseModel):
     """PUT /v1/secrets/{name}: the fields given change, the others stay."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, strict=True)
 
-    value: str | None = None
-    allowed_hosts: list[str] | None = None
+    value: SecretValue | None = None
+    allowed_hosts: HostList | None = None
     inject_body: bool | None = None
 
 
