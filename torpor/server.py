@@ -34,6 +34,9 @@ def build(settings: Settings):
 def run(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic tells every plugin it sets up and every migration check at INFO: a dozen lines
+    # per start that say nothing to an operator; its warnings and errors still show
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     app = build(settings)
     print(f"Torpor listening on http://{settings.host}:{settings.port} "
           f"(data: {settings.data_dir})", file=sys.stderr, flush=True)
