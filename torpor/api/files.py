@@ -48,7 +48,8 @@ async def read_file(sid: str, path: FilePath, request: Request, user: User = "us
     return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
-@router.put("/sandboxes/{sid}/files", openapi_extra={"requestBody": {"required": True,
+# an empty body is an empty file
+@router.put("/sandboxes/{sid}/files", openapi_extra={"requestBody": {"required": False,
                                                                      **OCTET}})
 async def write_file(sid: str, path: FilePath, request: Request, user: User = "user",
                      mode: str | None = Query(None, pattern=r"^(?:0o?)?[0-7]{1,4}$")):
