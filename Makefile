@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DATA ?= $(or $(TORPOR_DATA),/var/lib/torpor)
 HOST ?= 127.0.0.1
 PORT ?= 7070
+# the preview listener; a second server on this host needs another (0 turns previews off)
+PREVIEW_PORT ?= $(or $(TORPOR_PREVIEW_PORT),7071)
 APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev
 
 # runsc from Debian, at least this version: older ones (bookworm's 0.0~20221219) cannot
@@ -18,7 +20,8 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/torpor-bookworm-backports.list
 .PHONY: serve test deps runsc venv lint bench clean-test
 
 serve: deps venv compat
-	$(VENV)/bin/torpor serve --host $(HOST) --port $(PORT) --data-dir $(DATA)
+	$(VENV)/bin/torpor serve --host $(HOST) --port $(PORT) --preview-port $(PREVIEW_PORT) \
+	  --data-dir $(DATA)
 
 test: deps venv compat
 	$(VENV)/bin/ruff check torpor tests bench

@@ -99,8 +99,10 @@ class Network:
                     self._preview_client, s.host, s.preview_port, limit=1 << 20)
             except OSError as e:
                 raise Unavailable(f"the preview listener cannot listen on {s.host}:"
-                                  f"{s.preview_port}: {e.strerror}; pass --preview-port "
-                                  "(0 turns previews off)") from None
+                                  f"{s.preview_port}: {e.strerror}; choose another port: "
+                                  "`make serve PREVIEW_PORT=N`, `torpor serve --preview-port "
+                                  "N` or TORPOR_PREVIEW_PORT=N (0 turns previews off)"
+                                  ) from None
         self._flusher = asyncio.create_task(self._flush_loop())
 
     async def _preview_client(self, reader, writer) -> None:
