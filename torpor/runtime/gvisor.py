@@ -92,9 +92,24 @@ def release_date(version: str) -> int:
 
 
 # Releases before this one lose the sandbox (the checkpoint panics half-way) when a process
-# holds a file deleted while open on disk, or waits with epoll on a TCP/UDP socket: measured
-# on 0.0~20221219. 0.0~20240729 saves and restores both (tests/test_standby.py).
+# waits with epoll on a TCP/UDP socket: measured on 0.0~20221219; 0.0~20240729 saves it.
+# No release here saves a file deleted while open on a host-backed mount (the disk at `/`,
+# `/usr`): "deleted and invalidated dentries can't be restored", and the sandbox is lost.
 CHECKPOINT_FIXED = 20240729
+# The OCI annotation recording how runsc was told to build the sandbox's root file system:
+# a restore must build it the same way as the sandbox it restores.
+ROOT_OVERLAY = "dev.torpor.root-overlay"
+TMP_SHARE = 2  # /tmp is a tmpfs of memory_mb / TMP_SHARE, in the sandbox's memory
+
+
+def root_overlay(runsc: str) -> str | None:
+    """"none" where runsc has `--overlay2`: `/` is then the sandbox's disk itself (through
+    the gofer), so `df /` shows disk_mb and a full disk answers ENOSPC to every write. runsc's
+    default, root:self, keeps changes in a file system of the sentry's own that has no size
+    (`df /` showed 8.0E) and answers EIO once the disk image under its file fills. None for
+    releases without the flag (they have no root overlay)."""
+    p = subprocess.run([runsc, "flags"], check=False, capture_output=True, text=True)
+    return "none" if "-overlay2" in p.stdout + p.stderr else None
 
 
 def checkpoint_flags(runsc: str, compression: str) -> list[str]:
@@ -107,6 +122,13 @@ def checkpoint_flags(runsc: str, compression: str) -> list[str]:
     if "-compression" not in p.stdout + p.stderr:
         return []
     return ["--compression=" + ("none" if compression == "none" else "flate-best-speed")]
+
+
+def root_flags(config: dict) -> list[str]:
+    """runsc's flags for the root file system an OCI spec records; a spec written before the
+    record gets runsc's default, as its sandbox had."""
+    mode = config.get("annotations", {}).get(ROOT_OVERLAY)
+    return [f"--overlay2={mode}"] if mode else []
 
 
 def _popen_holder(arg: str, cwd: Path, stdin, out) -> subprocess.Popen:
@@ -139,10 +161,11 @@ class GVisorDriver:
         self.python, self.loader, self.libdir = find_host_python()
         self.version = runsc_version(self.runsc)
         self.checkpoint_flags = checkpoint_flags(self.runsc, image_compression)
+        self.root_overlay = root_overlay(self.runsc)
         # kinds of hibernate_check problems this runsc cannot checkpoint without losing the
         # sandbox: the server refuses to hibernate while any is present
         self.checkpoint_limits: frozenset[str] = (
-            frozenset() if release_date(self.version) >= CHECKPOINT_FIXED
+            frozenset({"deleted_file"}) if release_date(self.version) >= CHECKPOINT_FIXED
             else frozenset({"deleted_file", "epoll_socket"}))
         raise_pid_max()
         log.info("cgroup favordynmods: %s", favor_dynmods())
@@ -179,6 +202,11 @@ class GVisorDriver:
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            # in memory (files deleted while open there do not stop a hibernation), bounded
+            # so that it cannot take more than its share of the sandbox's memory
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777",
+                         f"size={(spec.memory_mb << 10) // TMP_SHARE}k"]},
             {"destination": "/.torpor/usr", "type": "bind", "source": "/usr",
              "options": ["rbind", "ro", "nosuid", "nodev"]},
             {"destination": "/.torpor/agent", "type": "bind", "source": str(AGENT_DIR),
@@ -207,6 +235,7 @@ class GVisorDriver:
                 "noNewPrivileges": False,
             },
             "root": {"path": str(layer.rootfs), "readonly": False},
+            "annotations": {ROOT_OVERLAY: self.root_overlay} if self.root_overlay else {},
             "hostname": spec.hostname,
             "mounts": mounts,
             "linux": {
@@ -224,8 +253,10 @@ class GVisorDriver:
         d = self.sandbox_dir(spec.id)
         layer = self.layer(spec)
         await asyncio.to_thread(layer.create)
-        (d / "config.json").write_text(json.dumps(self.oci_spec(spec, layer)))
-        cmd = self.runsc_base() + ["run", "--detach", "--bundle", str(d), spec.id]
+        config = self.oci_spec(spec, layer)
+        (d / "config.json").write_text(json.dumps(config))
+        cmd = self.runsc_base() + root_flags(config) + ["run", "--detach", "--bundle", str(d),
+                                                        spec.id]
         chan = await self._start_holder(spec, cmd)
         self.cgroup(spec.id).set_cpu_limit(spec.cpu)
         return chan
@@ -373,8 +404,10 @@ class GVisorDriver:
             await asyncio.to_thread(subprocess.run,
                                     self.runsc_base() + ["delete", "--force", spec.id],
                                     check=False, capture_output=True)
-        cmd = self.runsc_base() + ["restore", "--detach", "--image-path", str(img),
-                                   "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
+        config = json.loads((self.sandbox_dir(spec.id) / "config.json").read_text())
+        cmd = self.runsc_base() + root_flags(config) + [
+            "restore", "--detach", "--image-path", str(img),
+            "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
         try:
             chan = await self._start_holder(spec, cmd, restored=True)
         except (RuntimeError_, OSError):
