@@ -63,7 +63,8 @@ def serve(
         help="A PEM file of extra CAs the egress proxy trusts upstream. Repeatable.")
     ] = None,
     preview_port: Annotated[int | None, typer.Option(
-        help="Port of the preview listener [default: 7071].")] = None,
+        help="Port of the preview listener; 0 turns previews off [env var: "
+             "TORPOR_PREVIEW_PORT; make serve PREVIEW_PORT=N; default: 7071].")] = None,
     preview_domain: Annotated[str | None, typer.Option(
         help="Preview URLs are http://PORT-ID.DOMAIN:PREVIEW_PORT/ [default: localhost].")
     ] = None,
