@@ -179,3 +179,20 @@ def test_parked_sandboxes_cost_the_server_no_work():
             setattr(cls, name, fn)
         purge(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_timers_follow_an_update_and_a_wake(api):
+    """Timers are deadlines, not a poll: shortening one takes effect at once, and a sandbox
+    woken from hibernation (where it had no timer) goes back to standby on its own."""
+    sid = api.post("/v1/sandboxes", json={"standby_after": 600, "hibernate_after": 0}).json()["id"]
+    try:
+        assert api.patch(f"/v1/sandboxes/{sid}", json={"standby_after": 1}).status_code == 200
+        wait_for(lambda: api.get(f"/v1/sandboxes/{sid}").json()["state"] == "standby",
+                 timeout=10)
+        assert api.post(f"/v1/sandboxes/{sid}/hibernate").status_code == 200
+        assert run(api, sid, "echo up")["stdout"] == "up\n"  # woken by the request
+        wait_for(lambda: api.get(f"/v1/sandboxes/{sid}").json()["state"] == "standby",
+                 timeout=10)
+        assert state_events(api, sid)[-1] == ("standby", "idle")
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
