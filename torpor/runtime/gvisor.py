@@ -460,8 +460,8 @@ class GVisorDriver:
 
     def reap_holders(self) -> None:
         """Collect holders that exited (they are the server's children until it dies). One
-        waitid() peek finds whether any child exited, so the watchdog's call costs the same
-        with 0 or 500 holders alive; a pass over them only when some child did."""
+        waitid() peek finds whether any child exited (no Python work per holder; the kernel
+        walks the children, ~0.1 ms with 500); a pass over them only when some child did."""
         try:
             exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # no child at all
