@@ -146,3 +146,28 @@ def test_start_up_output_is_what_an_operator_needs(own_server):
     log = own_server.log.read_text()
     assert "alembic" not in log
     assert "Torpor listening on" in log and "admin API key" in log
+
+
+def test_purge_stops_a_sandbox_in_standby():
+    """Regression: `runsc delete --force` waits forever for a frozen sandbox, so purge (the
+    operator's last resort, and every test's teardown) hung on a server killed with a
+    sandbox in standby."""
+    import subprocess
+    import sys
+
+    srv = Server(make_data_dir(), pool_size=0)
+    try:
+        srv.start()
+        with srv.client() as c:
+            sid = c.post("/v1/sandboxes", json={}).json()["id"]
+            assert c.post(f"/v1/sandboxes/{sid}/standby").json()["state"] == "standby"
+        srv.stop(signal.SIGKILL)
+        # in a child process, so a hang fails this test instead of the suite's teardown
+        code = ("import sys; from torpor.runtime.gvisor import purge; "
+                "print(purge(sys.argv[1]))")
+        p = subprocess.run([sys.executable, "-c", code, str(srv.data_dir)], timeout=60,
+                           capture_output=True, text=True, check=True)
+        assert f"thawed {sid}" in p.stdout
+        assert _left_behind(srv.data_dir) == ([], [])
+    finally:
+        teardown_data_dir(srv)

@@ -224,8 +224,9 @@ class Standby:
             self.wake(sid)
 
     async def _check_hibernatable(self, sid: str, state: str, reason: str) -> None:
-        """Refuse (409) what this runsc cannot checkpoint without killing the sandbox
-        (`driver.checkpoint_limits`: nothing on runsc 0.0~20240729 and later)."""
+        """Refuse (409) what the driver cannot checkpoint without killing the sandbox
+        (`driver.checkpoint_limits`: on runsc 0.0~20240729, a file deleted while open on the
+        sandbox's disk; older runsc also epoll-watched sockets)."""
         e = self.engine
         chan = e.channels.get(sid)
         if chan is None or not e.driver.checkpoint_limits:
@@ -256,7 +257,7 @@ class Standby:
             elif "path" in first:
                 why = (f"{who} holds {first.get('path')}, a file deleted while open on disk, "
                        "which this runsc cannot checkpoint. Close it, or keep such files in "
-                       "/dev/shm")
+                       "/tmp or /dev/shm (memory)")
             else:
                 why = str(first.get("error", "the check failed"))
             raise Conflict(f"sandbox {sid} cannot hibernate: {why}; the sandbox stays {state}",

@@ -614,10 +614,19 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
     last resort (and the test suite's teardown). Returns what it removed."""
     data_dir = Path(data_dir).resolve()
     done = []
+    # a frozen sandbox (standby) cannot die: `runsc delete --force` waited for it forever
+    for sdir in data_dir.glob("sandboxes/*"):
+        cg = Cgroup(f"/torpor/{sdir.name}")
+        try:
+            if cg.frozen():
+                cg.freeze(False)
+                done.append(f"thawed {sdir.name}")
+        except OSError:
+            pass
     state = data_dir / "runsc"
     if state.is_dir():
-        p = subprocess.run([runsc, "--root", str(state), "list", "--quiet"], check=False, capture_output=True,
-                           text=True)
+        p = subprocess.run([runsc, "--root", str(state), "list", "--quiet"], check=False,
+                           capture_output=True, text=True)
         for cid in p.stdout.split():
             subprocess.run([runsc, "--root", str(state), "delete", "--force", cid],
                            check=False, capture_output=True)
