@@ -183,7 +183,12 @@ def test_keep_alive_holds_and_open_streams_count_as_activity(server, api):
                 json={"cmd": "sleep 4; echo done", "stream": True}) as resp:
             time.sleep(2.5)
             assert state(api, sid) == "running"
-            assert api.post(f"/v1/sandboxes/{sid}/hibernate").status_code == 409
+            refused = api.post(f"/v1/sandboxes/{sid}/hibernate")
+            assert refused.status_code == 409
+            # the refusal names what is open, so the user knows what to close
+            err = refused.json()["error"]
+            assert err["streams"] == ["exec /bin/sh -c sleep 4; echo done"], err
+            assert "exec /bin/sh -c sleep 4" in err["message"]
             lines = [json.loads(x) for x in resp.iter_lines() if x]
         assert lines[-1]["type"] == "exit"
         assert api.post(f"/v1/sandboxes/{sid}/keepalive",

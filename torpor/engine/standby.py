@@ -127,9 +127,12 @@ class Standby:
         while (n := self.open_streams(sid)) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if n:
-            raise Conflict(f"sandbox {sid} has {n} open streams (command output, follows, "
-                           "transfers, egress or preview connections); close them first",
-                           sandbox_id=sid)
+            chan = self.engine.channels.get(sid)
+            names = sorted(st.what for st in chan.streams.values()) if chan else []
+            shown = "; ".join(names[:5]) + ("; ..." if len(names) > 5 else "")
+            raise Conflict(f"sandbox {sid} has {n} open streams ({shown}): command output, "
+                           "follows, transfers, egress or preview connections; close them "
+                           "first", sandbox_id=sid, streams=names[:20])
 
     async def busy(self, sid: str) -> bool:
         """True if something other than time says the sandbox is in use."""

@@ -39,10 +39,23 @@ class Event:
     msg: dict | None = None
 
 
+def describe(op: Any, args: dict) -> str:
+    """A stream in a few words, for messages that name what is open: `exec sleep 60`,
+    `connect port 8001`, `fs_read /tmp/x`, `egress`."""
+    words = [str(op)]
+    if isinstance(args.get("argv"), list):
+        words.append(" ".join(map(str, args["argv"]))[:60])
+    for key in ("pid", "port", "path"):
+        if key in args:
+            words.append(f"{key} {args[key]}" if key != "path" else str(args[key])[:60])
+    return " ".join(words)
+
+
 class Stream:
-    def __init__(self, chan: Channel, sid: int):
+    def __init__(self, chan: Channel, sid: int, what: str = ""):
         self.chan = chan
         self.sid = sid
+        self.what = what  # what the stream carries, in a few words (`describe`)
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         self.result: Any = None
         self.error: dict | None = None
@@ -228,12 +241,13 @@ class Channel:
             self.writer.close()
 
     def _agent_open(self, sid: int, payload: bytes) -> None:
-        st = Stream(self, sid)
-        self.streams[sid] = st
         try:
             request = json.loads(payload)
         except ValueError:
             request = None
+        st = Stream(self, sid, describe(request.get("op"), {})
+                    if isinstance(request, dict) else "")
+        self.streams[sid] = st
         if self.on_open is None or not isinstance(request, dict):
             st.reply(error={"code": "refused", "message": "the host takes no such stream"})
             return
@@ -264,7 +278,7 @@ class Channel:
     def open(self, op: str, **args: Any) -> Stream:
         sid = self._next
         self._next += 2
-        st = Stream(self, sid)
+        st = Stream(self, sid, describe(op, args))
         self.streams[sid] = st
         self._send(P.jframe(P.OPEN, sid, {"op": op, **args}))
         return st
