@@ -9,7 +9,11 @@ HOST ?= 127.0.0.1
 PORT ?= 7070
 # the preview listener; a second server on this host needs another (0 turns previews off)
 PREVIEW_PORT ?= $(or $(TORPOR_PREVIEW_PORT),7071)
-APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev
+# libnss-myhostname: `*.localhost` names (the default preview URLs, 8000-<id>.localhost)
+# resolve to loopback for every program on the host, Python's resolver included; its
+# package adds `myhostname` to nsswitch.conf's hosts line
+APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev \
+            libnss-myhostname
 
 # runsc from Debian, at least this version: older ones (bookworm's 0.0~20221219) cannot
 # checkpoint event-loop servers and only write compressed images (slower deep resume). On

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 
 import httpx
 import pytest
@@ -606,6 +607,12 @@ def test_sdk_network_methods(net, up, site):
         site_sbx = Sandbox(site, **conn)
         url = site_sbx.preview_url(8000, expires_in=600)
         assert f"8000-{site}.localhost:{net.preview_port}" in url and "torpor_token=" in url
+        # the URL as handed out works from Python's own resolver on this host (httpx and
+        # urllib), with nothing added to /etc/hosts: `make` installs libnss-myhostname
+        r = httpx.get(url, timeout=30)
+        assert r.status_code == 200 and "hello preview" in r.text
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert "hello preview" in page.read().decode()
         port = site_sbx.expose(8000, public=True)
         assert port.public and [p.port for p in site_sbx.ports()] == [8000]
         site_sbx.expose(8000, public=False)
