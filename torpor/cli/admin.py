@@ -53,10 +53,14 @@ Offline = Annotated[bool, typer.Option(
 @contextmanager
 def _offline_keys(data_dir: Path | None) -> Iterator[tuple[KeyStore, Path]]:
     """The KeyStore the server uses, over the data directory's SQLite file."""
-    from sqlalchemy.exc import SQLAlchemyError
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
 
-    from torpor.engine.keys import KeyStore
-    from torpor.store.db import open_db
+        from torpor.engine.keys import KeyStore
+        from torpor.store.db import open_db
+    except ImportError as e:
+        fail(f"offline key management needs the server's packages ({e}): "
+             "pip install 'torpor[server]', or run it on the server's host")
 
     db_path = _db_path(data_dir)
     try:

@@ -88,7 +88,9 @@ def serve(
     try:
         from torpor.server import run
     except ImportError as e:
-        fail(f"the server cannot start in this installation ({e})")
+        fail(f"the server's packages are not installed here ({e}): "
+             "pip install 'torpor[server]' (make serve does), or use the client against "
+             "a server elsewhere (TORPOR_URL)")
     try:
         run(settings)
     except errors.TorporError as e:
