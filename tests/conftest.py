@@ -1,4 +1,10 @@
-"""Shared fixtures: a real `torpor serve` on loopback with its own data dir, real runsc."""
+"""Shared fixtures: a real `torpor serve` on loopback with its own data dir, real runsc.
+
+The tests sit by kind, and each kind is a marker, so one kind runs alone
+(`pytest -m unit`): `unit/` needs neither runsc nor a server (the agent runs on the host,
+the SDK against a mock transport, the engine in-process), `integration/` runs real
+sandboxes under a real server, `security/` tries to escape them.
+"""
 
 from __future__ import annotations
 
@@ -155,3 +161,14 @@ def run(api, sid: str, cmd: str, **kw) -> dict:
     r = api.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, **kw})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+KINDS = ("unit", "integration", "security")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its kind: the name of the folder it sits in."""
+    for item in items:
+        kind = Path(str(item.path)).parent.name
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))

@@ -133,7 +133,7 @@ def test_tmp_is_memory_bounded_by_half_of_memory_mb(server, api):
 
 def test_file_deleted_while_open_in_tmp_survives_hibernation(api):
     """/tmp is memory, which runsc checkpoints with files deleted while open; on the disk it
-    cannot (tests/test_standby.py: the hibernation is refused there)."""
+    cannot (tests/integration/test_standby.py: the hibernation is refused there)."""
     sid = api.post("/v1/sandboxes", json={}).json()["id"]
     try:
         code = ("import tempfile, time\n"

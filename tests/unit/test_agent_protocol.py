@@ -23,7 +23,7 @@ from torpor.agent import protocol as P
 
 # TORPOR_TEST_AGENT_DIR runs the same tests against another copy of the agent
 AGENT_DIR = Path(os.environ.get("TORPOR_TEST_AGENT_DIR")
-                 or Path(__file__).resolve().parents[1] / "torpor" / "agent")
+                 or Path(__file__).resolve().parents[2] / "torpor" / "agent")
 AGENT = AGENT_DIR / "agent.py"
 # The sandbox runs the host's Debian interpreter; use it here too when there is one.
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

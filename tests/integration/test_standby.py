@@ -344,7 +344,7 @@ def test_deleted_open_file_on_disk_refuses_hibernation(api, sbx):
                    json={"cmd": "python3 /home/user/hold.py", "background": True}).json()["pid"]
     wait_for(lambda: "deleted" in run(api, sbx, "ls -l /proc/*/fd 2>/dev/null")["stdout"])
     r = api.post(f"/v1/sandboxes/{sbx}/hibernate")
-    # (the one in /dev/shm, memory, is no problem: tests/test_disk.py hibernates with one)
+    # (the one in /dev/shm, memory, is no problem: tests/integration/test_disk.py hibernates with one)
     assert r.status_code == 409
     problems = r.json()["error"]["problems"]
     assert [p["path"].startswith("/home/user/") for p in problems] == [True]
