@@ -93,3 +93,31 @@ def test_runaway_process_count_is_stopped_and_sandbox_lives(api):
         assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_the_kernel_tells_the_watchdog_when_memory_crosses_the_soft_limit(server, api):
+    """The watchdog does not wait for its 100 ms tick when memory climbs: the cgroup's
+    threshold notification (cgroup v1) wakes it. Here the same kind of notification is
+    registered on a sandbox's cgroup and must fire once the sandbox's memory passes it."""
+    import os
+    import select
+
+    sid = api.post("/v1/sandboxes", json={"memory_mb": 256}).json()["id"]
+    try:
+        cg = GVisorDriver(server.data_dir).cgroup(sid)
+        threshold = (cg.memory_charged() or 0) + (64 << 20)
+        fd = cg.memory_alert(threshold)
+        if fd is None:
+            assert cg.v2  # only cgroup v2 has no threshold notification
+            return
+        try:
+            assert select.select([fd], [], [], 0)[0] == []  # nothing crossed yet
+            api.post(f"/v1/sandboxes/{sid}/commands", json={
+                "cmd": "python3 -c 'import time; x = bytearray(100 << 20); time.sleep(30)'",
+                "background": True})
+            assert select.select([fd], [], [], 30)[0] == [fd], "no notification"
+            assert os.eventfd_read(fd) >= 1
+        finally:
+            os.close(fd)
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")

@@ -38,6 +38,7 @@ log = logging.getLogger("torpor.engine")
 RUNNING, CREATING, FAILED, DELETED = "running", "creating", "failed", "deleted"
 _ALPHABET = string.ascii_lowercase + string.digits
 WATCH_INTERVAL = 0.1  # seconds between memory and task checks of running sandboxes
+MIN_WATCH_INTERVAL = 0.005  # the shortest, when memory alerts keep coming
 METER_INTERVAL = 1.0  # seconds between samples of memory in use for metering
 POOL_STOP_SECONDS = 30.0  # a graceful stop waits this long for a pool sandbox's boot
 
@@ -134,6 +135,8 @@ class Engine:
         self._pool_lock = asyncio.Lock()
         self._pool_wakeup = asyncio.Event()
         self._pool_task: asyncio.Task | None = None
+        self._memory_fds: dict[str, int | None] = {}  # sid -> its memory alert (eventfd)
+        self._memory_alert = asyncio.Event()
         self._pool_stopping = False
         self._tasks: list[asyncio.Task] = []
         self._closing = False
@@ -173,6 +176,9 @@ class Engine:
         self.metering.flush()
         await self.network.stop()
         self._closing = True
+        loop = asyncio.get_running_loop()
+        for sid in list(self._memory_fds):
+            self._close_memory_alert(loop, sid)
         for t in list(self._watchers.values()):
             t.cancel()
         for chan in list(self.channels.values()):
@@ -633,13 +639,54 @@ class Engine:
                         {"host_threads": pids[0], "limit": pids[1], **res})
 
     # --- memory watchdog -----------------------------------------------------------------
+    def _sync_memory_alerts(self) -> None:
+        """A memory notification (`Cgroup.memory_alert`) for each running sandbox, none
+        for the others."""
+        loop = asyncio.get_running_loop()
+        running = self._state.running
+        for sid in [s for s in self._memory_fds if s not in running]:
+            self._close_memory_alert(loop, sid)
+        for sid in running:
+            spec = self._specs.get(sid)
+            if sid in self._memory_fds or spec is None:
+                continue
+            try:
+                fd = self.driver.cgroup(sid).memory_alert(self.driver.soft_memory_limit(spec))
+            except OSError:
+                continue  # the cgroup is on its way (a start, a restore): next tick
+            self._memory_fds[sid] = fd
+            if fd is not None:
+                loop.add_reader(fd, self._on_memory_alert, fd)
+
+    def _close_memory_alert(self, loop: asyncio.AbstractEventLoop, sid: str) -> None:
+        fd = self._memory_fds.pop(sid, None)
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def _on_memory_alert(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except OSError:
+            pass
+        self._memory_alert.set()
+
     async def _watchdog_loop(self) -> None:
         """gVisor has no guest OOM killer here: past the cgroup limit the host kills the
         whole sentry. So the engine watches usage and, past the sandbox's memory_mb (plus
         sentry overhead), kills the sandbox's largest process before the hard limit hits."""
         next_sample = time.monotonic()
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
+            # every WATCH_INTERVAL, or at once when a sandbox's memory crosses its soft
+            # limit (a kernel notification, where the cgroups have one): 1 GiB allocated
+            # in one go outran a 100 ms tick now and then, and the host killed the sentry
+            self._sync_memory_alerts()
+            try:
+                await asyncio.wait_for(self._memory_alert.wait(), WATCH_INTERVAL)
+                await asyncio.sleep(MIN_WATCH_INTERVAL)  # a sandbox hovering at the limit
+            except TimeoutError:
+                pass
+            self._memory_alert.clear()
             # metering wants memory in use without file cache (memory.stat): once a second;
             # the watchdog checks the cheap upper bound every tick, the exact figure only
             # past the limit (with 200 running sandboxes this loop was ~30% of a core)

@@ -86,6 +86,27 @@ class Cgroup:
         return self._read_int("memory", "memory.current" if self.v2
                               else "memory.usage_in_bytes")
 
+    def memory_alert(self, threshold: int) -> int | None:
+        """An eventfd the kernel signals when the memory charged crosses `threshold` bytes
+        (either way), or None where there is no such notification (cgroup v2 has none for
+        a plain threshold). The caller owns the fd; the kernel also signals it when the
+        cgroup is removed."""
+        if self.v2:
+            return None
+        base = self._path("memory")
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            usage = os.open(base / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # the registration keeps its own reference to the usage file
+                (base / "cgroup.event_control").write_text(f"{efd} {usage} {threshold}")
+            finally:
+                os.close(usage)
+        except OSError:
+            os.close(efd)
+            raise
+        return efd
+
     def tasks(self) -> int | None:
         """Host tasks (threads) in the cgroup now: pids.current."""
         return self._read_int("pids", "pids.current")
