@@ -14,6 +14,7 @@ import datetime as dt
 import http.server
 import ipaddress
 import json
+import shutil
 import ssl
 import tempfile
 import threading
@@ -161,3 +162,4 @@ class Upstreams:
         for s in (self.http, self.https):
             s.shutdown()
             s.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)  # the test CA and its key
