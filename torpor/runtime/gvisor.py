@@ -462,23 +462,25 @@ class GVisorDriver:
         """Collect holders that exited (they are the server's children until it dies). One
         waitid() peek finds whether any child exited (no Python work per holder; the kernel
         walks the children, ~0.1 ms with 500); a pass over them only when some child did."""
-        try:
-            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # no child at all
-            return
-        if exited is None:
-            return
-        holder = self._holders.pop(exited.si_pid, None)
-        if holder is None and self._spare is not None and self._spare.pid == exited.si_pid:
-            holder = self._spare  # a spare that died: the next start replaces it
-        if holder is not None:
-            holder.poll()  # reaps it
-            return
-        # another child (a runsc its caller waits for): check the holders in case one
-        # exited behind it
-        for pid, proc in list(self._holders.items()):
-            if proc.poll() is not None:
-                del self._holders[pid]
+        while True:  # every holder that exited, not one a call: many go at once
+            try:
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # no child at all
+                return
+            if exited is None:
+                return
+            holder = self._holders.pop(exited.si_pid, None)
+            if holder is None and self._spare is not None and self._spare.pid == exited.si_pid:
+                holder = self._spare  # a spare that died: the next start replaces it
+            if holder is None:
+                # another child (a runsc its caller waits for, which the peek would show
+                # again): check the holders in case one exited behind it
+                for pid, proc in list(self._holders.items()):
+                    if proc.poll() is not None:
+                        del self._holders[pid]
+                return
+            if holder.poll() is None:  # reaped by someone else meanwhile
+                return
 
     def close(self) -> None:
         """Let the spare holder go (it exits at the end of its stdin); sandboxes and their
