@@ -12,7 +12,7 @@ import hmac
 import secrets
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from torpor.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -62,8 +62,7 @@ class KeyStore:
         # one UPDATE, so two revocations racing cannot both see "another admin remains"
         stmt = (update(ApiKeyRow)
                 .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None),
-                       or_(ApiKeyRow.admin.is_(False), and_(ApiKeyRow.admin.is_(True),
-                                                            other_admin)))
+                       or_(ApiKeyRow.admin.is_(False), other_admin))
                 .values(revoked_at=now()))
         with self.sessions.begin() as s:
             done = s.execute(stmt).rowcount
