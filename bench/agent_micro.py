@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from torpor.runtime import gvisor
 from torpor.runtime.base import SandboxSpec
-from torpor.storage.templates import TemplateStore
+from torpor.templates import TemplateStore
 
 
 def stats(samples_ms: list[float]) -> dict:

@@ -21,8 +21,8 @@ from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.runtime.cgroups import Cgroup
 from torpor.runtime.gvisor import GVisorDriver, purge
-from torpor.storage.layers import Layer
-from torpor.storage.templates import TemplateStore
+from torpor.runtime.layers import Layer
+from torpor.templates import TemplateStore
 
 NO_TIMERS = {"standby_after": 0, "hibernate_after": 0}
 COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done")

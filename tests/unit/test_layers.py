@@ -13,7 +13,7 @@ PACKAGE = ROOT / "torpor"
 # (the layer, what it must never import, why)
 RULES = [
     ("torpor.sdk", ("torpor.api", "torpor.engine", "torpor.runtime", "torpor.store",
-                    "torpor.storage", "torpor.network", "torpor.server", "torpor.agent"),
+                    "torpor.network", "torpor.server", "torpor.agent"),
      "the SDK installs and runs without the server's side"),
     ("torpor.agent", ("torpor",),
      "the agent runs inside the sandbox from a read-only bundle: stdlib and its own modules"),

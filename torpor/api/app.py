@@ -127,7 +127,7 @@ class PortProxy:
                         "headers": resp.raw_headers})
             return await send({"type": "http.response.body", "body": resp.body})
         sid, port, path = m.group(1), int(m.group(2)), m.group(3)
-        await self.engine.network.gateway.asgi(scope, receive, send, sid, port, path)
+        await self.engine.traffic.gateway.asgi(scope, receive, send, sid, port, path)
 
 
 def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:

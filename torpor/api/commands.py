@@ -21,9 +21,9 @@ from torpor.api.schemas import (
     SignalIn,
     StdinIn,
 )
+from torpor.channel import AgentError, ChannelClosed, Stream
 from torpor.engine.manager import Engine
 from torpor.errors import Timeout, TorporError, Unavailable, from_agent
-from torpor.runtime.channel import AgentError, ChannelClosed, Stream
 
 router = APIRouter(tags=["commands"])
 RESULT_CAP = 16 << 20  # bytes of stdout (and of stderr) kept in a waited-for result

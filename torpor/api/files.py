@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from torpor.api.app import engine_of
 from torpor.api.schemas import NO_NUL, USER_PATTERN, EntryOut, MkdirIn, RenameIn
+from torpor.channel import AgentError, ChannelClosed
 from torpor.errors import Invalid, from_agent
-from torpor.runtime.channel import AgentError, ChannelClosed
 
 router = APIRouter(tags=["files"])
 FilePath = Annotated[str, Query(min_length=1, max_length=4096, pattern=NO_NUL)]

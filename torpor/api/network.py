@@ -48,7 +48,7 @@ async def list_ports(sid: str, request: Request):
     engine = engine_of(request)
     info = engine.get(sid)
     return [{"port": int(p), "public": bool(v.get("public")),
-             "url": engine.network.preview_base(sid, int(p))} for p, v in info.ports.items()]
+             "url": engine.traffic.preview_base(sid, int(p))} for p, v in info.ports.items()]
 
 
 @router.put("/sandboxes/{sid}/ports/{port}", response_model=PortOut)

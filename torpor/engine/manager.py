@@ -19,19 +19,19 @@ from typing import Any
 
 from sqlalchemy import select
 
+from torpor.channel import AgentError, Channel, ChannelClosed
 from torpor.config import Settings
 from torpor.engine.keys import KeyStore
 from torpor.engine.metering import Metering
-from torpor.engine.network import Network
 from torpor.engine.secrets import SecretStore
 from torpor.engine.standby import HIBERNATED, STANDBY, Standby, to_datetime
+from torpor.engine.traffic import Traffic
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable, from_agent
-from torpor.runtime.base import RuntimeError_, SandboxSpec
-from torpor.runtime.channel import AgentError, Channel, ChannelClosed
+from torpor.runtime.base import DriverError, SandboxSpec
 from torpor.runtime.gvisor import GVisorDriver
-from torpor.storage.templates import Template, TemplateStore
 from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow, now
+from torpor.templates import Template, TemplateStore
 
 log = logging.getLogger("torpor.engine")
 
@@ -140,7 +140,7 @@ class Engine:
         self._pool_stopping = False
         self._tasks: list[asyncio.Task] = []
         self._closing = False
-        self.network = Network(self)
+        self.traffic = Traffic(self)
 
     # --- start and stop -----------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
@@ -156,7 +156,7 @@ class Engine:
         return key
 
     async def start(self) -> None:
-        await self.network.start()
+        await self.traffic.start()
         await self.recover()
         self._pool_task = asyncio.create_task(self._pool_loop())
         self._tasks.append(self._pool_task)
@@ -174,7 +174,7 @@ class Engine:
             await self.standby.hibernate_all(time.monotonic() + self.settings.shutdown_timeout)
             await self._drain_pool()
         self.metering.flush()
-        await self.network.stop()
+        await self.traffic.stop()
         self._closing = True
         loop = asyncio.get_running_loop()
         for sid in list(self._memory_fds):
@@ -238,7 +238,7 @@ class Engine:
                 await asyncio.to_thread(self.driver.layer(spec).mount)
                 # a frozen agent cannot answer a ping: adopt it as it is, wake it on request
                 chan = await self.driver.adopt(spec, ping=row.state != STANDBY)
-            except (RuntimeError_, OSError) as e:
+            except (DriverError, OSError) as e:
                 if row.pooled:
                     await self.driver.destroy(spec)
                     self._set_state(row.id, DELETED, "pool sandbox lost at restart", "restore")
@@ -362,9 +362,9 @@ class Engine:
         env = dict(env or {})
         metadata = dict(metadata or {})
         policy = self._policy(policy)
-        policy["network"] = self.network.policy(network)
-        policy["secrets"] = self.network.grants(secrets, env)
-        boot_env = self.network.sandbox_env(policy["secrets"], env)
+        policy["network"] = self.traffic.policy(network)
+        policy["secrets"] = self.traffic.grants(secrets, env)
+        boot_env = self.traffic.sandbox_env(policy["secrets"], env)
         pooled = await self._take_from_pool(tpl, cpu, memory_mb, disk_mb, env, metadata,
                                             policy, boot_env)
         if pooled is not None:
@@ -414,7 +414,7 @@ class Engine:
     def update_network(self, sid: str, network: dict) -> SandboxInfo:
         """Change a sandbox's egress policy; its open egress connections close."""
         self._row(sid)
-        self.network.update_policy(sid, network)
+        self.traffic.update_policy(sid, network)
         self.standby.touch(sid)
         return self.get(sid)
 
@@ -424,7 +424,7 @@ class Engine:
             chan = await self.driver.start(spec)
             if env:  # a pool sandbox is configured when it is handed out
                 await chan.call("configure", env=env)
-        except (RuntimeError_, ChannelClosed, AgentError, OSError, TimeoutError) as e:
+        except (DriverError, ChannelClosed, AgentError, OSError, TimeoutError) as e:
             await self._fail(row.id, f"could not start: {e}", "start_failed", destroy=True)
             raise Unavailable(f"sandbox {row.id} could not start: {e}",
                               sandbox_id=row.id) from None
@@ -434,7 +434,7 @@ class Engine:
         self._set_state(row.id, RUNNING, None, "created")
 
     def _attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
-        self.network.attach(sid, chan)
+        self.traffic.attach(sid, chan)
         self.channels[sid] = chan
         self._specs[sid] = spec
         self._watchers[sid] = asyncio.create_task(self._watch_channel(sid, chan))
@@ -494,7 +494,7 @@ class Engine:
     def _info(self, row: SandboxRow) -> SandboxInfo:
         a = self.standby.activity.get(row.id)
         return SandboxInfo.of(row, to_datetime(a.last) if a else None,
-                              self._state.get(row.id), **self.network.info(row))
+                              self._state.get(row.id), **self.traffic.info(row))
 
     def get(self, sid: str) -> SandboxInfo:
         return self._info(self._row(sid))
@@ -513,7 +513,7 @@ class Engine:
         self.standby.due.pop(sid, None)
         self._pids_mark.pop(sid, None)
         self._pooled.discard(sid)
-        self.network.forget(sid)
+        self.traffic.forget(sid)
 
     def events(self, sid: str) -> list[EventRow]:
         self._row(sid)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from torpor.channel import AgentError, ChannelClosed
 from torpor.errors import Conflict, Invalid, Unavailable
-from torpor.runtime.base import RuntimeError_
-from torpor.runtime.channel import AgentError, ChannelClosed
+from torpor.runtime.base import DriverError
 from torpor.store.models import SandboxRow, now
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class Standby:
             try:
                 e.metering.bank(sid)  # the cgroup's CPU count goes away with the container
                 result = await e.driver.hibernate(spec)
-            except (RuntimeError_, OSError) as err:
+            except (DriverError, OSError) as err:
                 self.transitioning.discard(sid)
                 self.act(sid).failed_at = time.monotonic()
                 if row.state == STANDBY:
@@ -336,7 +336,7 @@ class Standby:
         self.transitioning.add(sid)
         try:
             chan = await e.driver.restore(spec)
-        except (RuntimeError_, OSError) as err:
+        except (DriverError, OSError) as err:
             self.transitioning.discard(sid)
             # the image stays on disk: never removed before a restore succeeded
             await e._fail(sid, f"could not resume from hibernation: {err}",

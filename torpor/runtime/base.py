@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from torpor.runtime.channel import Channel
-from torpor.storage.templates import Template
+from torpor.channel import Channel
+from torpor.templates import Template
 
 
-class RuntimeError_(Exception):
+class DriverError(Exception):
     """A driver operation failed; the message says what and what to look at."""
 
 

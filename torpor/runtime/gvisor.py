@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from torpor.runtime.base import RuntimeError_, SandboxSpec, Stats
+from torpor.channel import Channel, ChannelClosed
+from torpor.runtime.base import DriverError, SandboxSpec, Stats
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
-from torpor.runtime.channel import Channel, ChannelClosed
-from torpor.storage.layers import Layer
+from torpor.runtime.layers import Layer
 
 log = logging.getLogger("torpor.runtime")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -54,11 +54,11 @@ def find_host_python() -> tuple[str, str, str]:
             exe = os.path.realpath(cand)
             break
     else:
-        raise RuntimeError_("no /usr/bin/python3 on the host: the agent runs on the host's "
+        raise DriverError("no /usr/bin/python3 on the host: the agent runs on the host's "
                             "Python; install Debian's python3-minimal")
     loaders = sorted(glob.glob("/usr/lib/*-linux-gnu/ld-linux*.so.*"))
     if not loaders:
-        raise RuntimeError_("no dynamic loader under /usr/lib/*-linux-gnu")
+        raise DriverError("no dynamic loader under /usr/lib/*-linux-gnu")
     loader = os.path.realpath(loaders[0])
     return exe, loader, os.path.dirname(loader)
 
@@ -146,7 +146,7 @@ class GVisorDriver:
         self.data_dir = Path(data_dir)
         self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
         if not os.path.exists(self.runsc):
-            raise RuntimeError_("runsc is not installed: run `apt-get install runsc` "
+            raise DriverError("runsc is not installed: run `apt-get install runsc` "
                                 "(or `make serve`, which installs it)")
         self.platform = platform
         self.start_timeout = start_timeout
@@ -279,9 +279,9 @@ class GVisorDriver:
                 chan = await Channel.connect(sock)
             except (FileNotFoundError, ConnectionRefusedError):
                 if self._status(spec.id).get("state") == "start_failed":
-                    raise RuntimeError_(self._start_failure(spec.id)) from None
+                    raise DriverError(self._start_failure(spec.id)) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError_(f"sandbox {spec.id}: holder did not come up") from None
+                    raise DriverError(f"sandbox {spec.id}: holder did not come up") from None
                 await asyncio.sleep(0.002)
         try:
             if restored:
@@ -290,7 +290,7 @@ class GVisorDriver:
                 await chan.wait_ready(max(deadline - time.monotonic(), 1.0))
         except (ChannelClosed, TimeoutError, OSError) as e:
             await chan.close()
-            raise RuntimeError_(f"{e}; {self._start_failure(spec.id)}") from None
+            raise DriverError(f"{e}; {self._start_failure(spec.id)}") from None
         return chan
 
     async def _wake_restored(self, spec: SandboxSpec, chan: Channel, deadline: float) -> None:
@@ -346,7 +346,7 @@ class GVisorDriver:
         free = shutil.disk_usage(tmp).free
         if free < need:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError_(f"sandbox {spec.id}: not enough disk for its checkpoint image "
+            raise DriverError(f"sandbox {spec.id}: not enough disk for its checkpoint image "
                                 f"({free >> 20} MiB free, up to {need >> 20} MiB needed)")
         was_frozen = self.is_frozen(spec)
         if was_frozen:
@@ -368,7 +368,7 @@ class GVisorDriver:
             self.cgroup(spec.id).set_cpu_limit(spec.cpu)
             if was_frozen:
                 self.freeze(spec, True)  # back to standby, as it was
-            raise RuntimeError_(f"sandbox {spec.id}: checkpoint failed: "
+            raise DriverError(f"sandbox {spec.id}: checkpoint failed: "
                                 f"{err.decode(errors='replace').strip()[-500:]}")
         seconds = time.monotonic() - t0
         await asyncio.to_thread(self._after_checkpoint, spec, tmp, final)
@@ -397,7 +397,7 @@ class GVisorDriver:
         it (`drop_image`) once the sandbox answered."""
         img = self.image_dir(spec.id)
         if not (img / "checkpoint.img").is_file():
-            raise RuntimeError_(f"sandbox {spec.id}: its checkpoint image is missing ({img})")
+            raise DriverError(f"sandbox {spec.id}: its checkpoint image is missing ({img})")
         await asyncio.to_thread(self.layer(spec).mount)
         if any(self.state_dir.glob(f"*{spec.id}*")):
             # runsc still has a record of it (the server died between checkpoint and delete)
@@ -410,7 +410,7 @@ class GVisorDriver:
             "--bundle", str(self.sandbox_dir(spec.id)), spec.id]
         try:
             chan = await self._start_holder(spec, cmd, restored=True)
-        except (RuntimeError_, OSError):
+        except (DriverError, OSError):
             # leave nothing of the attempt running or mounted; the image is kept (the
             # caller records the failure)
             await asyncio.to_thread(self.stop_keep_disk, spec)
@@ -518,16 +518,16 @@ class GVisorDriver:
     async def adopt(self, spec: SandboxSpec, ping: bool = True) -> Channel:
         st = self._status(spec.id)
         if st.get("state") != "running":
-            raise RuntimeError_(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
+            raise DriverError(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
         pid = st.get("holder_pid")
         if not pid or not _alive(pid):
-            raise RuntimeError_(f"sandbox {spec.id}: its holder process is gone")
+            raise DriverError(f"sandbox {spec.id}: its holder process is gone")
         try:
             chan = await Channel.connect(self.socket_path(spec.id))
             if ping:
                 await chan.ping(timeout=10)
         except (OSError, ChannelClosed, TimeoutError) as e:
-            raise RuntimeError_(f"sandbox {spec.id}: agent does not answer ({e})") from None
+            raise DriverError(f"sandbox {spec.id}: agent does not answer ({e})") from None
         return chan
 
     async def destroy(self, spec: SandboxSpec) -> None:

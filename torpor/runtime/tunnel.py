@@ -14,7 +14,7 @@ import contextlib
 import socket
 
 from torpor.agent import protocol as P
-from torpor.runtime.channel import ChannelClosed, Stream
+from torpor.channel import ChannelClosed, Stream
 
 READ_SIZE = P.CHUNK
 

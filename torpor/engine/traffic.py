@@ -1,4 +1,5 @@
-"""The engine's network: egress policy and proxy, credential grants, preview URLs, audit.
+"""The engine's side of sandbox traffic: egress policy and proxy, credential grants,
+preview URLs, audit.
 
 Sandboxes have no network interface. Their egress arrives as streams the agent opens on
 its channel (see `torpor/agent/netops.py`); this module hands each one to the egress proxy
@@ -23,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 
+from torpor.channel import Stream
 from torpor.engine.secrets import load_or_create_key, new_placeholder
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable
 from torpor.network.ca import CertAuthority
 from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
 from torpor.network.preview import PreviewError, PreviewGateway, Route, TokenSigner
 from torpor.network.proxy import Credential, EgressProxy, SandboxNet
-from torpor.runtime.channel import Stream
 from torpor.runtime.tunnel import socket_for
 from torpor.store.models import DomainRow, EgressRow, SandboxRow, now
 
@@ -57,7 +58,7 @@ PRUNE_EVERY = 3600.0  # seconds between removals of egress records past their re
 TOUCH_EVERY = 1.0  # egress and preview bytes count as activity, at most this often
 
 
-class Network:
+class Traffic:
     def __init__(self, engine: Engine):
         self.engine = engine
         s = engine.settings

@@ -21,7 +21,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from torpor.storage.templates import Template
+from torpor.templates import Template
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
