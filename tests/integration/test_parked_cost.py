@@ -137,9 +137,9 @@ def test_parked_sandboxes_cost_the_server_no_work():
         await engine.start()
         try:
             sids = [(await engine.create(**NO_TIMERS)).id for _ in range(3)]
-            await engine.standby.standby(sids[0], "explicit")
-            await engine.standby.standby(sids[1], "explicit")
-            await engine.standby.hibernate(sids[2], "explicit")
+            await engine.to_standby(sids[0])
+            await engine.to_standby(sids[1])
+            await engine.hibernate(sids[2])
             await asyncio.sleep(0.5)  # the transitions' records are written
             # the hibernated one's holder exits and is reaped, by the server (once a second)
             # or here; either way before the count starts, so its reaping is not counted
@@ -150,7 +150,7 @@ def test_parked_sandboxes_cost_the_server_no_work():
             work.clear()
             await asyncio.sleep(2.5)  # 25 watchdog rounds, 2 of the idle checks there were
             idle = dict(work)
-            await engine.standby.resume(sids[0], "explicit")
+            await engine.resume(sids[0])
             await asyncio.sleep(0.5)
             assert idle == {}, f"work done for parked sandboxes: {idle}"
             assert work["cgroup reads"] > 0  # a running sandbox is watched

@@ -20,9 +20,27 @@ RULES = [
     ("torpor.runtime", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.server",
                         "torpor.sdk"),
      "the runtime is below the engine and never reaches up"),
-    ("torpor.store", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.runtime"),
+    ("torpor.store", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.runtime",
+                      "torpor.channel"),
      "the state store knows records, not what uses them"),
+    ("torpor.api", ("torpor.runtime", "torpor.channel", "torpor.store"),
+     "a front door speaks to the engine only: engine methods, engine types, engine errors"),
+    ("torpor.channel", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.runtime",
+                        "torpor.store", "torpor.sdk"),
+     "the channel is the host end of the agent's protocol, for any driver: nothing above"),
+    ("torpor.engine", ("torpor.api", "torpor.cli", "torpor.sdk", "torpor.server",
+                       "torpor.runtime.gvisor", "torpor.runtime.cgroups",
+                       "torpor.runtime.layers", "torpor.runtime.holder"),
+     "the engine reaches a runtime only through the driver interface (torpor.runtime.base, "
+     "driver_for)"),
+    ("torpor.templates", ("torpor.engine", "torpor.api", "torpor.runtime", "torpor.store"),
+     "templates are data every layer reads"),
 ]
+# the engine's parts never import the facade (manager.py) that composes them: no circle
+ENGINE_PARTS = [("torpor.engine." + p.stem, ("torpor.engine.manager",),
+                 "an engine part takes what it needs as arguments, not the Engine")
+                for p in (PACKAGE / "engine").glob("*.py")
+                if p.stem not in ("manager", "__init__")]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -57,6 +75,11 @@ def violations(rules=RULES) -> list[str]:
 
 def test_layers_import_only_what_their_rules_allow():
     assert violations() == []
+
+
+def test_engine_parts_do_not_import_the_engine():
+    assert len(ENGINE_PARTS) >= 8
+    assert violations(ENGINE_PARTS) == []
 
 
 def test_the_check_sees_lazy_imports():

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Request, Response
 
-from torpor.api.app import engine_of
+from torpor.api.deps import engine_of
 from torpor.api.schemas import (
     KeepAliveIn,
     KeepAliveOut,
@@ -21,25 +21,17 @@ router = APIRouter(tags=["standby"])
 
 @router.post("/sandboxes/{sid}/standby", response_model=SandboxOut)
 async def standby(sid: str, request: Request):
-    engine = engine_of(request)
-    await engine.standby.standby(sid, "explicit")
-    return asdict(engine.get(sid))
+    return asdict(await engine_of(request).to_standby(sid))
 
 
 @router.post("/sandboxes/{sid}/hibernate", response_model=SandboxOut)
 async def hibernate(sid: str, request: Request):
-    engine = engine_of(request)
-    await engine.standby.hibernate(sid, "explicit")
-    return asdict(engine.get(sid))
+    return asdict(await engine_of(request).hibernate(sid))
 
 
 @router.post("/sandboxes/{sid}/resume", response_model=SandboxOut)
 async def resume(sid: str, request: Request):
-    engine = engine_of(request)
-    engine.get(sid)  # 404 first
-    await engine.standby.resume(sid, "explicit")
-    await engine.channel(sid)
-    return asdict(engine.get(sid))
+    return asdict(await engine_of(request).resume(sid))
 
 
 @router.patch("/sandboxes/{sid}", response_model=SandboxOut)
@@ -49,25 +41,19 @@ async def update(sid: str, body: UpdateSandbox, request: Request):
 
 @router.post("/sandboxes/{sid}/keepalive", response_model=KeepAliveOut, status_code=201)
 async def keep_alive(sid: str, body: KeepAliveIn, request: Request):
-    engine = engine_of(request)
-    await engine.channel(sid)  # wakes it, and it must exist
-    hid, seconds = engine.standby.hold(sid, body.seconds)
+    hid, seconds = await engine_of(request).hold(sid, body.seconds)
     return KeepAliveOut(hold_id=hid, seconds=seconds)
 
 
 @router.delete("/sandboxes/{sid}/keepalive/{hold_id}", status_code=204)
 async def release(sid: str, hold_id: str, request: Request):
-    engine = engine_of(request)
-    engine.get(sid)
-    engine.standby.release(sid, hold_id)
+    engine_of(request).release(sid, hold_id)
     return Response(status_code=204)
 
 
 @router.get("/sandboxes/{sid}/usage", response_model=UsageOut)
 async def usage(sid: str, request: Request):
-    engine = engine_of(request)
-    engine.get(sid)
-    return engine.metering.usage(sid)
+    return engine_of(request).usage(sid)
 
 
 @router.get("/usage", response_model=UsageSummary)
@@ -75,7 +61,7 @@ async def usage_all(request: Request, state: str | None = None):
     engine = engine_of(request)
     meta = {k[len("metadata."):]: v for k, v in request.query_params.items()
             if k.startswith("metadata.")}
-    items = [engine.metering.usage(i.id) for i in engine.list(state=state, metadata=meta)]
+    items = [engine.usage(i.id) for i in engine.list(state=state, metadata=meta)]
     total = {"cpu_seconds": round(sum(u["cpu_seconds"] for u in items), 6),
              "memory_gib_seconds": round(sum(u["memory_gib_seconds"] for u in items), 6),
              "disk_bytes": sum(u["disk_bytes"] for u in items)}

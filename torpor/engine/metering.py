@@ -5,23 +5,24 @@ makes a new one), so what a cgroup counted is banked in the database before it g
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from sqlalchemy import select
-
-from torpor.store.models import EventRow, SandboxRow, now
-
-if TYPE_CHECKING:
-    from torpor.engine.manager import Engine
+from torpor.engine.records import Records
+from torpor.engine.states import HAS_CGROUP, State
+from torpor.runtime.base import Driver, SandboxSpec
+from torpor.store.models import SandboxRow, now
 
 GIB = float(1 << 30)
 FLUSH_EVERY = 10.0  # seconds between writes of the memory integral
 
 
 class Metering:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.mem: dict[str, float] = {}  # GiB-seconds not yet written to the database
+    def __init__(self, records: Records, driver: Driver,
+                 spec_of: Callable[[SandboxRow], SandboxSpec]):
+        self.records = records
+        self.driver = driver
+        self.spec_of = spec_of
+        self.mem: dict[str, float] = {}  # GiB-seconds not yet written to the records
         self._last_sample = time.monotonic()
         self._last_flush = time.monotonic()
 
@@ -36,43 +37,37 @@ class Metering:
 
     def flush(self, only: str | None = None) -> None:
         self._last_flush = time.monotonic()
-        items = [(only, self.mem.pop(only, 0.0))] if only else list(self.mem.items())
-        if only is None:
-            self.mem.clear()
-        with self.engine.sessions.begin() as s:
-            for sid, gib_s in items:
-                row = s.get(SandboxRow, sid)
-                if row is not None and gib_s:
-                    row.memory_gib_seconds += gib_s
+        if only is not None:
+            items = {only: self.mem.pop(only, 0.0)}
+        else:
+            items, self.mem = self.mem, {}
+        self.records.add_memory(items)
+
+    def _live_cpu(self, row: SandboxRow) -> float:
+        """What the sandbox's container counted (a restore starts a new count)."""
+        return self.driver.usage(self.spec_of(row)).cpu_seconds or 0.0
 
     def bank(self, sid: str) -> None:
-        """Move the cgroup's CPU count into the record (before the cgroup goes away)."""
-        cpu = self.engine.driver.cgroup(sid).cpu_seconds() or 0.0
-        with self.engine.sessions.begin() as s:
-            row = s.get(SandboxRow, sid)
-            if row is not None:
-                row.cpu_seconds += cpu
+        """Move the container's CPU count into the record (before the container goes)."""
+        row = self.records.find(sid)
+        if row is None:
+            return
+        self.records.add_usage(sid, cpu_seconds=self._live_cpu(row))
         self.flush(sid)
 
     def usage(self, sid: str) -> dict:
-        e = self.engine
-        with e.sessions() as s:
-            row = s.get(SandboxRow, sid)
-            events = list(s.scalars(select(EventRow).where(
-                EventRow.sandbox_id == sid, EventRow.kind == "state").order_by(EventRow.id)))
-        live_cpu = 0.0
-        if row.state in ("running", "standby"):
-            live_cpu = e.driver.cgroup(sid).cpu_seconds() or 0.0
+        row = self.records.find(sid)
+        events = self.records.events(sid, kind="state")
+        live_cpu = self._live_cpu(row) if row.state in HAS_CGROUP else 0.0
         by_state: dict[str, float] = {}
         for a, b in zip(events, events[1:] + [None], strict=False):
             end = b.at if b is not None else now()
-            if a.to_state and a.to_state != "deleted":
+            if a.to_state and a.to_state != State.DELETED:
                 by_state[a.to_state] = by_state.get(a.to_state, 0.0) + max(
                     (end - a.at).total_seconds(), 0.0)
         disk = 0
-        if row.state != "deleted":
-            spec = e._spec(row)
-            disk = e.driver.layer(spec).disk_bytes() + e.driver.image_bytes(sid)
+        if row.state != State.DELETED:
+            disk = self.driver.disk_bytes(self.spec_of(row))
         return {
             "sandbox_id": sid,
             "state": row.state,

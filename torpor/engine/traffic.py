@@ -19,13 +19,18 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, select
 
 from torpor.channel import Stream
-from torpor.engine.secrets import load_or_create_key, new_placeholder
+from torpor.config import Settings
+from torpor.engine.keys import KeyStore
+from torpor.engine.records import Records
+from torpor.engine.secrets import SecretStore, load_or_create_key, new_placeholder
+from torpor.engine.states import State
 from torpor.errors import Invalid, NotFound, TorporError, Unavailable
 from torpor.network.ca import CertAuthority
 from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
@@ -33,9 +38,7 @@ from torpor.network.preview import PreviewError, PreviewGateway, Route, TokenSig
 from torpor.network.proxy import Credential, EgressProxy, SandboxNet
 from torpor.runtime.tunnel import socket_for
 from torpor.store.models import DomainRow, EgressRow, SandboxRow, now
-
-if TYPE_CHECKING:
-    from torpor.engine.manager import Engine
+from torpor.templates import TemplateStore
 
 log = logging.getLogger("torpor.network")
 
@@ -59,9 +62,17 @@ TOUCH_EVERY = 1.0  # egress and preview bytes count as activity, at most this of
 
 
 class Traffic:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        s = engine.settings
+    def __init__(self, settings: Settings, records: Records, sessions, templates: TemplateStore,
+                 secrets: SecretStore, keys: KeyStore, touch: Callable[[str], None],
+                 connect: Callable[[str, int], Awaitable[Stream]]):
+        self.settings = s = settings
+        self.records = records
+        self.sessions = sessions  # for the network's own records: domains, egress log
+        self.templates = templates
+        self.secrets = secrets
+        self.keys = keys
+        self.touch = touch  # activity on a sandbox
+        self.connect = connect  # (sid, port): a stream to a port in the sandbox, woken
         try:
             self.default_policy = EgressPolicy.parse({"egress": s.default_egress})
             self.operator = OperatorNet(
@@ -74,10 +85,10 @@ class Traffic:
         for ca in self.operator.upstream_ca:
             if not os.path.isfile(ca):
                 raise Invalid(f"--egress-upstream-ca {ca}: no such file")
-        self.ca = CertAuthority(engine.data_dir / "network")
+        self.ca = CertAuthority(s.data_dir / "network")
         self.proxy = EgressProxy(self.operator, self.ca, self._audit)
         self.signer = TokenSigner(load_or_create_key(
-            engine.data_dir / "network" / "preview.key", "preview signing key",
+            s.data_dir / "network" / "preview.key", "preview signing key",
             "restore it from a backup, or delete it (signed preview URLs then stop working)"))
         self.gateway = PreviewGateway(
             domain=s.preview_domain, signer=self.signer, lookup=self._lookup,
@@ -93,7 +104,7 @@ class Traffic:
 
     # --- start and stop -----------------------------------------------------------------
     async def start(self) -> None:
-        s = self.engine.settings
+        s = self.settings
         if s.preview_port:
             try:
                 self._server = await asyncio.start_server(
@@ -128,7 +139,7 @@ class Traffic:
         """Put the installation's CA into every template's system store (the sandbox's
         /etc/ssl/certs), written only when it differs."""
         bundle = self.ca.bundle()
-        for tpl in self.engine.templates.list():
+        for tpl in self.templates.list():
             certs = tpl.rootfs / "etc/ssl/certs"
             if not certs.is_dir():
                 continue
@@ -166,7 +177,7 @@ class Traffic:
                 raise Invalid(f"secrets: {var} is also set in env; a variable holds either "
                               "a value or a secret's placeholder", field=f"secrets.{var}")
             try:
-                self.engine.secrets.get(name)
+                self.secrets.get(name)
             except NotFound:
                 raise Invalid(f"secrets: no secret named {name!r} (create it with POST "
                               "/v1/secrets)", field=f"secrets.{var}") from None
@@ -182,16 +193,15 @@ class Traffic:
     def context(self, sid: str, credentials: bool = True) -> SandboxNet:
         """The sandbox's policy and (unless not wanted: DNS needs none) its credentials,
         read fresh: a rotated secret applies to the next connection."""
-        with self.engine.sessions() as s:
-            row = s.get(SandboxRow, sid)
-            network, grants = (dict(row.network or {}), dict(row.secrets or {})) if row \
-                else ({}, {})
+        row = self.records.find(sid)
+        network, grants = (dict(row.network or {}), dict(row.secrets or {})) if row \
+            else ({}, {})
         policy = EgressPolicy.parse(network, default=self.default_policy)
         creds = []
         values = {}
         if grants and credentials:
             try:
-                values = self.engine.secrets.values([g["secret"] for g in grants.values()],
+                values = self.secrets.values([g["secret"] for g in grants.values()],
                                                     missing_ok=True)
             except TorporError as e:
                 # an unusable key or value: this sandbox's traffic still flows, with the
@@ -210,16 +220,12 @@ class Traffic:
                           on_activity=lambda: self._touch(sid))
 
     def update_policy(self, sid: str, given: dict) -> None:
-        with self.engine.sessions() as s:
-            row = s.get(SandboxRow, sid)
-            current = dict(row.network or {}) if row else {}
+        row = self.records.find(sid)
+        current = dict(row.network or {}) if row else {}
         stored = self.policy(given, base=current or None)
-        with self.engine.sessions.begin() as s:
-            row = s.get(SandboxRow, sid)
-            changed = row.network != stored
-            row.network = stored
-            row.updated_at = now()
-        self.engine._event(sid, "network_updated", None, None, "explicit", stored)
+        changed = current != stored
+        self.records.update(sid, network=stored)
+        self.records.event(sid, "network_updated", None, None, "explicit", stored)
         if changed:
             # nothing goes on under the old policy: open connections (a CONNECT tunnel, a
             # keep-alive proxy connection) close, and their clients connect again
@@ -273,7 +279,7 @@ class Traffic:
         t = time.monotonic()
         if t - self._touched.get(sid, 0.0) >= TOUCH_EVERY:
             self._touched[sid] = t
-            self.engine.standby.touch(sid)
+            self.touch(sid)
 
     # --- audit ------------------------------------------------------------------------------
     def _audit(self, record: dict) -> None:
@@ -294,11 +300,11 @@ class Traffic:
 
     def prune_audit(self) -> int:
         """Drop egress records older than the retention (`egress_log_days`)."""
-        days = self.engine.settings.egress_log_days
+        days = self.settings.egress_log_days
         if not days:
             return 0
         cutoff = now() - timedelta(days=days)
-        with self.engine.sessions.begin() as s:
+        with self.sessions.begin() as s:
             return s.execute(delete(EgressRow).where(EgressRow.at < cutoff)).rowcount
 
     def flush_audit(self) -> None:
@@ -306,14 +312,14 @@ class Traffic:
         if not batch:
             return
         cols = {c.name for c in EgressRow.__table__.columns} - {"id", "at"}
-        with self.engine.sessions.begin() as s:
+        with self.sessions.begin() as s:
             for r in batch:
                 s.add(EgressRow(**{k: v for k, v in r.items() if k in cols}))
 
     def egress_log(self, sid: str, limit: int = 100, before: int | None = None) -> list:
-        self.engine._row(sid)
+        self.records.get(sid)
         self.flush_audit()
-        with self.engine.sessions() as s:
+        with self.sessions() as s:
             q = select(EgressRow).where(EgressRow.sandbox_id == sid)
             if before is not None:
                 q = q.where(EgressRow.id < before)
@@ -323,7 +329,7 @@ class Traffic:
     async def open_port(self, sid: str, port: int):
         """A connection to 127.0.0.1:port inside the sandbox, woken first if asleep."""
         try:
-            st = await self.engine.open(sid, "connect", port=port)
+            st = await self.connect(sid, port)
         except NotFound:
             raise PreviewError(404, f"no sandbox {sid}") from None
         except TorporError as e:
@@ -345,14 +351,14 @@ class Traffic:
 
     async def _lookup(self, host: str) -> Route | None:
         parsed = self.gateway.parse_host(host)
-        with self.engine.sessions() as s:
-            if parsed is not None:
-                port, sid = parsed
-                row = s.get(SandboxRow, sid)
-                if row is None or row.pooled or row.state in ("deleted", "failed"):
-                    return None
-                public = bool((row.ports or {}).get(str(port), {}).get("public"))
-                return Route(sid, port, public)
+        if parsed is not None:
+            port, sid = parsed
+            row = self.records.find(sid)
+            if row is None or row.pooled or row.state in (State.DELETED, State.FAILED):
+                return None
+            public = bool((row.ports or {}).get(str(port), {}).get("public"))
+            return Route(sid, port, public)
+        with self.sessions() as s:
             d = s.get(DomainRow, host.split(":")[0].lower())
             if d is None:
                 return None
@@ -360,24 +366,24 @@ class Traffic:
 
     def _check_key(self, key: str) -> bool:
         try:
-            self.engine.keys.check(key)
+            self.keys.check(key)
         except TorporError:
             return False
         return True
 
     def _previews_on(self) -> None:
-        if not self.engine.settings.preview_port:
+        if not self.settings.preview_port:
             raise Unavailable("previews are off on this server (--preview-port 0)")
 
     def preview_base(self, sid: str, port: int) -> str:
-        s = self.engine.settings
+        s = self.settings
         return f"http://{port}-{sid}.{s.preview_domain}:{s.preview_port}/"
 
     def preview_url(self, sid: str, port: int, expires_in: float) -> dict:
         self._previews_on()
-        self.engine._row(sid)
+        self.records.get(sid)
         _check_port(port)
-        limit = self.engine.settings.preview_max_expiry
+        limit = self.settings.preview_max_expiry
         if not 0 < expires_in <= limit:
             raise Invalid(f"expires_in must be more than 0 and at most {limit:.0f} seconds",
                           field="expires_in")
@@ -389,17 +395,12 @@ class Traffic:
     def set_port(self, sid: str, port: int, public: bool) -> dict:
         self._previews_on()
         _check_port(port)
-        with self.engine.sessions.begin() as s:
-            row = s.get(SandboxRow, sid)
-            if row is None or row.state == "deleted" or row.pooled:
-                raise NotFound(f"no sandbox {sid}", sandbox_id=sid)
-            ports = dict(row.ports or {})
-            if public:
-                ports[str(port)] = {"public": True}
-            else:
-                ports.pop(str(port), None)
-            row.ports = ports
-            row.updated_at = now()
+        ports = dict(self.records.get(sid).ports or {})
+        if public:
+            ports[str(port)] = {"public": True}
+        else:
+            ports.pop(str(port), None)
+        self.records.update(sid, ports=ports)
         return {"port": port, "public": public, "url": self.preview_base(sid, port)}
 
     # --- custom domains ---------------------------------------------------------------------
@@ -408,13 +409,13 @@ class Traffic:
         domain = domain.strip().lower().rstrip(".")
         if not DOMAIN.match(domain):
             raise Invalid(f"{domain!r} is not a domain name", field="domain")
-        if domain == self.engine.settings.preview_domain or domain.endswith(
-                "." + self.engine.settings.preview_domain):
+        if domain == self.settings.preview_domain or domain.endswith(
+                "." + self.settings.preview_domain):
             raise Invalid(f"{domain} is inside the preview domain; use the sandbox's preview "
                           "URL", field="domain")
         _check_port(port)
-        self.engine._row(sid)
-        with self.engine.sessions.begin() as s:
+        self.records.get(sid)
+        with self.sessions.begin() as s:
             if s.get(DomainRow, domain) is not None:
                 from torpor.errors import Conflict
 
@@ -425,11 +426,11 @@ class Traffic:
         return row
 
     def domains(self) -> list[DomainRow]:
-        with self.engine.sessions() as s:
+        with self.sessions() as s:
             return list(s.scalars(select(DomainRow).order_by(DomainRow.domain)))
 
     def remove_domain(self, domain: str) -> None:
-        with self.engine.sessions.begin() as s:
+        with self.sessions.begin() as s:
             row = s.get(DomainRow, domain.strip().lower().rstrip("."))
             if row is None:
                 raise NotFound(f"no domain {domain}")
@@ -437,7 +438,7 @@ class Traffic:
 
     def forget(self, sid: str) -> None:
         """A deleted sandbox's domains go with it."""
-        with self.engine.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(delete(DomainRow).where(DomainRow.sandbox_id == sid))
         self._touched.pop(sid, None)
         self._egress.pop(sid, None)

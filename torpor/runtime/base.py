@@ -1,14 +1,21 @@
-"""The isolation driver interface. The engine talks to sandboxes only through this.
+"""The driver interface: everything the engine asks of an isolation runtime, and nothing else.
 
 A driver turns a `SandboxSpec` into a running sandbox whose agent answers on a `Channel`,
-and can find such a sandbox again after the server restarts. gVisor is the first driver;
-a microVM driver plugs in behind the same methods.
+freezes and thaws it, checkpoints it to disk and restores it, finds it again after the
+server restarts, reports what it uses, and removes every trace of it. The engine holds a
+`Driver` (chosen by settings: `torpor.runtime.driver_for`) and never sees how: runsc
+command lines, cgroups, loop devices and holders are the gVisor driver's business
+(`gvisor.py`). Errors cross this boundary as `DriverError` (or `OSError` from the host),
+with a message that says what failed and what to look at.
+
+`fake.py` implements the same interface in memory (no root, no runsc) for unit tests of the
+engine; `tests/unit/test_driver_contract.py` holds both drivers to the same contract.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from torpor.channel import Channel
 from torpor.templates import Template
@@ -31,26 +38,99 @@ class SandboxSpec:
 
 
 @dataclass
-class Stats:
-    memory_bytes: int | None
-    cpu_seconds: float | None
-    disk_bytes: int
-    oom_kills: int
+class Limits:
+    """What the engine enforces for the driver (a runtime may have no guest OOM killer)."""
+    soft_memory_bytes: int  # past this, the engine stops the sandbox's largest process
+    tasks: int  # what the sandbox may hold of the host's tasks before it cannot make more
 
 
+@dataclass
+class Load:
+    """The cheap figures the watchdog reads every tick."""
+    tasks: int | None  # host tasks the sandbox holds now
+    memory_charged: int | None  # bytes charged to it: an upper bound of memory in use
+
+
+@dataclass
+class Usage:
+    cpu_seconds: float | None  # CPU used since it started or was last restored
+    memory_bytes: int | None  # memory in use, without reclaimable file cache
+    oom_kills: int  # times the host killed something of it for memory
+
+
+@runtime_checkable
 class Driver(Protocol):
     name: str
+    # kinds of problems the agent's `hibernate_check` reports that this driver cannot
+    # checkpoint without losing the sandbox: the engine refuses to hibernate while any is
+    # present (empty: no check needed)
+    checkpoint_blockers: frozenset[str]
 
+    def describe(self) -> dict:
+        """What the driver is and runs on (name, version, platform), for logs and errors."""
+
+    # --- lifecycle ----------------------------------------------------------------------
     async def start(self, spec: SandboxSpec) -> Channel:
-        """Create storage, start the sandbox, return a channel whose agent said hello."""
+        """Create the sandbox's disk, start it, return a channel whose agent said hello."""
 
-    async def adopt(self, spec: SandboxSpec) -> Channel:
-        """Reconnect to a sandbox started by an earlier server process."""
+    async def adopt(self, spec: SandboxSpec, ping: bool = True) -> Channel:
+        """Reconnect to a sandbox an earlier server started (`ping`: check the agent
+        answers; a frozen one cannot). DriverError if it is not there to adopt."""
+
+    def release(self, spec: SandboxSpec) -> None:
+        """A hibernated sandbox found at start: make sure nothing of it stays mounted or
+        held on the host (an older server, or one killed mid-checkpoint, may have left it)."""
+
+    def stop(self, spec: SandboxSpec) -> None:
+        """Stop whatever runs of the sandbox; keep its disk (a failed sandbox, for
+        inspection until it is deleted)."""
 
     async def destroy(self, spec: SandboxSpec) -> None:
         """Stop the sandbox and remove everything it had on the host. Idempotent."""
 
-    def stats(self, spec: SandboxSpec) -> Stats: ...
+    # --- standby and hibernation --------------------------------------------------------
+    def freeze(self, spec: SandboxSpec, frozen: bool) -> None:
+        """Stop (or let go on) every task of the sandbox; memory stays resident. Fast:
+        the engine calls it on the event loop."""
 
-    def leftovers(self, sandbox_id: str) -> list[str]:
-        """What of this sandbox still exists on the host (for tests and `doctor`)."""
+    async def checkpoint(self, spec: SandboxSpec) -> dict:
+        """Save the sandbox to disk and stop it (frozen or not). On failure the sandbox is
+        as it was (running, or frozen) and any older image is kept. Returns figures for
+        the record (seconds, image_bytes)."""
+
+    async def restore(self, spec: SandboxSpec) -> Channel:
+        """Start a checkpointed sandbox from its image; the image is kept until
+        `drop_image`. On failure nothing of the attempt runs; the image stays."""
+
+    def drop_image(self, sid: str) -> None:
+        """Remove the image of a sandbox that was restored (it answered)."""
+
+    def checkpoint_refusal(self, problem: dict) -> str:
+        """Why one problem of `hibernate_check` blocks a checkpoint, for the 409."""
+
+    # --- what it uses -------------------------------------------------------------------
+    def limits(self, spec: SandboxSpec) -> Limits: ...
+
+    def load(self, spec: SandboxSpec) -> Load: ...
+
+    def memory_in_use(self, spec: SandboxSpec) -> int | None:
+        """Memory in use without reclaimable cache (dearer than `load`)."""
+
+    def usage(self, spec: SandboxSpec) -> Usage: ...
+
+    def memory_alert(self, spec: SandboxSpec, threshold: int) -> int | None:
+        """An eventfd that becomes readable when the sandbox's memory crosses `threshold`
+        bytes (the caller closes it), or None where the host cannot notify."""
+
+    def disk_bytes(self, spec: SandboxSpec) -> int:
+        """Bytes the sandbox takes on the host's disk: its layer and any image."""
+
+    # --- housekeeping -------------------------------------------------------------------
+    def reap(self) -> None:
+        """Collect what exited of the driver's helper processes (called once a second)."""
+
+    def close(self) -> None:
+        """The server stops: let go of what the driver holds; sandboxes keep running."""
+
+    def leftovers(self, sid: str) -> list[str]:
+        """What of this sandbox still exists on the host (tests check it is nothing)."""

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from torpor.channel import Channel, ChannelClosed
-from torpor.runtime.base import DriverError, SandboxSpec, Stats
+from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
 from torpor.runtime.layers import Layer
 
@@ -164,7 +164,7 @@ class GVisorDriver:
         self.root_overlay = root_overlay(self.runsc)
         # kinds of hibernate_check problems this runsc cannot checkpoint without losing the
         # sandbox: the server refuses to hibernate while any is present
-        self.checkpoint_limits: frozenset[str] = (
+        self.checkpoint_blockers: frozenset[str] = (
             frozenset({"deleted_file"}) if release_date(self.version) >= CHECKPOINT_FIXED
             else frozenset({"deleted_file", "epoll_socket"}))
         raise_pid_max()
@@ -242,7 +242,7 @@ class GVisorDriver:
                 "cgroupsPath": f"/torpor/{spec.id}",
                 "resources": {
                     "memory": {"limit": hard_mb << 20},
-                    "pids": {"limit": self.host_threads_limit(spec)},
+                    "pids": {"limit": self.limits(spec).tasks},
                 },
                 "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
             },
@@ -331,7 +331,7 @@ class GVisorDriver:
         d = self.image_dir(sid)
         return sum(f.stat().st_blocks * 512 for f in d.iterdir()) if d.is_dir() else 0
 
-    async def hibernate(self, spec: SandboxSpec) -> dict:
+    async def checkpoint(self, spec: SandboxSpec) -> dict:
         """Checkpoint the sandbox to disk and stop it: no process is left on the host.
         Writes into a fresh directory and swaps it in only when complete, so a failed
         checkpoint (disk full, refusal) leaves the sandbox running and any older image."""
@@ -413,7 +413,7 @@ class GVisorDriver:
         except (DriverError, OSError):
             # leave nothing of the attempt running or mounted; the image is kept (the
             # caller records the failure)
-            await asyncio.to_thread(self.stop_keep_disk, spec)
+            await asyncio.to_thread(self.stop, spec)
             raise
         self.cgroup(spec.id).set_cpu_limit(spec.cpu)
         return chan
@@ -458,7 +458,7 @@ class GVisorDriver:
                                     subprocess.DEVNULL)
         return holder
 
-    def reap_holders(self) -> None:
+    def reap(self) -> None:
         """Collect holders that exited (they are the server's children until it dies). One
         waitid() peek finds whether any child exited (no Python work per holder; the kernel
         walks the children, ~0.1 ms with 500); a pass over them only when some child did."""
@@ -516,6 +516,7 @@ class GVisorDriver:
         return f"sandbox {sid} failed to start (runsc {self.version}){tail}"
 
     async def adopt(self, spec: SandboxSpec, ping: bool = True) -> Channel:
+        await asyncio.to_thread(self.layer(spec).mount)  # (a no-op if it still is)
         st = self._status(spec.id)
         if st.get("state") != "running":
             raise DriverError(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
@@ -534,14 +535,14 @@ class GVisorDriver:
         await asyncio.to_thread(self._destroy_sync, spec)
 
     def _destroy_sync(self, spec: SandboxSpec) -> None:
-        self.stop_keep_disk(spec)
+        self.stop(spec)
         self.layer(spec).destroy()
         try:
             os.unlink(self.socket_path(spec.id))
         except FileNotFoundError:
             pass
 
-    def stop_keep_disk(self, spec: SandboxSpec) -> None:
+    def stop(self, spec: SandboxSpec) -> None:
         """Stop the container and its holder, unmount the layer, keep the disk image."""
         try:
             if self.is_frozen(spec):
@@ -565,17 +566,50 @@ class GVisorDriver:
         self.layer(spec).unmount()
         self.cgroup(spec.id).remove()
 
-    def stats(self, spec: SandboxSpec) -> Stats:
+    def usage(self, spec: SandboxSpec) -> Usage:
         cg = self.cgroup(spec.id)
-        return Stats(memory_bytes=cg.memory_bytes(), cpu_seconds=cg.cpu_seconds(),
-                     disk_bytes=self.layer(spec).disk_bytes(), oom_kills=cg.oom_kills())
+        return Usage(cpu_seconds=cg.cpu_seconds(), memory_bytes=cg.memory_bytes(),
+                     oom_kills=cg.oom_kills())
 
-    def host_threads_limit(self, spec: SandboxSpec) -> int:
-        return spec.pids * HOST_THREADS_PER_PROCESS + PIDS_OVERHEAD
+    def load(self, spec: SandboxSpec) -> Load:
+        cg = self.cgroup(spec.id)
+        return Load(tasks=cg.tasks(), memory_charged=cg.memory_charged())
 
-    def soft_memory_limit(self, spec: SandboxSpec) -> int:
-        """Usage past this and the engine kills the sandbox's largest process."""
-        return (spec.memory_mb + SENTRY_OVERHEAD_MB // 2) << 20
+    def memory_in_use(self, spec: SandboxSpec) -> int | None:
+        return self.cgroup(spec.id).memory_bytes()
+
+    def memory_alert(self, spec: SandboxSpec, threshold: int) -> int | None:
+        return self.cgroup(spec.id).memory_alert(threshold)
+
+    def limits(self, spec: SandboxSpec) -> Limits:
+        # runsc has no guest OOM killer here: past the cgroup's hard limit the host kills
+        # the whole sentry, so the engine stops the largest process before that (soft)
+        return Limits(soft_memory_bytes=(spec.memory_mb + SENTRY_OVERHEAD_MB // 2) << 20,
+                      tasks=spec.pids * HOST_THREADS_PER_PROCESS + PIDS_OVERHEAD)
+
+    def disk_bytes(self, spec: SandboxSpec) -> int:
+        return self.layer(spec).disk_bytes() + self.image_bytes(spec.id)
+
+    def release(self, spec: SandboxSpec) -> None:
+        """A hibernated sandbox holds no mount or loop device (an older server, or one
+        killed mid-hibernation, left its layer mounted)."""
+        self.layer(spec).unmount()
+
+    def describe(self) -> dict:
+        return {"driver": self.name, "runsc": self.runsc, "version": self.version,
+                "platform": self.platform}
+
+    def checkpoint_refusal(self, problem: dict) -> str:
+        who = f"process {problem.get('pid')} ({problem.get('cmdline', '')[:80]})"
+        if problem.get("kind") == "epoll_socket":
+            return (f"{who} waits on TCP/UDP sockets with epoll (an event-loop server or "
+                    f"client), which runsc {self.version} cannot checkpoint. Stop it, or keep "
+                    "the sandbox in standby")
+        if "path" in problem:
+            return (f"{who} holds {problem.get('path')}, a file deleted while open on disk, "
+                    f"which runsc {self.version} cannot checkpoint. Close it, or keep such "
+                    "files in /tmp or /dev/shm (memory)")
+        return str(problem.get("error", "the check failed"))
 
     def leftovers(self, sid: str) -> list[str]:
         out = []
