@@ -108,7 +108,7 @@ class Engine:
                              new_id)
         self.watchdog = Watchdog(self.records, self.lifecycle, self.driver, self.metering,
                                  pooled=self.pool.pooled.__contains__)
-        self.traffic = Traffic(settings, self.records, self.sessions, self.templates,
+        self.traffic = Traffic(settings, self.records, self.templates,
                                self.secrets, self.keys, touch=self.standby.touch,
                                connect=self.connect)
         self.processes = Processes(self.client, self.standby.hold_process)

@@ -1,4 +1,4 @@
-"""The record layer: sandbox records, their events and state writes.
+"""The record layer: sandbox records, their events and state writes; domains; the egress log.
 
 Everything of the engine that reads or writes a sandbox's record comes through here, never
 through SQLAlchemy directly, so this is the one seam to swap the store (SQLite today, a
@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from torpor.engine.states import HAS_CGROUP, LIVE, State, check_transition
 from torpor.errors import NotFound
-from torpor.store.models import EventRow, SandboxRow, now
+from torpor.store.models import DomainRow, EgressRow, EventRow, SandboxRow, now
 
 log = logging.getLogger("torpor.records")
 
@@ -212,3 +212,49 @@ class Records:
 
     def has_cgroup(self, sid: str) -> bool:
         return self.states.get(sid) in HAS_CGROUP
+
+    # --- the network's records: custom domains, the egress log ---------------------------
+    def domain(self, name: str) -> DomainRow | None:
+        with self.sessions() as s:
+            return s.get(DomainRow, name)
+
+    def domains(self) -> list[DomainRow]:
+        with self.sessions() as s:
+            return list(s.scalars(select(DomainRow).order_by(DomainRow.domain)))
+
+    def add_domain(self, row: DomainRow) -> bool:
+        """False if the domain is mapped already."""
+        with self.sessions.begin() as s:
+            if s.get(DomainRow, row.domain) is not None:
+                return False
+            s.add(row)
+        return True
+
+    def remove_domain(self, name: str) -> bool:
+        with self.sessions.begin() as s:
+            row = s.get(DomainRow, name)
+            if row is None:
+                return False
+            s.delete(row)
+        return True
+
+    def remove_domains_of(self, sid: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(delete(DomainRow).where(DomainRow.sandbox_id == sid))
+
+    def add_egress(self, batch: list[dict]) -> None:
+        cols = {c.name for c in EgressRow.__table__.columns} - {"id", "at"}
+        with self.sessions.begin() as s:
+            for r in batch:
+                s.add(EgressRow(**{k: v for k, v in r.items() if k in cols}))
+
+    def egress(self, sid: str, limit: int, before: int | None = None) -> list[EgressRow]:
+        with self.sessions() as s:
+            q = select(EgressRow).where(EgressRow.sandbox_id == sid)
+            if before is not None:
+                q = q.where(EgressRow.id < before)
+            return list(s.scalars(q.order_by(EgressRow.id.desc()).limit(limit)))
+
+    def prune_egress(self, before: datetime) -> int:
+        with self.sessions.begin() as s:
+            return s.execute(delete(EgressRow).where(EgressRow.at < before)).rowcount

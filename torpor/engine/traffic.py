@@ -23,21 +23,19 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
-
 from torpor.channel import Stream
 from torpor.config import Settings
 from torpor.engine.keys import KeyStore
 from torpor.engine.records import Records
 from torpor.engine.secrets import SecretStore, load_or_create_key, new_placeholder
 from torpor.engine.states import State
-from torpor.errors import Invalid, NotFound, TorporError, Unavailable
+from torpor.errors import Conflict, Invalid, NotFound, TorporError, Unavailable
 from torpor.network.ca import CertAuthority
 from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
 from torpor.network.preview import PreviewError, PreviewGateway, Route, TokenSigner
 from torpor.network.proxy import Credential, EgressProxy, SandboxNet
 from torpor.runtime.tunnel import socket_for
-from torpor.store.models import DomainRow, EgressRow, SandboxRow, now
+from torpor.store.models import DomainRow, SandboxRow, now
 from torpor.templates import TemplateStore
 
 log = logging.getLogger("torpor.network")
@@ -62,12 +60,11 @@ TOUCH_EVERY = 1.0  # egress and preview bytes count as activity, at most this of
 
 
 class Traffic:
-    def __init__(self, settings: Settings, records: Records, sessions, templates: TemplateStore,
+    def __init__(self, settings: Settings, records: Records, templates: TemplateStore,
                  secrets: SecretStore, keys: KeyStore, touch: Callable[[str], None],
                  connect: Callable[[str, int], Awaitable[Stream]]):
         self.settings = s = settings
         self.records = records
-        self.sessions = sessions  # for the network's own records: domains, egress log
         self.templates = templates
         self.secrets = secrets
         self.keys = keys
@@ -303,27 +300,18 @@ class Traffic:
         days = self.settings.egress_log_days
         if not days:
             return 0
-        cutoff = now() - timedelta(days=days)
-        with self.sessions.begin() as s:
-            return s.execute(delete(EgressRow).where(EgressRow.at < cutoff)).rowcount
+        return self.records.prune_egress(now() - timedelta(days=days))
 
     def flush_audit(self) -> None:
         batch, self._audit_buf = self._audit_buf, []
         if not batch:
             return
-        cols = {c.name for c in EgressRow.__table__.columns} - {"id", "at"}
-        with self.sessions.begin() as s:
-            for r in batch:
-                s.add(EgressRow(**{k: v for k, v in r.items() if k in cols}))
+        self.records.add_egress(batch)
 
     def egress_log(self, sid: str, limit: int = 100, before: int | None = None) -> list:
         self.records.get(sid)
         self.flush_audit()
-        with self.sessions() as s:
-            q = select(EgressRow).where(EgressRow.sandbox_id == sid)
-            if before is not None:
-                q = q.where(EgressRow.id < before)
-            return list(s.scalars(q.order_by(EgressRow.id.desc()).limit(limit)))
+        return self.records.egress(sid, limit, before)
 
     # --- preview: connections into the sandbox ---------------------------------------------
     async def open_port(self, sid: str, port: int):
@@ -358,11 +346,10 @@ class Traffic:
                 return None
             public = bool((row.ports or {}).get(str(port), {}).get("public"))
             return Route(sid, port, public)
-        with self.sessions() as s:
-            d = s.get(DomainRow, host.split(":")[0].lower())
-            if d is None:
-                return None
-            return Route(d.sandbox_id, d.port, d.public)
+        d = self.records.domain(host.split(":")[0].lower())
+        if d is None:
+            return None
+        return Route(d.sandbox_id, d.port, d.public)
 
     def _check_key(self, key: str) -> bool:
         try:
@@ -415,31 +402,22 @@ class Traffic:
                           "URL", field="domain")
         _check_port(port)
         self.records.get(sid)
-        with self.sessions.begin() as s:
-            if s.get(DomainRow, domain) is not None:
-                from torpor.errors import Conflict
-
-                raise Conflict(f"domain {domain} is already mapped; delete it first",
-                               field="domain")
-            row = DomainRow(domain=domain, sandbox_id=sid, port=port, public=public)
-            s.add(row)
+        row = DomainRow(domain=domain, sandbox_id=sid, port=port, public=public)
+        if not self.records.add_domain(row):
+            raise Conflict(f"domain {domain} is already mapped; delete it first",
+                           field="domain")
         return row
 
     def domains(self) -> list[DomainRow]:
-        with self.sessions() as s:
-            return list(s.scalars(select(DomainRow).order_by(DomainRow.domain)))
+        return self.records.domains()
 
     def remove_domain(self, domain: str) -> None:
-        with self.sessions.begin() as s:
-            row = s.get(DomainRow, domain.strip().lower().rstrip("."))
-            if row is None:
-                raise NotFound(f"no domain {domain}")
-            s.delete(row)
+        if not self.records.remove_domain(domain.strip().lower().rstrip(".")):
+            raise NotFound(f"no domain {domain}")
 
     def forget(self, sid: str) -> None:
         """A deleted sandbox's domains go with it."""
-        with self.sessions.begin() as s:
-            s.execute(delete(DomainRow).where(DomainRow.sandbox_id == sid))
+        self.records.remove_domains_of(sid)
         self._touched.pop(sid, None)
         self._egress.pop(sid, None)
         self.proxy.forget(sid)
