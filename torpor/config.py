@@ -22,6 +22,9 @@ class Settings:
     pool_size: int = int(os.environ.get("TORPOR_POOL_SIZE", "2"))
     platform: str = os.environ.get("TORPOR_PLATFORM", "ptrace")
     runsc: str | None = os.environ.get("TORPOR_RUNSC") or None
+    # the isolation runtime (torpor.runtime.driver_for): "gvisor", or "fake" (in memory,
+    # no isolation at all: for tests of the engine only)
+    driver: str = os.environ.get("TORPOR_DRIVER", "gvisor")
     max_body_bytes: int = 1 << 20
     # defaults for a sandbox when the template and the request say nothing
     default_cpu: float = 1.0
