@@ -31,8 +31,7 @@ RULES = [
     ("torpor.engine", ("torpor.api", "torpor.cli", "torpor.sdk", "torpor.server",
                        "torpor.runtime.gvisor", "torpor.runtime.cgroups",
                        "torpor.runtime.layers", "torpor.runtime.holder"),
-     "the engine reaches a runtime only through the driver interface (torpor.runtime.base, "
-     "driver_for)"),
+     "the engine reaches a runtime only through the driver interface (base, driver_for)"),
     ("torpor.templates", ("torpor.engine", "torpor.api", "torpor.runtime", "torpor.store"),
      "templates are data every layer reads"),
 ]

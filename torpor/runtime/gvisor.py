@@ -516,13 +516,14 @@ class GVisorDriver:
         return f"sandbox {sid} failed to start (runsc {self.version}){tail}"
 
     async def adopt(self, spec: SandboxSpec, ping: bool = True) -> Channel:
-        await asyncio.to_thread(self.layer(spec).mount)  # (a no-op if it still is)
         st = self._status(spec.id)
         if st.get("state") != "running":
             raise DriverError(f"sandbox {spec.id}: holder reports {st.get('state', 'nothing')}")
         pid = st.get("holder_pid")
         if not pid or not _alive(pid):
             raise DriverError(f"sandbox {spec.id}: its holder process is gone")
+        # its disk, mounted before the channel is used (a no-op if it still is)
+        await asyncio.to_thread(self.layer(spec).mount)
         try:
             chan = await Channel.connect(self.socket_path(spec.id))
             if ping:
