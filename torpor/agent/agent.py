@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fsops
 import miniloop
 import netops
+import ops
 import protocol as P
 import signames
 from procs import ProcessTable
@@ -407,19 +408,19 @@ async def op_resumed(agent: Agent, st: Stream, **_):
 
 
 HANDLERS = {
-    "ping": op_ping,
-    "configure": op_configure,
-    "exec": op_exec,
-    "proc_list": op_proc_list,
-    "proc_info": op_proc_info,
-    "proc_follow": op_proc_follow,
-    "proc_stdin": op_proc_stdin,
-    "proc_signal": op_proc_signal,
-    "proc_wait": op_proc_wait,
-    "oom_kill": op_oom_kill,
-    "pids_kill": op_pids_kill,
-    "hibernate_check": op_hibernate_check,
-    "resumed": op_resumed,
+    ops.PING: op_ping,
+    ops.CONFIGURE: op_configure,
+    ops.EXEC: op_exec,
+    ops.PROC_LIST: op_proc_list,
+    ops.PROC_INFO: op_proc_info,
+    ops.PROC_FOLLOW: op_proc_follow,
+    ops.PROC_STDIN: op_proc_stdin,
+    ops.PROC_SIGNAL: op_proc_signal,
+    ops.PROC_WAIT: op_proc_wait,
+    ops.OOM_KILL: op_oom_kill,
+    ops.PIDS_KILL: op_pids_kill,
+    ops.HIBERNATE_CHECK: op_hibernate_check,
+    ops.RESUMED: op_resumed,
     **fsops.HANDLERS,
     **netops.HANDLERS,
 }

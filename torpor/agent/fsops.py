@@ -12,6 +12,7 @@ import errno
 import os
 import stat as _stat
 
+import ops
 import protocol as P
 import users
 from protocol import OpError
@@ -283,12 +284,12 @@ async def op_remove(agent, st, path, recursive=False, user="user"):
 
 
 HANDLERS = {
-    "fs_stat": op_stat,
-    "fs_exists": op_exists,
-    "fs_list": op_list,
-    "fs_mkdir": op_mkdir,
-    "fs_write": op_write,
-    "fs_read": op_read,
-    "fs_rename": op_rename,
-    "fs_remove": op_remove,
+    ops.FS_STAT: op_stat,
+    ops.FS_EXISTS: op_exists,
+    ops.FS_LIST: op_list,
+    ops.FS_MKDIR: op_mkdir,
+    ops.FS_WRITE: op_write,
+    ops.FS_READ: op_read,
+    ops.FS_RENAME: op_rename,
+    ops.FS_REMOVE: op_remove,
 }

@@ -25,6 +25,7 @@ import _socket
 import errno
 
 import miniloop
+import ops
 import protocol as P
 
 OpError = P.OpError
@@ -192,7 +193,7 @@ class Egress:
                 return  # EMFILE and friends: the program sees its connect hang, then fail
             conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, cfd)
             conn.setblocking(False)
-            st = self.agent.open_stream({"op": "egress", "listener": name,
+            st = self.agent.open_stream({"op": ops.EGRESS, "listener": name,
                                          "peer_port": peer[1]})
             st.task = self.agent.loop.create_task(self._carry(st, conn))
 
@@ -211,7 +212,7 @@ class Egress:
                 return
             except OSError:
                 return
-            st = self.agent.open_stream({"op": "dns", "query": query.hex()})
+            st = self.agent.open_stream({"op": ops.DNS, "query": query.hex()})
             st.task = self.agent.loop.create_task(self._answer(st, addr))
 
     async def _answer(self, st, addr) -> None:
@@ -230,4 +231,4 @@ class Egress:
                 pass
 
 
-HANDLERS = {"connect": op_connect}
+HANDLERS = {ops.CONNECT: op_connect}
