@@ -1,0 +1,161 @@
+"""The engine's processes: commands run and followed, background processes, their stdin,
+signals and waits, for every front door.
+
+Each call reaches the sandbox through `client_of(sid)`, the engine's way to the agent
+(it resumes a parked sandbox and counts the call as activity), once per agent operation
+as the REST door did. Answers are the agent's process info dicts (`pid`, `argv`, `tag`,
+`started_at`, `running`, `exit_code`, `signal`, `timed_out`, `output_bytes`) and the
+events of `torpor/engine/types.py`; failures are engine errors (`torpor/errors.py`).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from torpor.agent import ops
+from torpor.channel import AgentError, ChannelClosed, Stream
+from torpor.channel.client import AgentClient
+from torpor.engine.types import (
+    Event,
+    Exited,
+    Failed,
+    Output,
+    Started,
+    Truncated,
+    agent_errors,
+)
+from torpor.errors import Timeout, Unavailable, from_agent
+
+ClientOf = Callable[[str], Awaitable[AgentClient]]
+START_WAIT = 60.0  # seconds a background process may take to start
+
+
+class Processes:
+    """`hold_process(sid, pid)`, when given, keeps a sandbox out of standby while that
+    background process runs (`keep_alive`)."""
+
+    def __init__(self, client_of: ClientOf,
+                 hold_process: Callable[[str, int], None] | None = None):
+        self.client_of = client_of
+        self.hold_process = hold_process
+
+    async def run(self, sid: str, argv: list[str], env: dict | None = None,
+                  cwd: str | None = None, user: str | int = "user", tag: str | None = None,
+                  stdin: str | None = None,
+                  timeout: float | None = None) -> AsyncIterator[Event]:
+        """Start a command and follow it: Started, Output and Truncated events, then
+        Exited or Failed. `stdin` is sent whole (then EOF) before this returns; `timeout`
+        kills the command after that many seconds. Errors before the command starts
+        (no such sandbox, not running) raise here; once started, a failure is a Failed
+        event. Leaving the iteration early (or closing it) lets the command run on."""
+        client = await self.client_of(sid)
+        with agent_errors(sid, None):
+            stream = client.exec(argv, env=env, cwd=cwd, user=user, stdin=stdin is not None,
+                                 timeout=timeout, tag=tag)
+        if stdin is not None:
+            try:
+                await stream.send(stdin.encode())
+                await stream.send_eof()
+            except ChannelClosed:
+                pass  # the command ended first (it could not start?): its events say why
+        return _events(sid, stream)
+
+    async def start(self, sid: str, argv: list[str], env: dict | None = None,
+                    cwd: str | None = None, user: str | int = "user", tag: str | None = None,
+                    stdin: str | None = None, keep_alive: bool = False) -> dict:
+        """Start a background process; its info. It keeps a stdin pipe (`stdin` is written
+        to it and closed at once, if given) and runs until it exits or is signalled."""
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.EXEC):
+            try:
+                info = await client.exec_background(argv, env=env, cwd=cwd, user=user,
+                                                    stdin=True, tag=tag, wait=START_WAIT)
+            except TimeoutError:
+                raise Unavailable(f"sandbox {sid}: the background command did not start "
+                                  f"within {START_WAIT:.0f} s; list the processes to see "
+                                  "whether it runs", sandbox_id=sid) from None
+        if keep_alive and self.hold_process is not None:
+            self.hold_process(sid, info["pid"])
+        if stdin is not None:
+            await self.stdin(sid, info["pid"], stdin, eof=True)
+        return info
+
+    async def list(self, sid: str) -> list[dict]:
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.PROC_LIST):
+            return await client.proc_list()
+
+    async def info(self, sid: str, pid: int) -> dict:
+        """NotFound if the sandbox has no such process (any more)."""
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.PROC_INFO):
+            return await client.proc_info(pid)
+
+    async def follow(self, sid: str, pid: int, offset: int | None = None,
+                     follow: bool = True) -> AsyncIterator[Event]:
+        """A process's events as `run` gives them, from output byte `offset` (None: what
+        the agent still keeps); with `follow`, until it exits, else up to now. NotFound
+        raises here, before any event."""
+        await self.info(sid, pid)
+        client = await self.client_of(sid)
+        with agent_errors(sid, None):
+            stream = client.proc_follow(pid, offset=offset, follow=follow)
+        return _events(sid, stream)
+
+    async def stdin(self, sid: str, pid: int, data: str, eof: bool = False) -> dict:
+        """Write text to a background process's stdin; `eof` closes it after."""
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.PROC_STDIN):
+            return await client.proc_stdin(pid, data, eof=eof)
+
+    async def signal(self, sid: str, pid: int, sig: str = "SIGTERM") -> dict:
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.PROC_SIGNAL):
+            return await client.proc_signal(pid, sig)
+
+    async def wait(self, sid: str, pid: int, timeout: float) -> dict:
+        """The process's info once it has exited; Timeout if it still runs after
+        `timeout` seconds (0: look now)."""
+        client = await self.client_of(sid)
+        with agent_errors(sid, ops.PROC_WAIT):
+            try:
+                return await client.proc_wait(pid, timeout)
+            except TimeoutError:
+                pass
+        # the wait ran out, maybe before the agent answered at all (timeout=0): ask again,
+        # so an unknown pid is a NotFound and a process that has just exited is its info
+        info = await self.info(sid, pid)
+        if not info.get("running"):
+            return info
+        raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s; wait "
+                      "again, or signal it", sandbox_id=sid, pid=pid)
+
+
+async def _events(sid: str, stream: Stream) -> AsyncIterator[Event]:
+    """The stream's frames as events; abandons the stream if the consumer goes away."""
+    dec = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+           "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+    try:
+        async for ev in stream:
+            if ev.kind == "msg":
+                if ev.msg.get("event") == "start":
+                    yield Started(ev.msg["pid"])
+                elif ev.msg.get("event") == "truncated":
+                    yield Truncated(ev.msg["lost"])
+                continue
+            text = dec[ev.kind].decode(ev.data)
+            if text:
+                yield Output(ev.kind, text)
+        for kind, d in dec.items():
+            tail = d.decode(b"", final=True)
+            if tail:
+                yield Output(kind, tail)
+        try:
+            info = await stream.finish()
+        except AgentError as e:
+            yield Failed(from_agent(sid, e))
+            return
+        yield Exited(info["exit_code"], info["signal"], info["timed_out"], info["pid"])
+    finally:
+        stream.abandon()
