@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections.abc import AsyncIterator
@@ -12,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from torpor.api.app import engine_of, error_response, presented_key
+from torpor.api.deps import engine_of, error_response, presented_key
 from torpor.api.schemas import (
     MAX_COMMAND_TIMEOUT,
     CommandResultOut,
@@ -21,56 +20,39 @@ from torpor.api.schemas import (
     SignalIn,
     StdinIn,
 )
-from torpor.channel import AgentError, ChannelClosed, Stream
 from torpor.engine.manager import Engine
-from torpor.errors import Timeout, TorporError, Unavailable, from_agent
+from torpor.engine.types import Event, Exited, Failed, Output, Started, Truncated
+from torpor.errors import TorporError, Unavailable
 
 router = APIRouter(tags=["commands"])
-RESULT_CAP = 16 << 20  # bytes of stdout (and of stderr) kept in a waited-for result
-START_WAIT = 60.0  # seconds a background process may take to start
+RESULT_CAP = 16 << 20  # characters of stdout (and of stderr) kept in a waited-for result
 Pid = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-async def events(sid: str, stream: Stream) -> AsyncIterator[dict]:
-    """The stream's frames as API events; abandons the stream if the consumer goes away."""
-    dec = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
-           "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
-    try:
-        async for ev in stream:
-            if ev.kind == "msg":
-                if ev.msg.get("event") == "start":
-                    yield {"type": "start", "pid": ev.msg["pid"]}
-                elif ev.msg.get("event") == "truncated":
-                    yield {"type": "truncated", "lost": ev.msg["lost"]}
-                continue
-            text = dec[ev.kind].decode(ev.data)
-            if text:
-                yield {"type": ev.kind, "data": text}
-        for kind, d in dec.items():
-            tail = d.decode(b"", final=True)
-            if tail:
-                yield {"type": kind, "data": tail}
-        try:
-            info = await stream.finish()
-        except AgentError as e:
-            err = from_agent(sid, e)
-            yield {"type": "error", "error": err.to_dict(), "status": err.status}
-            return
-        yield {"type": "exit", "exit_code": info["exit_code"], "signal": info["signal"],
-               "timed_out": info["timed_out"], "pid": info["pid"]}
-    finally:
-        stream.abandon()
+def event_body(ev: Event) -> dict:
+    """An event as the API's JSON object (an NDJSON line, an SSE event's data)."""
+    if isinstance(ev, Output):
+        return {"type": ev.stream, "data": ev.data}
+    if isinstance(ev, Started):
+        return {"type": "start", "pid": ev.pid}
+    if isinstance(ev, Truncated):
+        return {"type": "truncated", "lost": ev.lost}
+    if isinstance(ev, Exited):
+        return {"type": "exit", "exit_code": ev.exit_code, "signal": ev.signal,
+                "timed_out": ev.timed_out, "pid": ev.pid}
+    return {"type": "error", "error": ev.error.to_dict(), "status": ev.error.status}
 
 
-def stream_response(accept: str, sid: str, stream: Stream) -> StreamingResponse:
-    """The stream as NDJSON, or as server-sent events if `accept` (the request's Accept
+def stream_response(accept: str, events: AsyncIterator[Event]) -> StreamingResponse:
+    """The events as NDJSON, or as server-sent events if `accept` (the request's Accept
     header) asks for text/event-stream."""
     sse = "text/event-stream" in accept
 
     async def body():
-        async for ev in events(sid, stream):
-            line = json.dumps(ev, separators=(",", ":"))
-            yield f"event: {ev['type']}\ndata: {line}\n\n" if sse else line + "\n"
+        async for ev in events:
+            obj = event_body(ev)
+            line = json.dumps(obj, separators=(",", ":"))
+            yield f"event: {obj['type']}\ndata: {line}\n\n" if sse else line + "\n"
 
     media = "text/event-stream" if sse else "application/x-ndjson"
     return StreamingResponse(body(), media_type=media,
@@ -94,55 +76,38 @@ async def command_response(engine: Engine, sid: str, body: RunCommand,
                            accept: str) -> Response:
     """Run a command as POST /v1/sandboxes/{sid}/commands asks: the route's whole work,
     shared by the route and FastCommands."""
-    args = {"argv": body.full_argv(), "env": body.env, "cwd": body.cwd, "user": body.user,
-            "tag": body.tag}
+    args = {"env": body.env, "cwd": body.cwd, "user": body.user, "tag": body.tag,
+            "stdin": body.stdin}
     if body.background:
-        # a background process keeps a stdin pipe, so it can be fed later. `timeout` is
-        # the wait for the start here, not the command's: it runs until it exits or is
-        # signalled (the SDK sends its foreground default of 60 s for background too)
-        try:
-            info = await engine.call(sid, "exec", background=True, stdin=True,
-                                     timeout=START_WAIT, **args)
-        except TimeoutError:
-            raise Unavailable(f"sandbox {sid}: the background command did not start within "
-                              f"{START_WAIT:.0f} s; list the processes to see whether it "
-                              "runs", sandbox_id=sid) from None
-        if body.keep_alive:
-            engine.standby.hold_process(sid, info["pid"])
-        if body.stdin is not None:
-            await engine.call(sid, "proc_stdin", pid=info["pid"], data=body.stdin, eof=True)
+        # `timeout` is the command's, and a background process has none: it runs until it
+        # exits or is signalled (the SDK sends its foreground default of 60 s for
+        # background too)
+        info = await engine.processes.start(sid, body.full_argv(), keep_alive=body.keep_alive,
+                                            **args)
         return JSONResponse(ProcessOut(**info).model_dump(mode="json"), status_code=201)
-    stream = await engine.open(sid, "exec", stdin=body.stdin is not None,
-                               timeout=body.timeout, **args)
-    if body.stdin is not None:
-        try:
-            await stream.send(body.stdin.encode())
-            await stream.send_eof()
-        except ChannelClosed:
-            pass
+    events = await engine.processes.run(sid, body.full_argv(), timeout=body.timeout, **args)
     if body.stream:
-        return stream_response(accept, sid, stream)
+        return stream_response(accept, events)
     out = {"stdout": [], "stderr": []}
     size = {"stdout": 0, "stderr": 0}
     truncated = False
     pid = None
-    async for ev in events(sid, stream):
-        t = ev["type"]
-        if t == "start":
-            pid = ev["pid"]
-        elif t in out:
-            if size[t] + len(ev["data"]) > RESULT_CAP:
+    async for ev in events:
+        if isinstance(ev, Started):
+            pid = ev.pid
+        elif isinstance(ev, Output):
+            if size[ev.stream] + len(ev.data) > RESULT_CAP:
                 truncated = True
                 continue
-            out[t].append(ev["data"])
-            size[t] += len(ev["data"])
-        elif t == "error":
-            raise _error(ev)
-        elif t == "exit":
-            result = CommandResultOut(pid=ev["pid"], exit_code=ev["exit_code"],
+            out[ev.stream].append(ev.data)
+            size[ev.stream] += len(ev.data)
+        elif isinstance(ev, Failed):
+            raise ev.error
+        elif isinstance(ev, Exited):
+            result = CommandResultOut(pid=ev.pid, exit_code=ev.exit_code,
                                       stdout="".join(out["stdout"]),
-                                      stderr="".join(out["stderr"]), signal=ev["signal"],
-                                      timed_out=ev["timed_out"], truncated=truncated)
+                                      stderr="".join(out["stderr"]), signal=ev.signal,
+                                      timed_out=ev.timed_out, truncated=truncated)
             return JSONResponse(result.model_dump(mode="json"))
     raise Unavailable(f"sandbox {sid}: the command's stream ended early (pid {pid})",
                       sandbox_id=sid)
@@ -216,22 +181,14 @@ def _replay(messages: list[dict], receive):
     return replay
 
 
-def _error(ev: dict):
-    e = TorporError(ev["error"].get("message", "error"))
-    e.status = ev.get("status", 500)
-    e.code = ev["error"].get("code", "internal")
-    e.extra = {k: v for k, v in ev["error"].items() if k not in ("code", "message")}
-    return e
-
-
 @router.get("/sandboxes/{sid}/processes", response_model=list[ProcessOut])
 async def list_processes(sid: str, request: Request):
-    return await engine_of(request).call(sid, "proc_list")
+    return await engine_of(request).processes.list(sid)
 
 
 @router.get("/sandboxes/{sid}/processes/{pid}", response_model=ProcessOut)
 async def process_info(sid: str, pid: Pid, request: Request):
-    return await engine_of(request).call(sid, "proc_info", pid=pid)
+    return await engine_of(request).processes.info(sid, pid)
 
 
 @router.get("/sandboxes/{sid}/processes/{pid}/output", response_class=StreamingResponse,
@@ -241,35 +198,21 @@ async def process_info(sid: str, pid: Pid, request: Request):
                                          "text/event-stream": {"schema": {"type": "string"}}}}})
 async def process_output(sid: str, pid: Pid, request: Request, follow: bool = False,
                          offset: int | None = Query(None, ge=0, le=2**63 - 1)):
-    engine = engine_of(request)
-    await engine.call(sid, "proc_info", pid=pid)  # 404 before the stream starts
-    stream = await engine.open(sid, "proc_follow", pid=pid, offset=offset, follow=follow)
-    return stream_response(request.headers.get("accept", ""), sid, stream)
+    events = await engine_of(request).processes.follow(sid, pid, offset, follow)
+    return stream_response(request.headers.get("accept", ""), events)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/stdin")
 async def process_stdin(sid: str, pid: Pid, body: StdinIn, request: Request):
-    return await engine_of(request).call(sid, "proc_stdin", pid=pid, data=body.data,
-                                         eof=body.eof)
+    return await engine_of(request).processes.stdin(sid, pid, body.data, body.eof)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/signal")
 async def process_signal(sid: str, pid: Pid, body: SignalIn, request: Request):
-    return await engine_of(request).call(sid, "proc_signal", pid=pid, signal=body.signal)
+    return await engine_of(request).processes.signal(sid, pid, body.signal)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/wait", response_model=ProcessOut)
 async def process_wait(sid: str, pid: Pid, request: Request,
                        timeout: float = Query(60.0, ge=0, le=MAX_COMMAND_TIMEOUT)):
-    engine = engine_of(request)
-    try:
-        return await engine.call(sid, "proc_wait", pid=pid, timeout=timeout)
-    except TimeoutError:
-        pass
-    # the wait ran out, maybe before the agent answered at all (timeout=0): ask again, so
-    # an unknown pid is a 404 and a process that has just exited is its info
-    info = await engine.call(sid, "proc_info", pid=pid)
-    if not info.get("running"):
-        return info
-    raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s; wait "
-                  "again, or signal it", sandbox_id=sid, pid=pid)
+    return await engine_of(request).processes.wait(sid, pid, timeout)

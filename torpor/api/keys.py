@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from torpor.api.app import engine_of, presented_key
+from torpor.api.deps import engine_of, presented_key
 from torpor.api.schemas import CreateKey, KeyOut
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from torpor.api.app import engine_of
+from torpor.api.deps import engine_of
 from torpor.api.schemas import (
     DomainIn,
     DomainOut,

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Request, Response
 
-from torpor.api.app import engine_of
+from torpor.api.deps import engine_of
 from torpor.api.schemas import CreateSandbox, EventOut, SandboxOut, TemplateOut
 
 router = APIRouter()

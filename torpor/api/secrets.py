@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from torpor.api.app import engine_of
+from torpor.api.deps import engine_of
 from torpor.api.keys import require_admin
 from torpor.api.schemas import SECRET_NAME, SECRET_VALUE
 
