@@ -166,7 +166,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
-        return {"ok": True, "version": __version__, "runsc": engine.driver.version}
+        return {"ok": True, "version": __version__, "runsc": engine.describe().get("version")}
 
     from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from torpor.channel import AgentError, Channel, ChannelClosed, Stream
+from torpor.channel import Channel, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
 from torpor.config import Settings
 from torpor.engine.files import Files
@@ -36,7 +36,7 @@ from torpor.engine.standby import Standby
 from torpor.engine.states import State
 from torpor.engine.traffic import Traffic
 from torpor.engine.watchdog import Watchdog
-from torpor.errors import Invalid, NotFound, Unavailable, from_agent
+from torpor.errors import Invalid, NotFound, Unavailable
 from torpor.runtime import driver_for
 from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
@@ -341,23 +341,5 @@ class Engine:
         chan = await self.lifecycle.channel(sid)
         try:
             return AgentClient(chan).connect(port)
-        except ChannelClosed:
-            raise Unavailable(f"sandbox {sid}: the sandbox stopped", sandbox_id=sid) from None
-
-    # TEMPORARY until the REST door uses engine.processes / engine.files
-    async def call(self, sid: str, op: str, timeout: float | None = 60.0, **args: Any) -> Any:
-        chan = await self.channel(sid)
-        try:
-            return await chan.call(op, timeout=timeout, **args)
-        except AgentError as e:
-            raise from_agent(sid, e) from None
-        except ChannelClosed:
-            raise Unavailable(f"sandbox {sid}: the sandbox stopped during {op}",
-                              sandbox_id=sid) from None
-
-    async def open(self, sid: str, op: str, **args: Any):
-        chan = await self.channel(sid)
-        try:
-            return chan.open(op, **args)
         except ChannelClosed:
             raise Unavailable(f"sandbox {sid}: the sandbox stopped", sandbox_id=sid) from None
