@@ -17,9 +17,7 @@ import os
 import secrets
 import string
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from torpor.channel import Channel, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
@@ -35,6 +33,7 @@ from torpor.engine.secrets import SecretStore
 from torpor.engine.standby import Standby
 from torpor.engine.states import State
 from torpor.engine.traffic import Traffic
+from torpor.engine.types import SandboxInfo
 from torpor.engine.watchdog import Watchdog
 from torpor.errors import Invalid, NotFound, Unavailable
 from torpor.runtime import driver_for
@@ -50,41 +49,6 @@ _ALPHABET = string.ascii_lowercase + string.digits
 def new_id() -> str:
     # lowercase letters and digits only: the id is a DNS label in preview URLs
     return "sbx" + "".join(secrets.choice(_ALPHABET) for _ in range(13))
-
-
-@dataclass
-class SandboxInfo:
-    id: str
-    template: str
-    state: str
-    created_at: datetime
-    updated_at: datetime
-    cpu: float
-    memory_mb: int
-    disk_mb: int
-    env: dict[str, str]
-    metadata: dict[str, str]
-    reason: str | None
-    standby_after: float
-    hibernate_after: float
-    ttl: float | None
-    idle_ttl: float | None
-    expire_action: str
-    last_active_at: datetime | None
-    network: dict = field(default_factory=dict)  # the egress policy in force
-    secrets: dict = field(default_factory=dict)  # env var -> secret name
-    ports: dict = field(default_factory=dict)  # "8000" -> {"public": true}
-
-    @classmethod
-    def of(cls, row: SandboxRow, last_active: datetime | None = None,
-           state: str | None = None, **extra: Any) -> SandboxInfo:
-        return cls(id=row.id, template=row.template, state=state or row.state,
-                   created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
-                   memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
-                   metadata=dict(row.meta or {}), reason=row.reason,
-                   standby_after=row.standby_after, hibernate_after=row.hibernate_after,
-                   ttl=row.ttl, idle_ttl=row.idle_ttl, expire_action=row.expire_action,
-                   last_active_at=last_active or row.last_active_at, **extra)
 
 
 class Engine:

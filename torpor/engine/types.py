@@ -1,16 +1,18 @@
-"""What the engine's process and file surface hands to every front door: a command's
-events, as types, and the one place where the agent channel's failures become engine
-errors (`torpor/errors.py`), so no door ever sees the channel."""
+"""What the engine hands to every front door: a sandbox's record (`SandboxInfo`), a
+command's events, as types, and the one place where the agent channel's failures become
+engine errors (`torpor/errors.py`), so no door ever sees the channel."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
 
 from torpor.channel import AgentError, ChannelClosed
 from torpor.errors import Timeout, TorporError, Unavailable, from_agent
+from torpor.store.models import SandboxRow
 
 
 @dataclass(frozen=True)
@@ -74,3 +76,38 @@ def agent_errors(sid: str, op: str | None) -> Iterator[None]:
         raise Timeout(f"sandbox {sid}: the agent did not answer {op or 'a request'} in time; "
                       "the sandbox may be overloaded: try again, or look at its events",
                       sandbox_id=sid) from None
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    template: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    env: dict[str, str]
+    metadata: dict[str, str]
+    reason: str | None
+    standby_after: float
+    hibernate_after: float
+    ttl: float | None
+    idle_ttl: float | None
+    expire_action: str
+    last_active_at: datetime | None
+    network: dict = field(default_factory=dict)  # the egress policy in force
+    secrets: dict = field(default_factory=dict)  # env var -> secret name
+    ports: dict = field(default_factory=dict)  # "8000" -> {"public": true}
+
+    @classmethod
+    def of(cls, row: SandboxRow, last_active: datetime | None = None,
+           state: str | None = None, **extra: Any) -> SandboxInfo:
+        return cls(id=row.id, template=row.template, state=state or row.state,
+                   created_at=row.created_at, updated_at=row.updated_at, cpu=row.cpu,
+                   memory_mb=row.memory_mb, disk_mb=row.disk_mb, env=dict(row.env or {}),
+                   metadata=dict(row.meta or {}), reason=row.reason,
+                   standby_after=row.standby_after, hibernate_after=row.hibernate_after,
+                   ttl=row.ttl, idle_ttl=row.idle_ttl, expire_action=row.expire_action,
+                   last_active_at=last_active or row.last_active_at, **extra)
