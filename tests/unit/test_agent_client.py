@@ -1,4 +1,4 @@
-"""The op vocabulary (torpor/agent/ops.py), the typed host client (torpor/channel/client.py)
+"""The op vocabulary (`Op` in torpor/agent/protocol.py), the typed host client (torpor/channel/client.py)
 and the engine's process and file surface over it (torpor/engine/processes.py, files.py).
 
 The real agent runs as a host subprocess, as root (see test_agent_protocol.py), its stdio
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from torpor.agent import ops
+from torpor.agent import protocol as P
 from torpor.channel import AgentError, Channel
 from torpor.channel.client import AgentClient
 from torpor.engine.files import Files
@@ -38,18 +38,18 @@ def test_the_agent_answers_exactly_the_host_ops(monkeypatch):
     monkeypatch.syspath_prepend(str(AGENT_DIR))
     import agent  # as the agent imports its modules: by their bare names
 
-    assert set(agent.HANDLERS) == ops.HOST_OPS
-    assert not ops.HOST_OPS & ops.AGENT_OPS
+    assert set(agent.HANDLERS) == P.HOST_OPS
+    assert not P.HOST_OPS & P.AGENT_OPS
 
 
 def test_the_wire_words_stay_what_old_agents_speak():
     # hibernated sandboxes restore with the agent they were checkpointed with
-    assert ops.HOST_OPS == {
+    assert P.HOST_OPS == {
         "ping", "configure", "exec", "proc_list", "proc_info", "proc_follow", "proc_stdin",
         "proc_signal", "proc_wait", "oom_kill", "pids_kill", "hibernate_check", "resumed",
         "fs_stat", "fs_exists", "fs_list", "fs_mkdir", "fs_write", "fs_read", "fs_rename",
         "fs_remove", "connect"}
-    assert ops.AGENT_OPS == {"egress", "dns"}
+    assert P.AGENT_OPS == {"egress", "dns"}
 
 
 # --- the agent, behind a real Channel -----------------------------------------------------

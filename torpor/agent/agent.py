@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fsops
 import miniloop
 import netops
-import ops
 import protocol as P
 import signames
 from procs import ProcessTable
@@ -408,19 +407,19 @@ async def op_resumed(agent: Agent, st: Stream, **_):
 
 
 HANDLERS = {
-    ops.PING: op_ping,
-    ops.CONFIGURE: op_configure,
-    ops.EXEC: op_exec,
-    ops.PROC_LIST: op_proc_list,
-    ops.PROC_INFO: op_proc_info,
-    ops.PROC_FOLLOW: op_proc_follow,
-    ops.PROC_STDIN: op_proc_stdin,
-    ops.PROC_SIGNAL: op_proc_signal,
-    ops.PROC_WAIT: op_proc_wait,
-    ops.OOM_KILL: op_oom_kill,
-    ops.PIDS_KILL: op_pids_kill,
-    ops.HIBERNATE_CHECK: op_hibernate_check,
-    ops.RESUMED: op_resumed,
+    P.Op.PING: op_ping,
+    P.Op.CONFIGURE: op_configure,
+    P.Op.EXEC: op_exec,
+    P.Op.PROC_LIST: op_proc_list,
+    P.Op.PROC_INFO: op_proc_info,
+    P.Op.PROC_FOLLOW: op_proc_follow,
+    P.Op.PROC_STDIN: op_proc_stdin,
+    P.Op.PROC_SIGNAL: op_proc_signal,
+    P.Op.PROC_WAIT: op_proc_wait,
+    P.Op.OOM_KILL: op_oom_kill,
+    P.Op.PIDS_KILL: op_pids_kill,
+    P.Op.HIBERNATE_CHECK: op_hibernate_check,
+    P.Op.RESUMED: op_resumed,
     **fsops.HANDLERS,
     **netops.HANDLERS,
 }

@@ -12,7 +12,6 @@ import errno
 import os
 import stat as _stat
 
-import ops
 import protocol as P
 import users
 from protocol import OpError
@@ -284,12 +283,12 @@ async def op_remove(agent, st, path, recursive=False, user="user"):
 
 
 HANDLERS = {
-    ops.FS_STAT: op_stat,
-    ops.FS_EXISTS: op_exists,
-    ops.FS_LIST: op_list,
-    ops.FS_MKDIR: op_mkdir,
-    ops.FS_WRITE: op_write,
-    ops.FS_READ: op_read,
-    ops.FS_RENAME: op_rename,
-    ops.FS_REMOVE: op_remove,
+    P.Op.FS_STAT: op_stat,
+    P.Op.FS_EXISTS: op_exists,
+    P.Op.FS_LIST: op_list,
+    P.Op.FS_MKDIR: op_mkdir,
+    P.Op.FS_WRITE: op_write,
+    P.Op.FS_READ: op_read,
+    P.Op.FS_RENAME: op_rename,
+    P.Op.FS_REMOVE: op_remove,
 }

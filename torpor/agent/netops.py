@@ -25,7 +25,6 @@ import _socket
 import errno
 
 import miniloop
-import ops
 import protocol as P
 
 OpError = P.OpError
@@ -193,7 +192,7 @@ class Egress:
                 return  # EMFILE and friends: the program sees its connect hang, then fail
             conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, cfd)
             conn.setblocking(False)
-            st = self.agent.open_stream({"op": ops.EGRESS, "listener": name,
+            st = self.agent.open_stream({"op": P.Op.EGRESS, "listener": name,
                                          "peer_port": peer[1]})
             st.task = self.agent.loop.create_task(self._carry(st, conn))
 
@@ -212,7 +211,7 @@ class Egress:
                 return
             except OSError:
                 return
-            st = self.agent.open_stream({"op": ops.DNS, "query": query.hex()})
+            st = self.agent.open_stream({"op": P.Op.DNS, "query": query.hex()})
             st.task = self.agent.loop.create_task(self._answer(st, addr))
 
     async def _answer(self, st, addr) -> None:
@@ -231,4 +230,4 @@ class Egress:
                 pass
 
 
-HANDLERS = {ops.CONNECT: op_connect}
+HANDLERS = {P.Op.CONNECT: op_connect}

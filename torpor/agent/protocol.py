@@ -186,3 +186,55 @@ class FrameReader:
         if pos:
             del buf[:pos]
         return out
+
+
+# --- operations: the `op` word of a stream's OPEN, written once ----------------------------
+class Op:
+    """The agent's operations. The agent and the host (torpor/channel/client.py) both use
+    these names; they live here, in a module the agent imports anyway, because every module
+    more costs the agent's start under gVisor. The strings are the wire: an agent
+    checkpointed by an older Torpor still speaks them after a restore, so never change one;
+    add a new word instead. Each line says the OPEN's arguments -> the CLOSE's result (a
+    stream's other frames in brackets); every op may end in an error instead (`OpError`)."""
+
+    # --- the host opens these; the agent answers (agent.py, fsops.py, netops.py) -----------
+    PING = "ping"  # () -> {pid}
+    CONFIGURE = "configure"  # (env?) -> {env, egress_errors}: the base env of every command
+    EXEC = "exec"  # (argv, env?, cwd?, user="user", stdin=False, timeout?, tag?,
+    # background=False) -> process info; not background: [MSG start {pid}, OUT/ERR output,
+    # MSG truncated {lost}], with stdin=True the stream's IN bytes and EOF are its stdin
+    PROC_LIST = "proc_list"  # () -> [process info]
+    PROC_INFO = "proc_info"  # (pid) -> process info
+    PROC_FOLLOW = "proc_follow"  # (pid, offset?, follow=True) -> process info [as EXEC's]
+    PROC_STDIN = "proc_stdin"  # (pid, data?, eof=False) -> {pid}; without data, the IN bytes
+    PROC_SIGNAL = "proc_signal"  # (pid, signal="SIGTERM") -> {pid}
+    PROC_WAIT = "proc_wait"  # (pid) -> process info, once it exited
+    OOM_KILL = "oom_kill"  # () -> {killed, ...}: the session using the most memory, killed
+    PIDS_KILL = "pids_kill"  # () -> {killed, ...}: the session with most processes, killed
+    HIBERNATE_CHECK = "hibernate_check"  # () -> {problems}: what would fail a checkpoint
+    RESUMED = "resumed"  # () -> {}: after a restore
+    FS_STAT = "fs_stat"  # (path, user="user") -> entry
+    FS_EXISTS = "fs_exists"  # (path, user="user") -> {exists}
+    FS_LIST = "fs_list"  # (path, depth=1, user="user") -> [entry]
+    FS_MKDIR = "fs_mkdir"  # (path, parents=True, user="user") -> {created, path}
+    FS_WRITE = "fs_write"  # (path, user="user", mode?, append=False, data?) -> {path, size};
+    # without data, the IN bytes until EOF
+    FS_READ = "fs_read"  # (path, user="user", offset=0, length?) -> {path, size}
+    # [MSG size {size}, OUT bytes]
+    FS_RENAME = "fs_rename"  # (src, dst, overwrite=False, user="user") -> {path}
+    FS_REMOVE = "fs_remove"  # (path, recursive=False, user="user") -> {removed, path}
+    CONNECT = "connect"  # (port, host="127.0.0.1") -> {bytes_to_host, bytes_to_socket}
+    # [MSG connected {port}, OUT/IN the socket's bytes, EOF a half-close]
+
+    # --- the agent opens these towards the host (netops.Egress; Channel.on_open) ------------
+    EGRESS = "egress"  # (listener: "http"|"socks", peer_port) [OUT/IN the connection]
+    DNS = "dns"  # (query: hex) -> {answer: hex}, the host's answer in its CLOSE
+
+
+HOST_OPS = frozenset({
+    Op.PING, Op.CONFIGURE, Op.EXEC, Op.PROC_LIST, Op.PROC_INFO, Op.PROC_FOLLOW,
+    Op.PROC_STDIN, Op.PROC_SIGNAL, Op.PROC_WAIT, Op.OOM_KILL, Op.PIDS_KILL,
+    Op.HIBERNATE_CHECK, Op.RESUMED, Op.FS_STAT, Op.FS_EXISTS, Op.FS_LIST, Op.FS_MKDIR,
+    Op.FS_WRITE, Op.FS_READ, Op.FS_RENAME, Op.FS_REMOVE, Op.CONNECT,
+})
+AGENT_OPS = frozenset({Op.EGRESS, Op.DNS})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from torpor.agent import ops
+from torpor.agent import protocol as P
 from torpor.channel import ChannelClosed, Stream
 from torpor.engine.processes import ClientOf
 from torpor.engine.types import agent_errors
@@ -32,7 +32,7 @@ class Files:
         it = stream.__aiter__()
         first = await anext(it, None)
         if first is None or first.kind != "msg":
-            with agent_errors(sid, ops.FS_READ):
+            with agent_errors(sid, P.Op.FS_READ):
                 await stream.finish()
         size = first.msg.get("size") if first is not None and first.msg else None
         return size, _contents(sid, stream, it)
@@ -56,44 +56,44 @@ class Files:
         except BaseException:
             stream.abandon()  # the upload broke off: the agent drops its temporary file
             raise
-        with agent_errors(sid, ops.FS_WRITE):
+        with agent_errors(sid, P.Op.FS_WRITE):
             return await stream.finish()
 
     async def stat(self, sid: str, path: str, user: str | int = "user") -> dict:
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_STAT):
+        with agent_errors(sid, P.Op.FS_STAT):
             return await client.fs_stat(path, user)
 
     async def exists(self, sid: str, path: str, user: str | int = "user") -> dict:
         """{exists}; a dangling symlink exists."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_EXISTS):
+        with agent_errors(sid, P.Op.FS_EXISTS):
             return await client.fs_exists(path, user)
 
     async def list(self, sid: str, path: str, depth: int = 1,
                    user: str | int = "user") -> list[dict]:
         """The directory's entries, sorted by name, `depth` levels down."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_LIST):
+        with agent_errors(sid, P.Op.FS_LIST):
             return await client.fs_list(path, depth, user)
 
     async def mkdir(self, sid: str, path: str, parents: bool = True,
                     user: str | int = "user") -> dict:
         """{created, path}; created False if the directory was there already."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_MKDIR):
+        with agent_errors(sid, P.Op.FS_MKDIR):
             return await client.fs_mkdir(path, parents, user)
 
     async def rename(self, sid: str, src: str, dst: str, overwrite: bool = False,
                      user: str | int = "user") -> dict:
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_RENAME):
+        with agent_errors(sid, P.Op.FS_RENAME):
             return await client.fs_rename(src, dst, overwrite, user)
 
     async def remove(self, sid: str, path: str, recursive: bool = False,
                      user: str | int = "user") -> dict:
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.FS_REMOVE):
+        with agent_errors(sid, P.Op.FS_REMOVE):
             return await client.fs_remove(path, recursive, user)
 
 
@@ -102,7 +102,7 @@ async def _contents(sid: str, stream: Stream, it: AsyncIterator) -> AsyncIterato
         async for ev in it:
             if ev.kind == "stdout":
                 yield ev.data
-        with agent_errors(sid, ops.FS_READ):
+        with agent_errors(sid, P.Op.FS_READ):
             await stream.finish()
     finally:
         stream.abandon()

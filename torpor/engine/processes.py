@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from torpor.agent import ops
+from torpor.agent import protocol as P
 from torpor.channel import AgentError, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
 from torpor.engine.types import (
@@ -67,7 +67,7 @@ class Processes:
         """Start a background process; its info. It keeps a stdin pipe (`stdin` is written
         to it and closed at once, if given) and runs until it exits or is signalled."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.EXEC):
+        with agent_errors(sid, P.Op.EXEC):
             try:
                 info = await client.exec_background(argv, env=env, cwd=cwd, user=user,
                                                     stdin=True, tag=tag, wait=START_WAIT)
@@ -83,13 +83,13 @@ class Processes:
 
     async def list(self, sid: str) -> list[dict]:
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.PROC_LIST):
+        with agent_errors(sid, P.Op.PROC_LIST):
             return await client.proc_list()
 
     async def info(self, sid: str, pid: int) -> dict:
         """NotFound if the sandbox has no such process (any more)."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.PROC_INFO):
+        with agent_errors(sid, P.Op.PROC_INFO):
             return await client.proc_info(pid)
 
     async def follow(self, sid: str, pid: int, offset: int | None = None,
@@ -106,19 +106,19 @@ class Processes:
     async def stdin(self, sid: str, pid: int, data: str, eof: bool = False) -> dict:
         """Write text to a background process's stdin; `eof` closes it after."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.PROC_STDIN):
+        with agent_errors(sid, P.Op.PROC_STDIN):
             return await client.proc_stdin(pid, data, eof=eof)
 
     async def signal(self, sid: str, pid: int, sig: str = "SIGTERM") -> dict:
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.PROC_SIGNAL):
+        with agent_errors(sid, P.Op.PROC_SIGNAL):
             return await client.proc_signal(pid, sig)
 
     async def wait(self, sid: str, pid: int, timeout: float) -> dict:
         """The process's info once it has exited; Timeout if it still runs after
         `timeout` seconds (0: look now)."""
         client = await self.client_of(sid)
-        with agent_errors(sid, ops.PROC_WAIT):
+        with agent_errors(sid, P.Op.PROC_WAIT):
             try:
                 return await client.proc_wait(pid, timeout)
             except TimeoutError:
