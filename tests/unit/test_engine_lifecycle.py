@@ -394,3 +394,16 @@ def test_an_illegal_transition_written_directly_is_refused_as_a_bug(run):
         assert transitions(engine, sid) == [("creating", "running", "created")]
 
     run(body)
+def test_a_failed_checkpoint_leaves_a_standby_sandbox_frozen(run):
+    async def body(engine: Engine) -> None:
+        sid = (await engine.create()).id
+        await engine.to_standby(sid)
+        fake(engine).fail_next("checkpoint", "no space left on device")
+        with pytest.raises(Unavailable, match=f"sandbox {sid} could not hibernate and "
+                                              "stays standby"):
+            await engine.hibernate(sid)
+        assert engine.get(sid).state == State.STANDBY
+        assert calls(engine, sid)[-3:] == ["thaw", "checkpoint", "freeze"]
+        assert fake(engine).leftovers(sid) == running_agent(sid, frozen=True)
+
+    run(body)

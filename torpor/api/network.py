@@ -39,7 +39,7 @@ async def update_network(sid: str, body: NetworkIn, request: Request):
 @router.get("/sandboxes/{sid}/egress", response_model=EgressLog)
 async def egress_log(sid: str, request: Request, limit: int = Query(100, ge=1, le=1000),
                      before: int | None = Query(None, ge=1, le=2**63 - 1)):
-    rows = engine_of(request).network.egress_log(sid, limit=limit, before=before)
+    rows = engine_of(request).traffic.egress_log(sid, limit=limit, before=before)
     return {"entries": [EgressOut.model_validate(r, from_attributes=True) for r in rows]}
 
 
@@ -53,18 +53,18 @@ async def list_ports(sid: str, request: Request):
 
 @router.put("/sandboxes/{sid}/ports/{port}", response_model=PortOut)
 async def expose_port(sid: str, port: Port, body: PortIn, request: Request):
-    return engine_of(request).network.set_port(sid, port, body.public)
+    return engine_of(request).traffic.set_port(sid, port, body.public)
 
 
 @router.delete("/sandboxes/{sid}/ports/{port}", status_code=204)
 async def unexpose_port(sid: str, port: Port, request: Request):
-    engine_of(request).network.set_port(sid, port, False)
+    engine_of(request).traffic.set_port(sid, port, False)
     return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sid}/preview-urls", status_code=201, response_model=PreviewUrlOut)
 async def preview_url(sid: str, body: PreviewUrlIn, request: Request):
-    return engine_of(request).network.preview_url(sid, body.port, body.expires_in)
+    return engine_of(request).traffic.preview_url(sid, body.port, body.expires_in)
 
 
 def _domain_out(request: Request, row) -> dict:
@@ -76,17 +76,17 @@ def _domain_out(request: Request, row) -> dict:
 
 @router.post("/domains", status_code=201, response_model=DomainOut)
 async def add_domain(body: DomainIn, request: Request):
-    row = engine_of(request).network.add_domain(body.domain, body.sandbox_id, body.port,
+    row = engine_of(request).traffic.add_domain(body.domain, body.sandbox_id, body.port,
                                                 body.public)
     return _domain_out(request, row)
 
 
 @router.get("/domains", response_model=list[DomainOut])
 async def list_domains(request: Request):
-    return [_domain_out(request, r) for r in engine_of(request).network.domains()]
+    return [_domain_out(request, r) for r in engine_of(request).traffic.domains()]
 
 
 @router.delete("/domains/{domain}", status_code=204)
 async def remove_domain(domain: str, request: Request):
-    engine_of(request).network.remove_domain(domain)
+    engine_of(request).traffic.remove_domain(domain)
     return Response(status_code=204)

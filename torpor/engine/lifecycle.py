@@ -284,6 +284,9 @@ class Lifecycle:
                 result = await self.driver.checkpoint(spec)
             except (DriverError, OSError) as err:
                 self.transitioning.discard(sid)
+                if state == State.STANDBY:
+                    # the check thawed it for the checkpoint: back to standby, as it was
+                    await asyncio.to_thread(self.driver.freeze, spec, True)
                 self.hooks.hibernate_failed(sid)
                 self.records.event(sid, "hibernate_failed", state, state, reason,
                                    {"error": str(err)})
