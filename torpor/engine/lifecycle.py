@@ -18,7 +18,7 @@ from typing import Protocol
 from torpor.channel import AgentError, Channel, ChannelClosed
 from torpor.channel.client import AgentClient
 from torpor.engine.records import Records
-from torpor.engine.states import HAS_CGROUP, PARKED, State, require
+from torpor.engine.states import IN_MEMORY, PARKED, State, require
 from torpor.errors import Conflict, TorporError, Unavailable
 from torpor.runtime.base import Driver, DriverError, SandboxSpec
 from torpor.store.models import SandboxRow
@@ -141,7 +141,7 @@ class Lifecycle:
         if sid in self.transitioning:
             return  # a hibernation stops the container on purpose
         row = self.records.find(sid)
-        if row is None or row.state not in HAS_CGROUP:
+        if row is None or row.state not in IN_MEMORY:
             return
         spec = self.spec(row)
         if self.driver.usage(spec).oom_kills:
@@ -180,7 +180,7 @@ class Lifecycle:
 
     async def remove(self, row: SandboxRow, reason: str) -> None:
         sid = row.id
-        await self.detach(sid, bank=row.state in HAS_CGROUP)
+        await self.detach(sid, bank=row.state in IN_MEMORY)
         self.records.set_state(sid, State.DELETED, None, reason)
         await self.driver.destroy(self.spec(row))
         self.specs.pop(sid, None)
@@ -271,7 +271,7 @@ class Lifecycle:
             row = self.records.get(sid)
             if row.state == State.HIBERNATED:
                 return
-            require(sid, row.state, "hibernate", HAS_CGROUP)
+            require(sid, row.state, "hibernate", IN_MEMORY)
             state = State(row.state)
             if not force:
                 await self._refuse_open_streams(sid, state == State.RUNNING)
@@ -340,7 +340,7 @@ class Lifecycle:
                 return  # another request resumed it while this one waited
             if state == State.STANDBY and sid in self.specs:
                 # the hot path: the in-memory state is the record's (every change goes
-                # through the record layer), so no read; the thaw is one cgroup write
+                # through the record layer), so no read; the thaw is one small write
                 t0 = time.monotonic()
                 self.driver.freeze(self.specs[sid], False)
                 self._resumed(sid, reason, t0, State.STANDBY)
@@ -381,7 +381,7 @@ class Lifecycle:
         t0 = time.monotonic()
         spec = self.spec(row)
         if row.state == State.STANDBY:
-            self.driver.freeze(spec, False)  # one small cgroup write: no thread hop
+            self.driver.freeze(spec, False)  # one small write: no thread hop
             self._resumed(sid, reason, t0, State.STANDBY)
             return
         if row.state != State.HIBERNATED:

@@ -1,6 +1,6 @@
 """Metering: active CPU seconds, memory GiB-seconds while running, seconds in each state,
-bytes on disk. CPU comes from the sandbox's cgroup, which a hibernation ends (a restore
-makes a new one), so what a cgroup counted is banked in the database before it goes."""
+bytes on disk. CPU is what the driver counted for the sandbox's container (`usage`), which
+a hibernation ends (a restore starts a new count), so it is banked in the record first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from torpor.engine.records import Records
-from torpor.engine.states import HAS_CGROUP, State
+from torpor.engine.states import IN_MEMORY, State
 from torpor.runtime.base import Driver, SandboxSpec
 from torpor.store.models import SandboxRow, now
 
@@ -58,7 +58,7 @@ class Metering:
     def usage(self, sid: str) -> dict:
         row = self.records.find(sid)
         events = self.records.events(sid, kind="state")
-        live_cpu = self._live_cpu(row) if row.state in HAS_CGROUP else 0.0
+        live_cpu = self._live_cpu(row) if row.state in IN_MEMORY else 0.0
         by_state: dict[str, float] = {}
         for a, b in zip(events, events[1:] + [None], strict=False):
             end = b.at if b is not None else now()

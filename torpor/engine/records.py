@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from torpor.engine.states import HAS_CGROUP, LIVE, State, check_transition
+from torpor.engine.states import LIVE, State, check_transition
 from torpor.errors import NotFound
 from torpor.store.models import DomainRow, EgressRow, EventRow, SandboxRow, now
 
@@ -209,9 +209,6 @@ class Records:
         """Drop what is kept in memory of a deleted sandbox."""
         self.flush(sid)
         self.states.pop(sid, None)
-
-    def has_cgroup(self, sid: str) -> bool:
-        return self.states.get(sid) in HAS_CGROUP
 
     # --- the network's records: custom domains, the egress log ---------------------------
     def domain(self, name: str) -> DomainRow | None:

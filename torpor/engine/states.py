@@ -34,7 +34,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 LIVE = frozenset({State.RUNNING, State.STANDBY, State.HIBERNATED})  # what the API lists
 PARKED = frozenset({State.STANDBY, State.HIBERNATED})  # a request wakes these
-HAS_CGROUP = frozenset({State.RUNNING, State.STANDBY})  # a container exists on the host
+IN_MEMORY = frozenset({State.RUNNING, State.STANDBY})  # its processes exist (not on disk)
 
 
 class IllegalTransition(RuntimeError):

@@ -138,8 +138,8 @@ class Watchdog:
             if spec is None or chan is None or chan.closed.is_set():
                 continue
             load, limits = self.driver.load(spec), self.driver.limits(spec)
-            # the sentry keeps the host threads it made (Go never ends them), so the count
-            # is a high-water mark: act again only once it has grown further
+            # a runtime may keep the host threads it made (gVisor's sentry, in Go, never
+            # ends them), so the count is a high-water mark: act again only once it grew
             if (load.tasks and load.tasks > RUNAWAY_SHARE * limits.tasks
                     and load.tasks > self._tasks_mark.get(sid, 0) + RUNAWAY_STEP):
                 self._tasks_mark[sid] = load.tasks
