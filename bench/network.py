@@ -113,7 +113,7 @@ if len(sys.argv) > 2:
 s.serve_forever()
 '''
 
-WS_ECHO = (Path(__file__).resolve().parents[1] / "tests" / "test_network.py").read_text(
+WS_ECHO = (Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_network.py").read_text(
 ).split("WS_ECHO = r'''")[1].split("'''")[0]
 
 

@@ -94,9 +94,8 @@ async def answers(engine: Engine, sid: str) -> None:
 
 def crash(engine: Engine, sid: str) -> None:
     """The agent's end of the channel closes on its own, as when the agent exits or its
-    runtime dies. The fake offers no public knob for this: end its agent directly, which
-    leaves the driver believing it runs, as a real runtime does until it is stopped."""
-    fake(engine)._agents[sid].end()
+    runtime dies; the driver still believes it runs, as a real one does until stopped."""
+    fake(engine).crash(sid)
 
 
 # --- the way through the states -----------------------------------------------------------

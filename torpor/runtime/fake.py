@@ -12,8 +12,9 @@ It keeps the real driver's semantics where the engine's state machine depends on
 frozen agent answers nothing until thawed; a checkpoint stops it (its channel closes) and
 keeps its state as the "image"; `restore` starts it again from that; `adopt` reconnects
 while its task lives in this driver. Tests set what it reports (`set_usage`, `set_load`,
-`set_disk`, `set_limits`, `set_problems`) and make the next start, checkpoint or restore
-fail (`fail_next`). It isolates nothing: `driver = "fake"` is for tests only.
+`set_disk`, `set_limits`, `set_problems`), make the next start, checkpoint or restore fail
+(`fail_next`), or make a sandbox die (`crash`). It isolates nothing: `driver = "fake"` is
+for tests only.
 """
 
 from __future__ import annotations
@@ -263,6 +264,11 @@ class FakeDriver:
     def set_disk(self, sid: str, nbytes: int) -> None:
         """Bytes of the sandbox's disk (`disk_bytes` adds the image's)."""
         self._disks[sid] = nbytes
+
+    def crash(self, sid: str) -> None:
+        """The sandbox dies on its own (its agent exits, its runtime dies): its channel
+        closes while its holder would still be there, as a crash looks to the engine."""
+        self._agents[sid].end()
 
     def set_problems(self, sid: str, problems: list[dict]) -> None:
         """What the running sandbox's `hibernate_check` reports from now on."""
