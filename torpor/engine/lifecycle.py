@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Protocol
 
 from torpor.channel import AgentError, Channel, ChannelClosed
@@ -73,9 +74,12 @@ class Lifecycle:
     def spec(self, row: SandboxRow) -> SandboxSpec:
         spec = self.specs.get(row.id)
         if spec is None:
-            tpl = self.templates.get(row.template)
+            # the digest it started from: a rebuilt name does not change it
+            tpl = (self.templates.by_digest(row.template_digest) if row.template_digest
+                   else self.templates.get(row.template))
             if tpl is None:
-                raise Unavailable(f"sandbox {row.id}: template {row.template} is gone")
+                raise Unavailable(f"sandbox {row.id}: template {row.template} "
+                                  f"({row.template_digest or 'no digest'}) is gone")
             spec = SandboxSpec(id=row.id, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
                                disk_mb=row.disk_mb, hostname="sandbox")
             self.specs[row.id] = spec
@@ -114,8 +118,17 @@ class Lifecycle:
     async def boot(self, row: SandboxRow, env: dict) -> None:
         """Start a sandbox whose record is `creating`; `env` configures its agent."""
         spec = self.spec(row)
+        tpl = spec.template
+        restored = tpl.snapshot and (spec.memory_mb, spec.disk_mb) == (tpl.memory_mb,
+                                                                       tpl.disk_mb)
         try:
-            chan = await self.driver.start(spec)
+            if restored:
+                # its start command runs already: a restore of the template's boot
+                # snapshot, not a boot (other memory or disk than the template's: a boot)
+                chan = await self.driver.start_from_snapshot(spec, tpl.snapshot_dir)
+                await AgentClient(chan).resumed(wait=10)
+            else:
+                chan = await self.driver.start(spec)
             if env:  # a pool sandbox is configured when it is handed out
                 await AgentClient(chan).configure(env)
         except (DriverError, ChannelClosed, AgentError, OSError, TimeoutError) as e:
@@ -123,7 +136,10 @@ class Lifecycle:
             raise Unavailable(f"sandbox {row.id} could not start: {e}",
                               sandbox_id=row.id) from None
         self.attach(row.id, spec, chan)
-        self.records.set_state(row.id, State.RUNNING, None, "created")
+        self.records.set_state(row.id, State.RUNNING, None, "created",
+                               extra={"boot_snapshot": True} if restored else None)
+        if restored:
+            self.driver.drop_image(row.id)
 
     def attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
         self.hooks.attached(sid, chan)
@@ -186,6 +202,31 @@ class Lifecycle:
         self.specs.pop(sid, None)
         self.locks.pop(sid, None)
         self.hooks.forgotten(sid)
+
+    # --- templates: layers and boot snapshots ------------------------------------------
+    async def capture(self, sid: str, dest: Path) -> None:
+        """Keep what a (build) sandbox changed on its disk in `dest` as a template layer,
+        then delete the sandbox."""
+        async with self.lock(sid):
+            row = self.records.get(sid)
+            require(sid, row.state, "capture the layer of", [State.RUNNING])
+            spec = self.specs[sid]
+            self.transitioning.add(sid)  # its channel closes on purpose
+            try:
+                await self.detach(sid)
+                await asyncio.to_thread(self.driver.capture, spec, dest)
+            finally:
+                self.transitioning.discard(sid)
+        await self.remove(self.records.find(sid), "captured")
+
+    async def snapshot(self, sid: str, dest: Path) -> None:
+        """Checkpoint a (build) sandbox and keep it in `dest` as a template's boot
+        snapshot, then delete the sandbox."""
+        await self.hibernate(sid, "boot_snapshot", force=True)
+        async with self.lock(sid):
+            row = self.records.get(sid)
+            await asyncio.to_thread(self.driver.export_snapshot, self.spec(row), dest)
+        await self.remove(self.records.find(sid), "captured")
 
     async def close(self) -> None:
         """The server stops: let go of every channel; the sandboxes keep running."""

@@ -22,6 +22,7 @@ from datetime import datetime
 from torpor.channel import Channel, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
 from torpor.config import Settings
+from torpor.engine.builds import Builds
 from torpor.engine.files import Files
 from torpor.engine.keys import KeyStore
 from torpor.engine.lifecycle import Lifecycle
@@ -35,11 +36,11 @@ from torpor.engine.states import State
 from torpor.engine.traffic import Traffic
 from torpor.engine.types import SandboxInfo
 from torpor.engine.watchdog import Watchdog
-from torpor.errors import Invalid, NotFound, Unavailable
+from torpor.errors import Conflict, Invalid, NotFound, Unavailable
 from torpor.runtime import driver_for
 from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
-from torpor.templates import Template, TemplateStore
+from torpor.templates import BASE, Template, TemplateStore
 
 log = logging.getLogger("torpor.engine")
 
@@ -77,6 +78,9 @@ class Engine:
                                connect=self.connect)
         self.processes = Processes(self.client, self.standby.hold_process)
         self.files = Files(self.client)
+        self.builds = Builds(self.templates, self.lifecycle, self.processes,
+                             boot=self._boot_for_build, delete=self._delete_any,
+                             write_file=self._write_as_root)
         self._tasks: list[asyncio.Task] = []
 
     # --- what the lifecycle tells the rest (lifecycle.Hooks) ----------------------------
@@ -121,6 +125,7 @@ class Engine:
     async def start(self) -> None:
         await self.traffic.start()
         await self.lifecycle.recover()
+        await asyncio.to_thread(self._template_gc)  # what a forced delete left
         self._tasks.append(self.pool.start())
         self._tasks.append(asyncio.create_task(self.watchdog.loop()))
         self._tasks.append(asyncio.create_task(self.standby.loop()))
@@ -153,10 +158,64 @@ class Engine:
     def template(self, name: str) -> Template:
         tpl = self.templates.get(name)
         if tpl is None:
-            names = [t.name for t in self.templates.list()]
+            names = sorted({t.ref if t.tag != "latest" else t.name
+                            for t in self.templates.list()})
             raise NotFound(f"no template {name!r}; known templates: {', '.join(names)}",
                            templates=names, field="template")
         return tpl
+
+    def delete_template(self, ref: str, force: bool = False) -> None:
+        """Remove a template's name:tag. Refused (409, naming them) while sandboxes or
+        other named templates use it, unless `force`; what it held on disk goes once
+        nothing uses it any more (now, or at a later delete or start)."""
+        tpl = self.template(ref)
+        if tpl.name == BASE:
+            raise Conflict("`base` is built in and cannot be deleted", field="template")
+        users = [r.id for r in self.records.in_states(
+            [State.CREATING, State.RUNNING, State.STANDBY, State.HIBERNATED, State.FAILED])
+            if r.template_digest == tpl.digest]
+        children = [t.ref for t in self.templates.list()
+                    if t.parent == tpl.digest and t.digest != tpl.digest]
+        if (users or children) and not force:
+            who = ", ".join([f"sandbox {u}" for u in users[:10]]
+                            + [f"template {c}" for c in children[:10]])
+            raise Conflict(f"template {tpl.ref} is in use ({who}); delete those first, or "
+                           "force it (what it holds stays until they are gone)",
+                           sandboxes=users[:50], templates=children[:50])
+        self.templates.untag(tpl.name, tpl.tag)
+        self._template_gc()
+
+    def _template_gc(self) -> None:
+        live = {r.template_digest for r in self.records.in_states(
+            [State.CREATING, State.RUNNING, State.STANDBY, State.HIBERNATED, State.FAILED])
+            if r.template_digest}
+        removed = self.templates.gc(live)
+        if removed:
+            log.info("templates: removed %d unused templates and layers", len(removed))
+
+    async def _boot_for_build(self, tpl: Template, build: str) -> str:
+        """A sandbox of a template being built: no idle timers, the server's egress
+        policy, the proxy's environment."""
+        row = SandboxRow(id=new_id(), template=build, template_digest=tpl.digest,
+                         state=State.CREATING, cpu=tpl.cpu, memory_mb=tpl.memory_mb,
+                         disk_mb=tpl.disk_mb, env={}, meta={"torpor.build": build},
+                         pooled=False, **self._policy({"standby_after": 0,
+                                                       "hibernate_after": 0}),
+                         network=self.traffic.policy(None), secrets={})
+        self.records.add(row)
+        await self.lifecycle.boot(row, self.traffic.sandbox_env({}, {}))
+        return row.id
+
+    async def _delete_any(self, sid: str, reason: str) -> None:
+        row = self.records.find(sid)
+        if row is not None and row.state != State.DELETED:
+            await self.lifecycle.remove(row, reason)
+
+    async def _write_as_root(self, sid: str, path: str, data: bytes) -> None:
+        async def chunks():
+            yield data
+
+        await self.files.write(sid, path, "root", None, chunks())
 
     # --- sandboxes ----------------------------------------------------------------------
     def _validate(self, cpu: float, memory_mb: int, disk_mb: int) -> None:
@@ -185,13 +244,14 @@ class Engine:
         policy = self._policy(policy)
         policy["network"] = self.traffic.policy(network)
         policy["secrets"] = self.traffic.grants(secrets, env)
-        boot_env = self.traffic.sandbox_env(policy["secrets"], env)
+        # the template's env under the sandbox's own
+        boot_env = self.traffic.sandbox_env(policy["secrets"], {**tpl.env, **env})
         sid = await self.pool.take(tpl, (cpu, memory_mb, disk_mb), env, metadata, policy,
                                    boot_env)
         if sid is None:
-            row = SandboxRow(id=new_id(), template=tpl.name, state=State.CREATING, cpu=cpu,
-                             memory_mb=memory_mb, disk_mb=disk_mb, env=env, meta=metadata,
-                             pooled=False, **policy)
+            row = SandboxRow(id=new_id(), template=template, template_digest=tpl.digest,
+                             state=State.CREATING, cpu=cpu, memory_mb=memory_mb,
+                             disk_mb=disk_mb, env=env, meta=metadata, pooled=False, **policy)
             self.records.add(row)
             await self.lifecycle.boot(row, boot_env)
             sid = row.id

@@ -19,7 +19,7 @@ from torpor.engine.records import Records
 from torpor.engine.states import State
 from torpor.errors import TorporError
 from torpor.store.models import SandboxRow, now
-from torpor.templates import Template, TemplateStore
+from torpor.templates import BASE, Template, TemplateStore
 
 log = logging.getLogger("torpor.pool")
 
@@ -55,7 +55,7 @@ class WarmPool:
                    metadata: dict, policy: dict, boot_env: dict) -> str | None:
         """Hand out a pool sandbox for a create with these (cpu, memory_mb, disk_mb): its
         id, or None if the pool has none that fits (the caller boots a new one)."""
-        if resources != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
+        if tpl.name != BASE or resources != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
             return None
         async with self._lock:
             for row in self._ready(tpl.name):
@@ -85,8 +85,11 @@ class WarmPool:
             self._wakeup.clear()
             if self.size > 0:
                 for tpl in self.templates.list():
+                    if tpl.name != BASE:  # built templates boot (or restore) on demand
+                        continue
                     while not self._stopping and len(self._ready(tpl.name)) < self.size:
                         row = SandboxRow(id=self.new_id(), template=tpl.name,
+                                         template_digest=tpl.digest,
                                          state=State.CREATING, cpu=tpl.cpu,
                                          memory_mb=tpl.memory_mb, disk_mb=tpl.disk_mb, env={},
                                          meta={}, pooled=True)

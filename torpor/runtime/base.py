@@ -15,6 +15,7 @@ engine; `tests/unit/test_driver_contract.py` holds both drivers to the same cont
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from torpor.channel import Channel
@@ -107,6 +108,19 @@ class Driver(Protocol):
 
     def checkpoint_refusal(self, problem: dict) -> str:
         """Why one problem of `hibernate_check` blocks a checkpoint, for the 409."""
+
+    # --- templates: layers and boot snapshots ------------------------------------------
+    def capture(self, spec: SandboxSpec, dest: Path) -> None:
+        """Stop the sandbox and copy what it changed on its disk into dest/root and
+        dest/usr (a template's layer, overlayfs whiteouts included)."""
+
+    def export_snapshot(self, spec: SandboxSpec, dest: Path) -> None:
+        """Keep a checkpointed sandbox (its disk, image and configuration) in `dest` as a
+        boot snapshot; the sandbox itself can then be destroyed."""
+
+    async def start_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> Channel:
+        """Start a new sandbox as a copy of a boot snapshot (its own disk; its processes as
+        they were); the caller calls `drop_image` once it answered."""
 
     # --- what it uses -------------------------------------------------------------------
     def limits(self, spec: SandboxSpec) -> Limits: ...

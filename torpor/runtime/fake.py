@@ -26,6 +26,7 @@ import shlex
 import socket
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from torpor._version import __version__
 from torpor.agent import protocol as P
@@ -364,6 +365,29 @@ class FakeDriver:
         self._agents[spec.id] = agent
         await chan.ping(timeout=self.ping_timeout)
         return chan
+
+    # --- templates: layers and boot snapshots ------------------------------------------
+    def capture(self, spec: SandboxSpec, dest: Path) -> None:
+        """A fake sandbox changes no files: its layer is empty."""
+        self.calls.append(("capture", spec.id))
+        self._end(spec.id)
+        for part in ("root", "usr"):
+            (dest / part).mkdir(parents=True, exist_ok=True)
+
+    def export_snapshot(self, spec: SandboxSpec, dest: Path) -> None:
+        self.calls.append(("export_snapshot", spec.id))
+        if spec.id not in self._images:
+            raise DriverError(f"sandbox {spec.id}: no checkpoint image to keep")
+        dest.mkdir(parents=True)
+        (dest / "snapshot.json").write_text(json.dumps(asdict(self._images.pop(spec.id))))
+
+    async def start_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> Channel:
+        self.calls.append(("start_from_snapshot", spec.id))
+        state = AgentState(**json.loads((snapshot / "snapshot.json").read_text()))
+        state.procs = {int(k): v for k, v in state.procs.items()}
+        self._images[spec.id] = state
+        self._disks.setdefault(spec.id, 0)
+        return await self.restore(spec)
 
     def drop_image(self, sid: str) -> None:
         self.calls.append(("drop_image", sid))

@@ -418,6 +418,53 @@ class GVisorDriver:
         self.cgroup(spec.id).set_cpu_limit(spec.cpu)
         return chan
 
+    # --- templates: layers and boot snapshots ------------------------------------------
+    def capture(self, spec: SandboxSpec, dest: Path) -> None:
+        """Stop the sandbox and copy what it changed on its disk into dest/{root,usr}: a
+        template's layer (see Layer.export_changes)."""
+        self.stop(spec)
+        self.layer(spec).export_changes(dest)
+
+    def export_snapshot(self, spec: SandboxSpec, dest: Path) -> None:
+        """Keep a checkpointed sandbox as a boot snapshot in `dest`: its disk, its image and
+        its OCI spec (with the id it had, for `start_from_snapshot` to replace)."""
+        img = self.image_dir(spec.id)
+        if not (img / "checkpoint.img").is_file():
+            raise DriverError(f"sandbox {spec.id}: no checkpoint image to keep ({img})")
+        dest.mkdir(parents=True)
+        d = self.sandbox_dir(spec.id)
+        self.layer(spec).unmount()
+        subprocess.run(["cp", "--sparse=always", "--", str(d / "disk.img"),
+                        str(dest / "disk.img")], check=True, capture_output=True)
+        os.rename(img, dest / "image")
+        (dest / "snapshot.json").write_text(json.dumps({"id": spec.id}))
+        shutil.copy2(d / "config.json", dest / "config.json")
+
+    async def start_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> Channel:
+        """Start a sandbox as a copy of a boot snapshot: its own disk (a sparse copy of the
+        snapshot's), restored from the snapshot's image (hard links: nothing copied), so
+        its processes run as they were when the snapshot was taken. The caller calls
+        `drop_image` once it answered."""
+        old = json.loads((snapshot / "snapshot.json").read_text())["id"]
+        d = self.sandbox_dir(spec.id)
+        d.mkdir(parents=True)
+
+        def prepare() -> None:
+            subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--",
+                            str(snapshot / "disk.img"), str(d / "disk.img")], check=True,
+                           capture_output=True)
+            (d / "image").mkdir()
+            for f in (snapshot / "image").iterdir():
+                os.link(f, d / "image" / f.name)
+            (d / "config.json").write_text(
+                (snapshot / "config.json").read_text().replace(old, spec.id))
+        try:
+            await asyncio.to_thread(prepare)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise DriverError(f"sandbox {spec.id}: could not copy the boot snapshot "
+                              f"({snapshot}): {e}") from None
+        return await self.restore(spec)
+
     def drop_image(self, sid: str) -> None:
         """Remove the image of a sandbox that resumed. It is renamed away at once (the next
         hibernation writes a fresh one) and deleted in a thread: unlinking an uncompressed

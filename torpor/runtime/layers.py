@@ -121,7 +121,9 @@ class Layer:
              "-E", "lazy_itable_init=1,nodiscard", str(self.image))
         self.mount()
 
-    def mount(self) -> None:
+    def mount_disk(self) -> set[str]:
+        """Mount the disk image alone (its upper directories), idempotently; the mount
+        points before, for `mount`."""
         for d in (self.disk, self.rootfs, self.usr):
             d.mkdir(exist_ok=True)
         points = mount_points()
@@ -131,15 +133,25 @@ class Layer:
                 _mount(dev, self.disk, "ext4", MS_NOATIME, "")
             finally:
                 os.close(loop_fd)  # the mount holds the device now (or it detaches)
+        return points
+
+    def mount(self) -> None:
+        points = self.mount_disk()
         for d in ("root-upper", "root-work", "usr-upper", "usr-work"):
             (self.disk / d).mkdir(exist_ok=True)
+        # a built template stacks its layers over the base's rootfs (and the host's /usr):
+        # overlayfs takes the lower directories top first
         if os.path.realpath(self.rootfs) not in points:
+            lower = ":".join(map(str, [*self.template.layer_dirs("root"),
+                                       self.template.rootfs]))
             _mount("overlay", self.rootfs, "overlay", 0,
-                   f"lowerdir={self.template.rootfs},upperdir={self.disk}/root-upper,"
+                   f"lowerdir={lower},upperdir={self.disk}/root-upper,"
                    f"workdir={self.disk}/root-work")
         if self.template.usr_from and os.path.realpath(self.usr) not in points:
+            lower = ":".join(map(str, [*self.template.layer_dirs("usr"),
+                                       self.template.usr_from]))
             _mount("overlay", self.usr, "overlay", 0,
-                   f"lowerdir={self.template.usr_from},upperdir={self.disk}/usr-upper,"
+                   f"lowerdir={lower},upperdir={self.disk}/usr-upper,"
                    f"workdir={self.disk}/usr-work")
 
     def is_mounted(self) -> bool:
@@ -153,6 +165,20 @@ class Layer:
         for d in (self.usr, self.rootfs, self.disk):
             if os.path.realpath(d) in points:
                 _unmount(d)
+
+    def export_changes(self, dest: Path) -> None:
+        """Copy what the sandbox changed (its upper directories: files, whiteouts, opaque
+        directories' xattrs) into dest/root and dest/usr, to stack as a template's layer.
+        The sandbox must be stopped; the layer is left unmounted."""
+        self.mount_disk()
+        try:
+            for part in ("root", "usr"):
+                src = self.disk / f"{part}-upper"
+                (dest / part).mkdir(parents=True, exist_ok=True)
+                if src.is_dir():
+                    _run("cp", "-a", "--", f"{src}/.", f"{dest / part}/")
+        finally:
+            self.unmount()
 
     def destroy(self) -> None:
         self.unmount()

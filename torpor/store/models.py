@@ -43,6 +43,8 @@ class SandboxRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     template: Mapped[str] = mapped_column(String(64))
+    # the template's content address it started from (None: before templates had one)
+    template_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cpu: Mapped[float] = mapped_column(Float)
