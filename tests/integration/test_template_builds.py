@@ -49,9 +49,9 @@ async def run(engine: Engine, sid: str, cmd: str) -> tuple[int | None, str]:
 def engine_run():
     data_dir = make_data_dir()
 
-    def go(body):
+    def go(body, pool_size: int = 0):
         async def main():
-            engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
+            engine = Engine(Settings(data_dir=data_dir, pool_size=pool_size, preview_port=0,
                                      memory_watermark=0, egress_log_days=0))
             await engine.start()
             try:
@@ -227,3 +227,33 @@ def test_deleting_a_template_in_use_is_refused_unless_forced(engine_run):
             engine.delete_template("base")
 
     engine_run(body)
+
+
+def test_the_warm_pool_keeps_restored_sandboxes_of_a_snapshot_template(engine_run):
+    async def body(engine: Engine) -> None:
+        def pooled(digest: str) -> list[str]:
+            return [r.id for r in engine.records.in_states(["running"], pooled=True)
+                    if r.template_digest == digest]
+
+        async def until(cond, what: str) -> None:
+            for _ in range(400):
+                if cond():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"timed out waiting for {what}")
+
+        _, last = await build(engine, "pooled", [
+            {"type": "start_cmd", "cmd": "sleep 100000", "ready": None}])
+        digest = last["template"]["digest"]
+        await until(lambda: pooled(digest), "a pool sandbox of the template")
+        sid = (await engine.create(template="pooled")).id
+        assert any(e.kind == "handed_out" for e in engine.events(sid))
+        procs = await engine.processes.list(sid)
+        assert any(p["tag"] == "start_cmd" and p["running"] for p in procs)
+        await engine.delete(sid)
+        # deleted: its pool sandboxes go, then what it held on disk
+        engine.delete_template("pooled")
+        await until(lambda: not pooled(digest), "the pool to drop it")
+        await until(lambda: engine.templates.by_digest(digest) is None, "its files to go")
+
+    engine_run(body, pool_size=1)

@@ -87,13 +87,15 @@ class Builds:
     def __init__(self, store: TemplateStore, lifecycle: Lifecycle, processes: Processes,
                  boot: Callable[[Template, str], Awaitable[str]],
                  delete: Callable[[str, str], Awaitable[None]],
-                 write_file: Callable[[str, str, bytes], Awaitable[None]]):
+                 write_file: Callable[[str, str, bytes], Awaitable[None]],
+                 built: Callable[[], None] = lambda: None):
         self.store = store
         self.lifecycle = lifecycle
         self.processes = processes
         self.boot = boot  # (template, build name) -> id of a new sandbox running it
         self.delete = delete  # (sid, reason)
         self.write_file = write_file  # (sid, path, bytes), as root
+        self.built = built  # a name moved to a new template (the warm pool looks again)
         self._running: set[str] = set()
 
     # --- checking what is asked ---------------------------------------------------------
@@ -229,6 +231,7 @@ class Builds:
                     yield {"type": "step", "index": i, "total": total, "step": step,
                            "cached": cached}
                     if not cached:
+                        self.store.images.mkdir(parents=True, exist_ok=True)
                         tmps.append(Path(tempfile.mkdtemp(prefix=".snapshot-",
                                                           dir=self.store.images)))
                         async for ev in self._snapshot(cur, step, sandboxes,
@@ -240,6 +243,7 @@ class Builds:
                        "cached": cached}
             final = self.store.put(cur, snapshot=tmps[-1] / "snapshot" if tmps else None)
             self.store.tag(name, tag, final.digest)
+            self.built()
             log.info("template %s:%s built: %s (%.1fs)", name, tag, final.digest,
                      time.monotonic() - t0)
             yield {"type": "done", "template": final.to_dict()}

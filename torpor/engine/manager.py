@@ -70,7 +70,7 @@ class Engine:
                                delete=self.delete)
         self.metering = Metering(self.records, self.driver, self.lifecycle.spec)
         self.pool = WarmPool(self.records, self.lifecycle, self.templates, settings.pool_size,
-                             new_id)
+                             new_id, dropped=self._template_gc)
         self.watchdog = Watchdog(self.records, self.lifecycle, self.driver, self.metering,
                                  pooled=self.pool.pooled.__contains__)
         self.traffic = Traffic(settings, self.records, self.templates,
@@ -80,7 +80,7 @@ class Engine:
         self.files = Files(self.client)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
-                             write_file=self._write_as_root)
+                             write_file=self._write_as_root, built=self.pool.wake)
         self._tasks: list[asyncio.Task] = []
 
     # --- what the lifecycle tells the rest (lifecycle.Hooks) ----------------------------
@@ -172,8 +172,8 @@ class Engine:
         if tpl.name == BASE:
             raise Conflict("`base` is built in and cannot be deleted", field="template")
         users = [r.id for r in self.records.in_states(
-            [State.CREATING, State.RUNNING, State.STANDBY, State.HIBERNATED, State.FAILED])
-            if r.template_digest == tpl.digest]
+            [State.CREATING, State.RUNNING, State.STANDBY, State.HIBERNATED, State.FAILED],
+            pooled=False) if r.template_digest == tpl.digest]
         children = [t.ref for t in self.templates.list()
                     if t.parent == tpl.digest and t.digest != tpl.digest]
         if (users or children) and not force:
@@ -184,6 +184,7 @@ class Engine:
                            sandboxes=users[:50], templates=children[:50])
         self.templates.untag(tpl.name, tpl.tag)
         self._template_gc()
+        self.pool.wake()  # its pool sandboxes go, then what they held
 
     def _template_gc(self) -> None:
         live = {r.template_digest for r in self.records.in_states(

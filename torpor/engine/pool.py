@@ -1,6 +1,7 @@
 """The warm pool: booted sandboxes kept ready per template, handed out by a create.
 
-The pool keeps `pool_size` sandboxes per template with the template's default resources,
+The pool keeps `pool_size` sandboxes of `base` and of each template with a boot snapshot
+(restored, so their start command runs already), with the template's default resources,
 recorded with `pooled = true` (invisible to the API). A create with those resources takes
 one (its env is set through the agent's `configure`) and the pool refills in the
 background; a graceful stop deletes the pool's sandboxes (they hold nothing of anyone's).
@@ -19,7 +20,7 @@ from torpor.engine.records import Records
 from torpor.engine.states import State
 from torpor.errors import TorporError
 from torpor.store.models import SandboxRow, now
-from torpor.templates import BASE, Template, TemplateStore
+from torpor.templates import BASE, LATEST, Template, TemplateStore
 
 log = logging.getLogger("torpor.pool")
 
@@ -29,12 +30,14 @@ RETRY_AFTER = 5.0  # seconds before a template whose boot failed is tried again
 
 class WarmPool:
     def __init__(self, records: Records, lifecycle: Lifecycle, templates: TemplateStore,
-                 size: int, new_id: Callable[[], str]):
+                 size: int, new_id: Callable[[], str],
+                 dropped: Callable[[], None] = lambda: None):
         self.records = records
         self.lifecycle = lifecycle
         self.templates = templates
         self.size = size
         self.new_id = new_id
+        self.dropped = dropped  # called after stale pool sandboxes were deleted
         self.pooled: set[str] = set()  # booted, waiting to be handed out
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
@@ -45,20 +48,47 @@ class WarmPool:
         self._task = asyncio.create_task(self._loop())
         return self._task
 
+    def wake(self) -> None:
+        """Look at the templates again now (one was built or deleted)."""
+        self._wakeup.set()
+
     def forget(self, sid: str) -> None:
         self.pooled.discard(sid)
 
-    def _ready(self, template: str) -> list[SandboxRow]:
-        return self.records.in_states([State.RUNNING], pooled=True, template=template)
+    def _ready(self, tpl: Template) -> list[SandboxRow]:
+        """Its booted pool sandboxes (of this very digest: a rebuilt name has new ones)."""
+        return [r for r in self.records.in_states([State.RUNNING], pooled=True)
+                if r.template_digest == tpl.digest
+                or (r.template_digest is None and r.template == tpl.name == BASE)]
+
+    def _pooled_templates(self) -> list[Template]:
+        """`base`, and every named template with a boot snapshot: those a create can take
+        from the pool (a template without one boots its layers on demand)."""
+        return [t for t in self.templates.list() if t.name == BASE or t.snapshot]
+
+    async def _drop_stale(self, wanted: set[str]) -> None:
+        """Pool sandboxes of templates no longer pooled (deleted, or their name rebuilt)."""
+        dropped = False
+        for row in self.records.in_states([State.RUNNING], pooled=True):
+            digest = row.template_digest or (self.templates.get(BASE).digest
+                                             if row.template == BASE else None)
+            if digest not in wanted:
+                try:
+                    await self.lifecycle.remove(row, "pool_stale")
+                except (TorporError, OSError) as e:
+                    log.warning("warm pool: %s could not be deleted: %s", row.id, e)
+                dropped = True
+        if dropped:
+            self.dropped()  # what the templates held may go now
 
     async def take(self, tpl: Template, resources: tuple[float, int, int], env: dict,
                    metadata: dict, policy: dict, boot_env: dict) -> str | None:
         """Hand out a pool sandbox for a create with these (cpu, memory_mb, disk_mb): its
         id, or None if the pool has none that fits (the caller boots a new one)."""
-        if tpl.name != BASE or resources != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
+        if resources != (tpl.cpu, tpl.memory_mb, tpl.disk_mb):
             return None
         async with self._lock:
-            for row in self._ready(tpl.name):
+            for row in self._ready(tpl):
                 chan = self.lifecycle.channels.get(row.id)
                 if chan is None or chan.closed.is_set():
                     continue
@@ -84,11 +114,12 @@ class WarmPool:
         while not self._stopping:
             self._wakeup.clear()
             if self.size > 0:
-                for tpl in self.templates.list():
-                    if tpl.name != BASE:  # built templates boot (or restore) on demand
-                        continue
-                    while not self._stopping and len(self._ready(tpl.name)) < self.size:
-                        row = SandboxRow(id=self.new_id(), template=tpl.name,
+                pooled = self._pooled_templates()
+                await self._drop_stale({t.digest for t in pooled})
+                for tpl in pooled:
+                    while not self._stopping and len(self._ready(tpl)) < self.size:
+                        row = SandboxRow(id=self.new_id(),
+                                         template=tpl.name if tpl.tag == LATEST else tpl.ref,
                                          template_digest=tpl.digest,
                                          state=State.CREATING, cpu=tpl.cpu,
                                          memory_mb=tpl.memory_mb, disk_mb=tpl.disk_mb, env={},
