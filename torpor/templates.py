@@ -102,7 +102,7 @@ class Template:
 
     def to_dict(self) -> dict:
         d = self.config()
-        d.update(path=str(self.path), tag=self.tag, digest=self.digest,
+        d.update(name=self.name, path=str(self.path), tag=self.tag, digest=self.digest,
                  created_at=self.created_at)
         return d
 
