@@ -1,0 +1,408 @@
+"""Templates benchmark: builds, caching, shared layers, and sandboxes started from a boot
+snapshot, each beside what plain `runsc` does with the same image in the same run.
+
+Starts its own `torpor serve` (fresh data dir under /tmp, --pool-size 0; the `warm` section
+a second server with --pool-size 2) and drives it over HTTP on one long-lived httpx client
+(the server's share; the SDK adds its client's construction on top). Sections (`--only`):
+
+  build     a 6-step template (env, four `run` steps, a start command with a port ready
+            check and its boot snapshot) built from `base`: the first build; the same
+            build again, nothing changed (every step cached); the last `run` step changed
+            (the steps that ran).
+  snapshot  create from that template to the first output of `echo ok` (a restore of its
+            boot snapshot: the HTTP server of its start command is up at once); raw:
+            `runsc restore --detach` of a copy of the same image into a bundle made the
+            same way (the same disk copy, layers and OCI spec; set up untimed), to the first
+            answer of the restored agent (a PING frame on its stdin, its PONG). Interleaved.
+  warm      the same create, handed out by the warm pool (a second server, --pool-size 2;
+            waits for a refill before each).
+  disk      ten templates built on `base`, one small `run` step each: the bytes of base,
+            of the layer store and of the templates, as `du` counts them (base stored once).
+
+Prints one JSON object (and writes bench/results/templates.json on a full run) and a table.
+Needs root and runsc.
+
+    .venv/bin/python bench/templates.py [--quick] [--only build,snapshot,warm,disk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+from common import (
+    Server,
+    default_out,
+    finish,
+    machine,
+    ms_since,
+    render_rows,
+    reproduce_cmd,
+    run_sections,
+    say,
+    stats,
+    stop_on_sigterm,
+)
+
+from torpor.agent import protocol as P
+from torpor.runtime.layers import Layer
+from torpor.templates import TemplateStore
+
+SECTIONS = ["build", "snapshot", "warm", "disk"]
+TARGETS = {  # reported beside the figures, never asserted
+    "snapshot.first_output_ms.p50": ("<=", 400),
+    "snapshot.ratio_p50": ("<=", 1.15),
+    "warm.first_output_ms.p50": ("<=", 50),
+    "build.cached_rebuild_s": ("<", 2),
+    "build.changed_steps_ran": ("<=", 1),
+}
+RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
+SERVER_CMD = ("python3 -c \"import http.server,os; os.chdir('/home/user'); "
+              "http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, "
+              "port=8000, bind='127.0.0.1')\"")
+STEPS = [
+    {"type": "env", "env": {"BENCH": "1"}},
+    {"type": "run", "cmd": "echo one > /home/user/one"},
+    {"type": "run", "cmd": "echo two > /home/user/two"},
+    {"type": "run", "cmd": "echo three > /home/user/three"},
+    {"type": "run", "cmd": "echo '<p>served</p>' > /home/user/index.html"},
+    {"type": "start_cmd", "cmd": SERVER_CMD, "ready": {"port": 8000}},
+]
+
+
+def http_of(srv: Server) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, timeout=600,
+                        headers={"Authorization": f"Bearer {srv.api_key}"})
+
+
+def build(http: httpx.Client, name: str, steps: list[dict]) -> tuple[float, list[dict]]:
+    """POST /v1/templates; the seconds to its last event, and its events."""
+    t0 = time.perf_counter()
+    events = []
+    with http.stream("POST", "/v1/templates", json={"name": name, "steps": steps}) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line:
+                events.append(json.loads(line))
+    seconds = time.perf_counter() - t0
+    if events[-1]["type"] != "done":
+        raise RuntimeError(f"build of {name} failed: {events[-1]}")
+    return seconds, events
+
+
+def create_to_first_output(http: httpx.Client, template: str) -> dict:
+    out = {}
+    t0 = time.perf_counter()
+    resp = http.post("/v1/sandboxes", json={"template": template})
+    resp.raise_for_status()
+    sid = resp.json()["id"]
+    out["create_ms"] = ms_since(t0)
+    try:
+        first = None
+        with http.stream("POST", f"/v1/sandboxes/{sid}/commands",
+                         json={"cmd": "echo ok", "stream": True}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                ev = json.loads(line) if line else {}
+                if ev.get("type") == "stdout" and first is None:
+                    first = ms_since(t0)
+        out["first_output_ms"] = first if first is not None else float("nan")
+        events = http.get(f"/v1/sandboxes/{sid}/events").json()
+        out["handed_out"] = any(e["kind"] == "handed_out" for e in events)
+        out["from_snapshot"] = any(e["kind"] == "state" and (e.get("detail") or {}).get(
+            "boot_snapshot") for e in events)
+        # the start command's server answers (it ran in the snapshot)
+        r = http.post(f"/v1/sandboxes/{sid}/commands", json={
+            "cmd": "python3 -c \"import urllib.request; print(urllib.request.urlopen("
+                   "'http://127.0.0.1:8000/index.html').read().decode().strip())\""})
+        out["served"] = r.json().get("stdout") == "<p>served</p>\n"
+    finally:
+        http.delete(f"/v1/sandboxes/{sid}").raise_for_status()
+    return out
+
+
+class Raw:
+    """`runsc restore` of a template's boot snapshot without Torpor: the same disk copy,
+    layers and OCI spec (set up untimed), the restore and the agent's first answer timed."""
+
+    def __init__(self, data_dir: Path, template: str, work: Path):
+        self.store = TemplateStore(data_dir)
+        self.tpl = self.store.get(template)
+        self.snap = self.tpl.snapshot_dir
+        self.old = json.loads((self.snap / "snapshot.json").read_text())["id"]
+        self.old_dir = str(data_dir / "sandboxes" / self.old)
+        self.work = work
+        self.n = 0
+
+    def runsc(self, *a: str) -> list[str]:
+        return [RUNSC, "--root", str(self.work / "state"), "--platform", "ptrace",
+                "--network", "none", *a]
+
+    def once(self) -> dict:
+        self.n += 1
+        cid = f"rawtpl{os.getpid()}x{self.n}"
+        d = self.work / cid
+        d.mkdir(parents=True)
+        subprocess.run(["cp", "--sparse=always", str(self.snap / "disk.img"),
+                        str(d / "disk.img")], check=True)
+        (d / "image").mkdir()
+        for f in (self.snap / "image").iterdir():
+            os.link(f, d / "image" / f.name)
+        config = (self.snap / "config.json").read_text()
+        config = config.replace(self.old_dir, str(d)).replace(self.old, cid)
+        (d / "config.json").write_text(config)
+        layer = Layer(d, self.tpl, self.tpl.disk_mb)
+        layer.mount()
+        flags = ["--overlay2=none"] if "dev.torpor.root-overlay" in config else []
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            t0 = time.perf_counter()
+            p = subprocess.run(self.runsc(*flags, "restore", "--detach", "--image-path",
+                                          str(d / "image"), "--bundle", str(d), cid),
+                               stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, check=False)
+            detach = ms_since(t0)
+            if p.returncode != 0:
+                raise RuntimeError(f"runsc restore: {p.stderr.decode()[-500:]}")
+            os.close(in_r)
+            os.close(out_w)
+            in_r = out_w = -1
+            os.write(in_w, P.frame(P.PING, 0, b"bench"))
+            reader = P.FrameReader()
+            answered = None
+            deadline = time.monotonic() + 30
+            while answered is None:
+                if not select.select([out_r], [], [], max(deadline - time.monotonic(), 0))[0]:
+                    raise RuntimeError("the restored agent did not answer in 30 s")
+                chunk = os.read(out_r, 65536)
+                if not chunk:
+                    raise RuntimeError("the restored agent closed its stdout")
+                reader.feed(chunk)
+                for kind, _sid, payload in reader.frames():
+                    if kind == P.PONG and payload == b"bench":
+                        answered = ms_since(t0)
+            return {"restore_detach_ms": detach, "first_answer_ms": answered}
+        finally:
+            subprocess.run(self.runsc("delete", "--force", cid), capture_output=True,
+                           check=False)
+            for fd in (in_r, in_w, out_r, out_w):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            layer.destroy()
+
+    def close(self) -> None:
+        listed = subprocess.run(self.runsc("list", "-q"), capture_output=True, text=True,
+                                check=False).stdout.split()
+        for cid in listed:  # what an interrupted run left
+            subprocess.run(self.runsc("delete", "--force", cid), capture_output=True,
+                           check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def du(path: Path) -> int:
+    """Bytes on disk under `path`, each hard-linked file once (du -s -B1)."""
+    if not path.exists():
+        return 0
+    p = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True,
+                       check=False)
+    return int(p.stdout.split()[0]) if p.stdout else 0
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.base = f"/tmp/ttb{os.getpid()}"
+        self.a: Server | None = None
+        self.b: Server | None = None
+        self.raw: Raw | None = None
+
+    def server_a(self) -> Server:
+        if self.a is None:
+            say("starting torpor serve --pool-size 0")
+            self.a = Server(self.base + "a", 0).start()
+        return self.a
+
+    def ensure_built(self, srv: Server) -> None:
+        with http_of(srv) as http:
+            if http.get("/v1/templates/bench-web").status_code != 200:
+                build(http, "bench-web", STEPS)
+
+    def build(self) -> dict:
+        srv = self.server_a()
+        with http_of(srv) as http:
+            first, events = build(http, "bench-web", STEPS)
+            again, events2 = build(http, "bench-web", STEPS)
+            last = "echo '<p>served</p>' > /home/user/index.html; echo v2 > /home/user/v"
+            changed = [*STEPS[:4], {"type": "run", "cmd": last}, STEPS[5]]
+            third, events3 = build(http, "bench-web-2", changed)
+
+        def ran(evs):
+            return [e["step"]["type"] for e in evs if e["type"] == "step" and not e["cached"]
+                    and e["step"]["type"] != "env"]
+
+        return {"steps": len(STEPS), "first_build_s": round(first, 2),
+                "cached_rebuild_s": round(again, 3), "cached_rebuild_steps_ran": ran(events2),
+                "changed_build_s": round(third, 2), "changed_steps": ran(events3),
+                "changed_steps_ran": len([x for x in ran(events3) if x == "run"]),
+                "first_build_steps_ran": ran(events)}
+
+    def snapshot(self, n: int) -> dict:
+        srv = self.server_a()
+        self.ensure_built(srv)
+        self.raw = Raw(srv.data_dir, "bench-web", Path(self.base + "raw"))
+        ours, raws = [], []
+        with http_of(srv) as http:
+            create_to_first_output(http, "bench-web")  # warm-up: page cache, imports
+            self.raw.once()
+            for _ in range(n):
+                ours.append(create_to_first_output(http, "bench-web"))
+                raws.append(self.raw.once())
+        p50 = stats([r["first_output_ms"] for r in ours])["p50"]
+        raw50 = stats([r["first_answer_ms"] for r in raws])["p50"]
+        return {
+            "first_output_ms": stats([r["first_output_ms"] for r in ours]),
+            "create_ms": stats([r["create_ms"] for r in ours]),
+            "all_from_snapshot": all(r["from_snapshot"] for r in ours),
+            "all_served": all(r["served"] for r in ours),
+            "raw_runsc_restore": {
+                "first_answer_ms": stats([r["first_answer_ms"] for r in raws]),
+                "restore_detach_ms": stats([r["restore_detach_ms"] for r in raws])},
+            "ratio_p50": round(p50 / raw50, 2),
+        }
+
+    def warm(self, n: int) -> dict:
+        if self.a is not None:  # the pool server runs alone
+            self.a.stop()
+            self.a = None
+        say("starting torpor serve --pool-size 2")
+        self.b = Server(self.base + "b", 2).start()
+        self.ensure_built(self.b)
+        runs = []
+        with http_of(self.b) as http:
+            for _ in range(n + 1):
+                self.wait_pool(http)
+                runs.append(create_to_first_output(http, "bench-web"))
+        runs = runs[1:]  # the first: warm-up
+        return {"first_output_ms": stats([r["first_output_ms"] for r in runs]),
+                "create_ms": stats([r["create_ms"] for r in runs]),
+                "handed_out_from_pool": sum(r["handed_out"] for r in runs),
+                "all_served": all(r["served"] for r in runs)}
+
+    def wait_pool(self, http: httpx.Client) -> None:
+        import sqlite3
+        deadline = time.monotonic() + 60
+        digest = http.get("/v1/templates/bench-web").json()["digest"]
+        while time.monotonic() < deadline:
+            db = sqlite3.connect(f"file:{self.b.data_dir / 'torpor.db'}?mode=ro", uri=True)
+            try:
+                k = db.execute("SELECT count(*) FROM sandboxes WHERE pooled = 1 AND state = "
+                               "'running' AND template_digest = ?", (digest,)).fetchone()[0]
+            finally:
+                db.close()
+            if k >= 2:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the warm pool did not fill in 60 s")
+
+    def disk(self, k: int) -> dict:
+        srv = self.b or self.server_a()
+        with http_of(srv) as http:
+            for i in range(k):
+                build(http, f"disk-{i}", [{"type": "run", "cmd": f"echo {i} > /home/user/{i}"}])
+        data = srv.data_dir
+        base = du(data / "templates" / "base")
+        layers = du(data / "images" / "layers")
+        configs = du(data / "images" / "templates")
+        return {"templates": k, "base_bytes": base, "layer_store_bytes": layers,
+                "template_configs_bytes": configs,
+                "total_bytes": base + layers + configs,
+                "if_each_copied_base_bytes": base * (k + 1)}
+
+    def close(self, keep_logs: bool) -> list[str]:
+        gone = []
+        if self.raw is not None:
+            self.raw.close()
+        for srv in (self.a, self.b):
+            if srv is not None:
+                gone += srv.stop(keep_log=keep_logs)
+        return gone
+
+
+def table(report: dict) -> str:
+    r = report["results"]
+    rows = []
+    if "build" in r:
+        b = r["build"]
+        rows += [("first build, 6 steps (s)", f"{b['first_build_s']}", "", ""),
+                 ("rebuild, nothing changed (s)", f"{b['cached_rebuild_s']}", "", "< 2"),
+                 ("rebuild, last run changed: steps run", f"{b['changed_steps_ran']}", "",
+                  "1")]
+    if "snapshot" in r:
+        s = r["snapshot"]
+        rows += [("create from snapshot -> first output p50 (ms)",
+                  f"{s['first_output_ms']['p50']}",
+                  f"{s['raw_runsc_restore']['first_answer_ms']['p50']}", "<= 400"),
+                 ("  ratio to raw restore", f"{s['ratio_p50']}", "", "<= 1.15")]
+    if "warm" in r:
+        rows.append(("from the warm pool -> first output p50 (ms)",
+                     f"{r['warm']['first_output_ms']['p50']}", "", "<= 50"))
+    if "disk" in r:
+        d = r["disk"]
+        rows.append((f"disk, base + {d['templates']} templates (MiB)",
+                     f"{d['total_bytes'] / 2**20:.1f}",
+                     f"{d['if_each_copied_base_bytes'] / 2**20:.1f}", "base once"))
+    m = report["machine"]
+    return render_rows(rows, report, "raw runsc", (10, 10), [
+        f"machine: {m['cpu_model']}, {m['nproc']} cpus; runsc {m['runsc']}; {m['uname']}",
+        ("raw runsc: restore of the same image to the agent's PONG (no exec); ours: create "
+         "+ `echo ok` to its first output; disk raw column: base copied per template")])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--out", help="write the JSON here (default on a full run: "
+                    "bench/results/templates.json)")
+    args = ap.parse_args()
+    only = args.only.split(",") if args.only else SECTIONS
+    if set(only) - set(SECTIONS):
+        ap.error(f"unknown sections; known: {SECTIONS}")
+    n = 5 if args.quick else 20
+    stop_on_sigterm()
+    report = {"bench": "templates", "machine": machine(RUNSC),
+              "settings": {"sections": only, "quick": args.quick, "iterations": n,
+                           "steps": STEPS},
+              "reproduce": reproduce_cmd("bench/templates.py"), "results": {}, "errors": {}}
+    b = Bench(args)
+    t_start = time.time()
+
+    def run(name: str) -> dict:
+        if name == "build":
+            return b.build()
+        if name == "snapshot":
+            return b.snapshot(n)
+        if name == "warm":
+            return b.warm(n)
+        return b.disk(10)
+
+    run_sections(report, [s for s in SECTIONS if s in only], run, b.close)
+    return finish(report, TARGETS, t_start, default_out(args, "templates"), table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
