@@ -12,8 +12,11 @@ PREVIEW_PORT ?= $(or $(TORPOR_PREVIEW_PORT),7071)
 # libnss-myhostname: `*.localhost` names (the default preview URLs, 8000-<id>.localhost)
 # resolve to loopback for every program on the host, Python's resolver included; its
 # package adds `myhostname` to nsswitch.conf's hosts line
+# skopeo, umoci, mmdebstrap: template sources (an OCI image from a registry or an archive, a
+# Debian suite); docker-registry and busybox-static: the local registry and the image the
+# template source tests make
 APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev \
-            libnss-myhostname
+            libnss-myhostname skopeo umoci mmdebstrap docker-registry busybox-static
 
 # runsc from Debian, at least this version: older ones (bookworm's 0.0~20221219) cannot
 # checkpoint event-loop servers and only write compressed images (slower deep resume). On
