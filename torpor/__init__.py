@@ -14,6 +14,7 @@ if TYPE_CHECKING:
         AsyncKeys,
         AsyncSandbox,
         AsyncSecret,
+        AsyncTemplate,
         AsyncTemplates,
         AuthError,
         CommandExitError,
@@ -35,11 +36,16 @@ if TYPE_CHECKING:
         SecretInfo,
         ServerUnavailableError,
         Template,
+        TemplateBuildError,
+        TemplateInfo,
         Templates,
         TorporError,
         TorporTimeoutError,
         Usage,
         UsageSummary,
+        wait_for_cmd,
+        wait_for_file,
+        wait_for_port,
     )
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "AsyncKeys",
     "AsyncSandbox",
     "AsyncSecret",
+    "AsyncTemplate",
     "AsyncTemplates",
     "AuthError",
     "CommandExitError",
@@ -69,12 +76,17 @@ __all__ = [
     "SecretInfo",
     "ServerUnavailableError",
     "Template",
+    "TemplateBuildError",
+    "TemplateInfo",
     "Templates",
     "TorporError",
     "TorporTimeoutError",
     "Usage",
     "UsageSummary",
     "__version__",
+    "wait_for_cmd",
+    "wait_for_file",
+    "wait_for_port",
 ]
 
 

@@ -17,8 +17,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from torpor._version import __version__
-from torpor.api.deps import ADMIN_ONLY, ON_SANDBOX, error_response, presented_key, require_key
-from torpor.api.schemas import PATTERN_WORDS
+from torpor.api.deps import (
+    ADMIN_ONLY,
+    COMMON,
+    ON_SANDBOX,
+    error_response,
+    presented_key,
+    require_key,
+)
+from torpor.api.schemas import BUILD_BODY_MAX, PATTERN_WORDS
 from torpor.engine.manager import Engine
 from torpor.errors import TooLarge, TorporError
 
@@ -33,7 +40,8 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
 
 class BodyLimit:
     """Refuse request bodies over `limit` bytes with 413, counting as they arrive (so a
-    chunked body without Content-Length is caught too). File uploads stream and are exempt."""
+    chunked body without Content-Length is caught too). File uploads stream and are exempt;
+    a template build (its context inside) may have BUILD_BODY_MAX."""
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -43,9 +51,11 @@ class BodyLimit:
         if scope["type"] != "http" or (scope["method"] == "PUT"
                                        and scope["path"].endswith("/files")):
             return await self.app(scope, receive, send)
+        limit = (BUILD_BODY_MAX if scope["method"] == "POST" and scope["path"] == "/v1/templates"
+                 else self.limit)
         for k, v in scope.get("headers", []):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                return await self._too_large(send)
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                return await self._too_large(send, limit)
         seen = 0
         answered = False
 
@@ -54,11 +64,11 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # answer now and tell the app the client left, so it stops reading
                     if not answered:
                         answered = True
-                        await self._too_large(send)
+                        await self._too_large(send, limit)
                     return {"type": "http.disconnect"}
             return msg
 
@@ -68,8 +78,8 @@ class BodyLimit:
 
         await self.app(scope, counting_receive, guarded_send)
 
-    async def _too_large(self, send):
-        resp = error_response(TooLarge(f"request body over {self.limit} bytes; upload files "
+    async def _too_large(self, send, limit: int):
+        resp = error_response(TooLarge(f"request body over {limit} bytes; upload files "
                                        "with PUT /v1/sandboxes/{id}/files, which streams"))
         await send({"type": "http.response.start", "status": resp.status_code,
                     "headers": resp.raw_headers})
@@ -168,13 +178,13 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def healthz():
         return {"ok": True, "version": __version__, "runsc": engine.describe().get("version")}
 
-    from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets
+    from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets, templates
 
     deps = [Depends(require_key)]
     for module, responses in ((sandboxes, ON_SANDBOX), (keys, ADMIN_ONLY),
                               (commands, ON_SANDBOX), (files, ON_SANDBOX),
                               (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
-                              (network, ON_SANDBOX)):
+                              (network, ON_SANDBOX), (templates, COMMON)):
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=responses)
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits

@@ -1,4 +1,4 @@
-"""Routes: sandboxes, templates."""
+"""Routes: sandboxes (templates: templates.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request, Response
 
 from torpor.api.deps import engine_of
-from torpor.api.schemas import CreateSandbox, EventOut, SandboxOut, TemplateOut
+from torpor.api.schemas import CreateSandbox, EventOut, SandboxOut
 
 router = APIRouter()
-
-
-@router.get("/templates", response_model=list[TemplateOut], tags=["templates"])
-async def list_templates(request: Request):
-    return [t.to_dict() for t in engine_of(request).list_templates()]
 
 
 @router.post("/sandboxes", status_code=201, response_model=SandboxOut, tags=["sandboxes"])

@@ -249,6 +249,178 @@ class TemplateOut(BaseModel):
     user: str
     workdir: str
     env: dict[str, str]
+    tag: str = "latest"
+    digest: str = ""
+    created_at: datetime | None = None
+    snapshot: bool = False  # has a boot snapshot: a create restores it, start command running
+    start_cmd: str | None = None
+    parent: str | None = None  # the digest it was built on
+
+
+class TemplateDetailOut(TemplateOut):
+    """A template's whole configuration: how it was built and what it stacks."""
+
+    ready: dict | None = None
+    steps: list[dict] = Field(default_factory=list)
+    layers: list[str] = Field(default_factory=list)
+
+
+# --- template builds ---------------------------------------------------------------------
+BUILD_BODY_MAX = 96 << 20  # bytes of a POST /v1/templates body (its context is base64)
+Ref = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Package = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Command = Annotated[str, Field(min_length=1, max_length=262144, pattern=NO_NUL)]
+
+
+class _Source(BaseModel):
+    # sources are the engine's to check (their options grow with the sources it takes)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class FromTemplateStep(Strict):
+    """First step: build on a template of this server (`base` when there is no source)."""
+
+    type: Literal["from_template"]
+    template: Ref
+
+
+class FromImageStep(_Source):
+    """First step: an OCI image from a registry (`python:3.12-slim`)."""
+
+    type: Literal["from_image"]
+    image: Ref
+
+
+class FromDebianStep(_Source):
+    """First step: a Debian suite made with mmdebstrap (`bookworm`, `trixie`)."""
+
+    type: Literal["from_debian"]
+    suite: Ref
+
+
+class FromArchiveStep(_Source):
+    """First step: a `docker save` archive or an OCI layout in the build context."""
+
+    type: Literal["from_archive"]
+    src: Path_
+
+
+class RunStep(Strict):
+    """A shell command, as the template's user (or `user`), in a build sandbox."""
+
+    type: Literal["run"]
+    cmd: Command
+    user: UserName | None = None
+
+
+class AptInstallStep(Strict):
+    type: Literal["apt_install"]
+    packages: list[Package] = Field(min_length=1, max_length=1000)
+
+
+class PipInstallStep(Strict):
+    type: Literal["pip_install"]
+    packages: list[Package] = Field(min_length=1, max_length=1000)
+
+
+class CopyStep(Strict):
+    """`src` of the build context (a file: into `dst`; a directory: its contents)."""
+
+    type: Literal["copy"]
+    src: Path_
+    dst: Path_
+    user: UserName | None = None
+
+
+class EnvStep(Strict):
+    type: Literal["env"]
+    env: dict[EnvName, EnvValue] = Field(max_length=1000, json_schema_extra=_names_schema)
+
+
+class WorkdirStep(Strict):
+    type: Literal["workdir"]
+    path: Path_
+
+
+class UserStep(Strict):
+    type: Literal["user"]
+    name: UserName
+
+
+class ReadyIn(Strict):
+    """Exactly one: a port accepting on 127.0.0.1, a file existing, a command exiting 0."""
+
+    port: int | None = Field(None, ge=1, le=65535)
+    file: Path_ | None = None
+    cmd: Command | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(x is not None for x in (self.port, self.file, self.cmd)) != 1:
+            raise ValueError("give exactly one of port, file and cmd")
+        return self
+
+
+class StartCmdStep(Strict):
+    """Last step: the command running (and ready) in the template's boot snapshot."""
+
+    type: Literal["start_cmd"]
+    cmd: Command
+    ready: ReadyIn | None = None
+    timeout: float | None = Field(None, gt=0, le=3600)
+
+
+Step = Annotated[FromTemplateStep | FromImageStep | FromDebianStep | FromArchiveStep | RunStep
+                 | AptInstallStep | PipInstallStep | CopyStep | EnvStep | WorkdirStep
+                 | UserStep | StartCmdStep, Field(discriminator="type")]
+
+
+class BuildTemplate(Strict):
+    """At most one of `steps` and `dockerfile` (neither: the built-in template of that
+    name, as `code-interpreter`). `context`: a tar or tar.gz, base64, holding what `copy`
+    steps and COPY/ADD read. `network` narrows the server's build egress policy for this
+    build's sandboxes (it cannot widen it)."""
+
+    name: str = Field(min_length=1, max_length=63)
+    tag: str = Field("latest", min_length=1, max_length=128)
+    steps: list[Step] | None = Field(None, max_length=1000)
+    dockerfile: str | None = Field(None, min_length=1, max_length=1 << 20, pattern=NO_NUL)
+    build_args: dict[Annotated[str, Field(min_length=1, max_length=256)],
+                     Annotated[str, Field(max_length=65536)]] = Field(default_factory=dict,
+                                                                      max_length=200)
+    context: str | None = Field(None, max_length=BUILD_BODY_MAX)
+    cpu: float | None = Field(None, ge=0.1, le=HOST_CORES)
+    memory_mb: int | None = Field(None, ge=64, le=HOST_MEMORY_MB)
+    disk_mb: int | None = Field(None, ge=64, le=1 << 20)
+    network: NetworkIn | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.steps is not None and self.dockerfile is not None:
+            raise ValueError("give steps (a list) or dockerfile (its text), not both")
+        if self.build_args and self.dockerfile is None:
+            raise ValueError("build_args go with a dockerfile")
+        return self
+
+
+class BuildOut(BaseModel):
+    """A template build: `state` running, succeeded or failed; `progress` has one entry per
+    step started (`cached`: its layer was there already); `events` counts its events (the
+    offset the next one will have)."""
+
+    id: str
+    name: str
+    tag: str
+    state: Literal["running", "succeeded", "failed"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    steps: list[dict]
+    progress: list[dict] = Field(default_factory=list)
+    digest: str | None = None
+    error: dict | None = None
+    events: int = 0
+    url: str
+    logs_url: str
 
 
 class CreateKey(Strict):

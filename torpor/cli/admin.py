@@ -1,4 +1,4 @@
-"""`torpor template list` and `torpor keys create | list | revoke`."""
+"""`torpor keys create | list | revoke` (templates: template.py)."""
 
 from __future__ import annotations
 
@@ -16,29 +16,9 @@ from torpor.config import default_data_dir
 if TYPE_CHECKING:
     from torpor.engine.keys import KeyStore
 
-templates = App(help="Templates sandboxes start from.")
 keys = App(help="API keys.")
 
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-@templates.command("list")
-def list_templates(json: JSON = False) -> None:
-    """List templates."""
-    from torpor.sdk import Templates
-
-    with Templates(**conn()) as client:
-        items = client.list()
-    if json:
-        print_json([t.model_dump(mode="json") for t in items])
-        return
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "CPU", "MEMORY", "DISK", "USER", "WORKDIR", "DESCRIPTION"):
-        table.add_column(col, no_wrap=col != "DESCRIPTION")
-    for t in items:
-        table.add_row(t.name, f"{t.cpu:g}", f"{t.memory_mb}M", f"{t.disk_mb}M", t.user,
-                      t.workdir, t.description)
-    out.print(table)
 
 
 DataDir = Annotated[Path | None, typer.Option(

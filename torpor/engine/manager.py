@@ -22,6 +22,7 @@ from datetime import datetime
 from torpor.channel import Channel, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
 from torpor.config import Settings
+from torpor.engine.build_records import BuildRecords
 from torpor.engine.builds import Builds
 from torpor.engine.files import Files
 from torpor.engine.keys import KeyStore
@@ -81,6 +82,8 @@ class Engine:
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
                              write_file=self._write_as_root, built=self.pool.wake)
+        # builds as records every door sees (status, logs), run apart from who asked
+        self.build_records = BuildRecords(self.builds, self.data_dir / "builds")
         self._tasks: list[asyncio.Task] = []
 
     # --- what the lifecycle tells the rest (lifecycle.Hooks) ----------------------------
@@ -135,6 +138,7 @@ class Engine:
         sandbox is hibernated first, within `shutdown_timeout`; the rest (and all of them
         after a kill) keep running under their holders and the next start adopts them."""
         await self.pool.stop()
+        await self.build_records.close()  # (each deletes its build sandboxes)
         for t in self._tasks:
             t.cancel()
         if hibernate:

@@ -17,6 +17,7 @@ import httpx
 from torpor.sdk.config import CONNECT_TIMEOUT
 from torpor.sdk.models import (
     ApiKey,
+    BuildInfo,
     CommandResult,
     Domain,
     EgressEntry,
@@ -26,7 +27,7 @@ from torpor.sdk.models import (
     PreviewUrl,
     ProcessInfo,
     SandboxInfo,
-    Template,
+    TemplateInfo,
     Usage,
     UsageSummary,
     WriteInfo,
@@ -231,8 +232,45 @@ def remove_domain(domain: str) -> Call[None]:
                 _nothing)
 
 
-def list_templates() -> Call[list[Template]]:
-    return Call("list templates", "GET", "/v1/templates", _models(Template))
+def list_templates() -> Call[list[TemplateInfo]]:
+    return Call("list templates", "GET", "/v1/templates", _models(TemplateInfo))
+
+
+def _tpl(ref: str, rest: str = "") -> str:
+    return f"/v1/templates/{quote(ref, safe=':')}{rest}"
+
+
+def get_template(ref: str) -> Call[TemplateInfo]:
+    return Call(f"get template {ref}", "GET", _tpl(ref), _model(TemplateInfo))
+
+
+def delete_template(ref: str, force: bool = False) -> Call[None]:
+    return Call(f"delete template {ref}", "DELETE", _tpl(ref), _nothing,
+                params={"force": _bool(force)} if force else None)
+
+
+def build_template(body: Mapping[str, Any]) -> Call[Any]:
+    """POST /v1/templates, answered as a stream of the build's events (read line by line;
+    the HTTP read timeout is off: a step may run for long without output)."""
+    return Call(f"build template {body['name']}:{body.get('tag', 'latest')}", "POST",
+                "/v1/templates", _nothing, json=body, headers={"Accept": NDJSON},
+                timeout=long_timeout(None))
+
+
+def list_builds() -> Call[list[BuildInfo]]:
+    return Call("list template builds", "GET", "/v1/templates/builds", _models(BuildInfo))
+
+
+def get_build(build_id: str) -> Call[BuildInfo]:
+    return Call(f"get build {build_id}", "GET",
+                f"/v1/templates/builds/{quote(build_id, safe='')}", _model(BuildInfo))
+
+
+def build_logs(build_id: str, follow: bool, offset: int | None) -> Call[Any]:
+    return Call(f"build logs {build_id}", "GET",
+                f"/v1/templates/builds/{quote(build_id, safe='')}/logs", _nothing,
+                params={"follow": _bool(follow), "offset": offset},
+                headers={"Accept": NDJSON}, timeout=long_timeout(None))
 
 
 def create_key(name: str, scope: str | None = None) -> Call[ApiKey]:

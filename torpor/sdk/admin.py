@@ -14,7 +14,7 @@ import httpx
 from torpor.sdk import _api
 from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
-from torpor.sdk.models import ApiKey, Domain, Template
+from torpor.sdk.models import ApiKey, Domain, TemplateInfo
 
 
 class _Client:
@@ -68,10 +68,19 @@ class Keys(_Client):
 
 
 class Templates(_Client):
-    """The templates sandboxes are created from."""
+    """The templates sandboxes are created from (build one with `Template`)."""
 
-    def list(self) -> list[Template]:
+    def list(self) -> list[TemplateInfo]:
         return self._s.call(_api.list_templates())
+
+    def get(self, ref: str) -> TemplateInfo:
+        """By name, name:tag or digest; NotFoundError lists the known ones."""
+        return self._s.call(_api.get_template(ref))
+
+    def delete(self, ref: str, force: bool = False) -> None:
+        """ConflictError (naming them) while sandboxes or templates use it, unless
+        `force`."""
+        self._s.call(_api.delete_template(ref, force))
 
 
 class AsyncKeys(_AsyncClient):
@@ -87,8 +96,14 @@ class AsyncKeys(_AsyncClient):
 
 
 class AsyncTemplates(_AsyncClient):
-    async def list(self) -> list[Template]:
+    async def list(self) -> list[TemplateInfo]:
         return await self._s.call(_api.list_templates())
+
+    async def get(self, ref: str) -> TemplateInfo:
+        return await self._s.call(_api.get_template(ref))
+
+    async def delete(self, ref: str, force: bool = False) -> None:
+        await self._s.call(_api.delete_template(ref, force))
 
 
 class Domains(_Client):

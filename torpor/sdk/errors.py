@@ -91,6 +91,25 @@ class CommandExitError(TorporError):
         return self.result.exit_code
 
 
+class TemplateBuildError(TorporError):
+    """A template build failed: a step exited non-zero (`exit_code`, `output_tail`: its
+    last lines), a ready check timed out, or a source could not be fetched. `build_id`
+    names the build (its whole log: `Templates().logs(build_id)`). The template's name
+    still points at what it pointed at before."""
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.details.get("exit_code")
+
+    @property
+    def output_tail(self) -> list[str]:
+        return list(self.details.get("output_tail") or [])
+
+    @property
+    def build_id(self) -> str | None:
+        return self.details.get("build_id")
+
+
 class ServerUnavailableError(TorporError):
     """The server cannot be reached (connection refused, dropped), or answered 503."""
 

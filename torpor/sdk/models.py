@@ -90,7 +90,9 @@ class Event(_Model):
         return int(v) if isinstance(v, int | float) else None
 
 
-class Template(_Model):
+class TemplateInfo(_Model):
+    """A template as the server has it (`Template` is the builder that makes one)."""
+
     name: str
     description: str = ""
     cpu: float
@@ -99,6 +101,36 @@ class Template(_Model):
     user: str = "user"
     workdir: str = "/home/user"
     env: dict[str, str] = {}
+    tag: str = "latest"
+    digest: str = ""  # sha256:... of its configuration: what a sandbox records
+    created_at: Time | None = None
+    snapshot: bool = False  # has a boot snapshot: sandboxes start with start_cmd running
+    start_cmd: str | None = None
+    parent: str | None = None  # the digest it was built on
+    # from Template.get only
+    ready: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = []
+    layers: list[str] = []
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+class BuildInfo(_Model):
+    """A template build: `state` is running, succeeded or failed."""
+
+    id: str
+    name: str
+    tag: str = "latest"
+    state: str
+    started_at: Time
+    finished_at: Time | None = None
+    steps: list[dict[str, Any]] = []
+    progress: list[dict[str, Any]] = []  # one per step started: index, type, cached
+    digest: str | None = None
+    error: dict[str, Any] | None = None
+    events: int = 0
 
 
 class ApiKey(_Model):
