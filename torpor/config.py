@@ -13,6 +13,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TORPOR_DATA", "/var/lib/torpor"))
 
 
+def _env_list(name: str) -> list[str]:
+    """A list setting from an environment variable: comma-separated."""
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
 @dataclass
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -54,6 +59,17 @@ class Settings:
     preview_port: int = int(os.environ.get("TORPOR_PREVIEW_PORT", "7071"))
     preview_domain: str = os.environ.get("TORPOR_PREVIEW_DOMAIN", "localhost")
     preview_max_expiry: float = 7 * 86400.0  # the longest a signed preview URL lives
+    # template sources (torpor/sources, docs/operations.md): registry mirrors ("REGISTRY=
+    # MIRROR", or "MIRROR" for docker.io), registries reached without TLS (host[:port]), a
+    # docker/containers auth file and a directory of CA certificates for skopeo, and the
+    # Debian mirror for from_debian (None: the host's apt mirror)
+    registry_mirror: list[str] = field(default_factory=lambda: _env_list(
+        "TORPOR_REGISTRY_MIRROR"))
+    registry_insecure: list[str] = field(default_factory=lambda: _env_list(
+        "TORPOR_REGISTRY_INSECURE"))
+    registry_auth_file: str | None = os.environ.get("TORPOR_REGISTRY_AUTH_FILE") or None
+    registry_cert_dir: str | None = os.environ.get("TORPOR_REGISTRY_CERT_DIR") or None
+    debian_mirror: str | None = os.environ.get("TORPOR_DEBIAN_MIRROR") or None
 
     @classmethod
     def from_file(cls, path: Path, **overrides) -> Settings:

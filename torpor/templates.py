@@ -15,6 +15,9 @@ On disk, under `<data>`:
 - `images/templates/<digest>/template.json`: a template's configuration, and `snapshot/`
   when it has a boot snapshot (the checkpoint of a sandbox started from it and ready).
 - `images/names/<name>/<tag>`: a symlink to `../../templates/<digest>`.
+- `images/sources/<key>/{rootfs,source.json}`: a root filesystem fetched from an OCI image
+  or bootstrapped from a Debian suite (`torpor/sources`), stored once per content; the
+  templates made from it have it as their `base_rootfs` and their own /usr.
 Sandboxes never write here: each one has a writable layer over the template (see
 `torpor/runtime/layers.py`).
 """
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +56,10 @@ _ETC_COPY = [
     "gai.conf", "host.conf", "magic", "magic.mime", "xattr.conf", "subuid", "subgid",
     "vim", "wgetrc", "gitconfig",
 ]
+# what a sandbox's /etc says about its network, in every template (base and fetched ones)
+HOSTNAME = "sandbox\n"
+HOSTS = "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost\n"
+RESOLV_CONF = "# egress goes through the Torpor proxy\nnameserver 127.0.0.1\n"
 
 
 @dataclass
@@ -132,6 +140,10 @@ class TemplateStore:
         self.layers = self.images / "layers"
         self.configs = self.images / "templates"
         self.names = self.images / "names"
+        self.sources = self.images / "sources"  # fetched root filesystems (torpor/sources)
+        # source keys that builds in progress hold (set by torpor.sources.Sources): not
+        # collected although no template uses them yet
+        self.held_sources: Callable[[], set[str]] = set
 
     # --- reading --------------------------------------------------------------------------
     def list(self) -> list[Template]:
@@ -293,6 +305,15 @@ class TemplateStore:
                 if d.name not in layers_used and not d.name.startswith("."):
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(f"layer {d.name}")
+        sources_used = {Path(t.base_rootfs).parent.name for dg, t in configs.items()
+                        if dg in keep and t.base_rootfs
+                        and Path(t.base_rootfs).parent.parent == self.sources}
+        sources_used |= self.held_sources()
+        if self.sources.is_dir():
+            for d in self.sources.iterdir():  # (".*.tmp": a fetch in progress)
+                if d.is_dir() and d.name not in sources_used and not d.name.startswith("."):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(f"source {d.name}")
         return removed
 
     def ensure_base(self) -> Template:
@@ -344,9 +365,9 @@ def build_base_rootfs(rootfs: Path) -> None:
            "root:x:0:\nsudo:x:27:user\nusers:x:100:user\n"
            f"user:x:{USER_UID}:\nnogroup:x:65534:\n")
     _write(etc / "shadow", "root:*:19000:0:99999:7:::\nuser:*:19000:0:99999:7:::\n", 0o640)
-    _write(etc / "hostname", "sandbox\n")
-    _write(etc / "hosts", "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost\n")
-    _write(etc / "resolv.conf", "# egress goes through the Torpor proxy\nnameserver 127.0.0.1\n")
+    _write(etc / "hostname", HOSTNAME)
+    _write(etc / "hosts", HOSTS)
+    _write(etc / "resolv.conf", RESOLV_CONF)
     _write(etc / "machine-id", "")
     home = rootfs / "home/user"
     if (etc / "skel").is_dir():

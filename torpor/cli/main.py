@@ -68,6 +68,22 @@ def serve(
     preview_domain: Annotated[str | None, typer.Option(
         help="Preview URLs are http://PORT-ID.DOMAIN:PREVIEW_PORT/ [default: localhost].")
     ] = None,
+    registry_mirror: Annotated[list[str] | None, typer.Option(
+        help="REGISTRY=MIRROR, or MIRROR (of docker.io): where template builds pull images "
+             "first. Repeatable [env var: TORPOR_REGISTRY_MIRROR, comma-separated].")
+    ] = None,
+    registry_insecure: Annotated[list[str] | None, typer.Option(
+        help="A registry (host[:port]) reached over plain HTTP or unverified TLS. "
+             "Repeatable [env var: TORPOR_REGISTRY_INSECURE].")] = None,
+    registry_auth_file: Annotated[str | None, typer.Option(
+        help="Registry credentials: a docker config.json / containers auth.json "
+             "[env var: TORPOR_REGISTRY_AUTH_FILE].")] = None,
+    registry_cert_dir: Annotated[str | None, typer.Option(
+        help="A directory of CA certificates (*.crt) for registries "
+             "[env var: TORPOR_REGISTRY_CERT_DIR].")] = None,
+    debian_mirror: Annotated[str | None, typer.Option(
+        help="The Debian mirror of from_debian builds [env var: TORPOR_DEBIAN_MIRROR; "
+             "default: the host's apt mirror].")] = None,
 ) -> None:
     """Run the Torpor server (needs root and gVisor's runsc)."""
     from torpor import errors
@@ -77,7 +93,10 @@ def serve(
              "default_egress": default_egress, "egress_allow_cidr": egress_allow_cidr or None,
              "egress_resolve": egress_resolve or None,
              "egress_upstream_ca": egress_upstream_ca or None, "preview_port": preview_port,
-             "preview_domain": preview_domain}
+             "preview_domain": preview_domain, "registry_mirror": registry_mirror or None,
+             "registry_insecure": registry_insecure or None,
+             "registry_auth_file": registry_auth_file, "registry_cert_dir": registry_cert_dir,
+             "debian_mirror": debian_mirror}
     try:
         if config is not None:
             settings = Settings.from_file(config, **given)

@@ -1,7 +1,8 @@
 """Template builds: steps run inside sandboxes, each step's changes kept as a cached layer.
 
-A build starts from a template (`base` unless a `from_template` step names another) and
-runs its steps in order. Steps that change files (`run`, `apt_install`, `pip_install`,
+A build starts from a template (`base` unless a `from_template` step names another), or from
+a source fetched on the host (`from_image`, `from_archive`, `from_debian`: torpor/sources),
+and runs its steps in order. Steps that change files (`run`, `apt_install`, `pip_install`,
 `copy`) each run in a sandbox of their own, started from the template built so far, as the
 template's user (package installs as root), under the server's egress policy, never on the
 host; the sandbox's changes are then kept as a layer (`Lifecycle.capture`) under the hash
@@ -36,6 +37,7 @@ from torpor.engine.lifecycle import Lifecycle
 from torpor.engine.processes import Processes
 from torpor.engine.types import Exited, Failed, Output
 from torpor.errors import Conflict, Invalid, NotFound, Timeout, TorporError
+from torpor.sources import SOURCE_STEPS, Sources
 from torpor.templates import BASE, Template, TemplateStore, digest_of, parse_ref
 
 log = logging.getLogger("torpor.builds")
@@ -88,8 +90,10 @@ class Builds:
                  boot: Callable[[Template, str], Awaitable[str]],
                  delete: Callable[[str, str], Awaitable[None]],
                  write_file: Callable[[str, str, bytes], Awaitable[None]],
-                 built: Callable[[], None] = lambda: None):
+                 built: Callable[[], None] = lambda: None,
+                 sources: Sources | None = None):
         self.store = store
+        self.sources = sources or Sources(store)  # from_image, from_archive, from_debian
         self.lifecycle = lifecycle
         self.processes = processes
         self.boot = boot  # (template, build name) -> id of a new sandbox running it
@@ -99,7 +103,9 @@ class Builds:
         self._running: set[str] = set()
 
     # --- checking what is asked ---------------------------------------------------------
-    def _check(self, name: str, tag: str, steps: list[dict]) -> Template:
+    def _check(self, name: str, tag: str, steps: list[dict]) -> Template | None:
+        """The template to build on; None when the first step is a source (fetched once
+        the build runs)."""
         try:
             parse_ref(f"{name}:{tag}")
         except ValueError as e:
@@ -113,10 +119,15 @@ class Builds:
                 if i != 0:
                     raise Invalid("from_template must be the first step", field=f"steps.{i}")
                 source = step["template"]
+            elif kind in SOURCE_STEPS:
+                self.sources.check(step, i)
+                source = None
             elif kind == "start_cmd" and i != len(steps) - 1:
                 raise Invalid("start_cmd must be the last step", field=f"steps.{i}")
             elif kind not in FILE_STEPS + META_STEPS + ("start_cmd",):
                 raise Invalid(f"unknown step type {kind!r}", field=f"steps.{i}")
+        if source is None:
+            return None
         parent = self.store.get(source)
         if parent is None:
             raise NotFound(f"no template {source!r} to build on", field="steps.0")
@@ -187,12 +198,19 @@ class Builds:
         self._running.add(name)
         return self._run(name, tag, steps, parent, ctx, resources)
 
-    async def _run(self, name: str, tag: str, steps: list[dict], parent: Template,
+    async def _run(self, name: str, tag: str, steps: list[dict], parent: Template | None,
                    ctx: Path | None, resources: dict) -> AsyncIterator[dict]:
         sandboxes: list[str] = []
         tmps: list[Path] = []
         t0 = time.monotonic()
         try:
+            if parent is None:  # a source step: its root filesystem, fetched unless stored
+                async for ev in self.sources.fetch(steps[0], len(steps), ctx, name):
+                    if isinstance(ev, Template):
+                        parent = ev
+                    else:
+                        yield ev
+            assert parent is not None
             cur = dataclasses.replace(
                 parent, name=name, tag=tag, parent=parent.digest,
                 base_rootfs=str(parent.rootfs), snapshot=False, start_cmd=None, ready=None,
@@ -202,6 +220,9 @@ class Builds:
             for i, step in enumerate(steps):
                 kind = step["type"]
                 cached = False
+                if kind in SOURCE_STEPS:  # (its event came with the fetch)
+                    cur.steps.extend(parent.steps)
+                    continue
                 if kind == "from_template":
                     pass
                 elif kind in META_STEPS:
@@ -252,6 +273,7 @@ class Builds:
             yield {"type": "error", "error": e.to_dict(), "status": e.status}
         finally:
             self._running.discard(name)
+            self.sources.release(name)
             for sid in sandboxes:
                 try:
                     await self.delete(sid, "build")

@@ -39,6 +39,7 @@ from torpor.engine.types import SandboxInfo
 from torpor.engine.watchdog import Watchdog
 from torpor.errors import Conflict, Invalid, NotFound, Unavailable
 from torpor.runtime import driver_for
+from torpor.sources import Sources
 from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
 from torpor.templates import BASE, Template, TemplateStore
@@ -81,7 +82,8 @@ class Engine:
         self.files = Files(self.client)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
-                             write_file=self._write_as_root, built=self.pool.wake)
+                             write_file=self._write_as_root, built=self.pool.wake,
+                             sources=Sources.for_settings(self.templates, settings))
         # builds as records every door sees (status, logs), run apart from who asked
         self.build_records = BuildRecords(self.builds, self.data_dir / "builds")
         self._tasks: list[asyncio.Task] = []
