@@ -34,6 +34,9 @@ RULES = [
      "the engine reaches a runtime only through the driver interface (base, driver_for)"),
     ("torpor.templates", ("torpor.engine", "torpor.api", "torpor.runtime", "torpor.store"),
      "templates are data every layer reads"),
+    ("torpor.sources", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.runtime",
+                        "torpor.store", "torpor.channel", "torpor.server"),
+     "template sources fetch root filesystems on the host; the engine's builds call them"),
 ]
 # the engine's parts never import the facade (manager.py) that composes them: no circle
 ENGINE_PARTS = [("torpor.engine." + p.stem, ("torpor.engine.manager",),

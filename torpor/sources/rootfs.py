@@ -89,8 +89,12 @@ def scrub(root: Path) -> dict[str, int]:
 
 
 def read_text(root: Path, path: str) -> str | None:
-    """A regular file inside `root`, or None if there is none (or it is something else)."""
-    target = resolve_in(root, path)
+    """A regular file inside `root`, or None if there is none (or it is something else, or
+    its path loops)."""
+    try:
+        target = resolve_in(root, path)
+    except UnsafeRootfs:
+        return None
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
