@@ -55,6 +55,11 @@ class Settings:
     egress_resolve: list[str] = field(default_factory=list)
     egress_upstream_ca: list[str] = field(default_factory=list)
     egress_log_days: float = 30.0  # egress records older than this are removed (0: keep)
+    # the egress policy of template builds' sandboxes (a build may narrow it): its mode
+    # (None: default_egress) and entries
+    build_egress: str | None = os.environ.get("TORPOR_BUILD_EGRESS") or None
+    build_egress_allow: list[str] = field(default_factory=list)
+    build_egress_deny: list[str] = field(default_factory=list)
     # preview URLs: http://<port>-<sandbox id>.<preview_domain>:<preview_port>/
     preview_port: int = int(os.environ.get("TORPOR_PREVIEW_PORT", "7071"))
     preview_domain: str = os.environ.get("TORPOR_PREVIEW_DOMAIN", "localhost")

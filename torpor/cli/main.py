@@ -62,6 +62,15 @@ def serve(
     egress_upstream_ca: Annotated[list[str] | None, typer.Option(
         help="A PEM file of extra CAs the egress proxy trusts upstream. Repeatable.")
     ] = None,
+    build_egress: Annotated[str | None, typer.Option(
+        help="Egress of template builds' sandboxes: allow-all or deny-all (a build may "
+             "narrow it) [env var: TORPOR_BUILD_EGRESS; default: --default-egress].")
+    ] = None,
+    build_egress_allow: Annotated[list[str] | None, typer.Option(
+        help="A host, *.domain, IP or CIDR builds may reach under deny-all. Repeatable.")
+    ] = None,
+    build_egress_deny: Annotated[list[str] | None, typer.Option(
+        help="A host, *.domain, IP or CIDR builds may never reach. Repeatable.")] = None,
     preview_port: Annotated[int | None, typer.Option(
         help="Port of the preview listener; 0 turns previews off [env var: "
              "TORPOR_PREVIEW_PORT; make serve PREVIEW_PORT=N; default: 7071].")] = None,
@@ -92,7 +101,9 @@ def serve(
     given = {"host": host, "port": port, "data_dir": data_dir, "pool_size": pool_size,
              "default_egress": default_egress, "egress_allow_cidr": egress_allow_cidr or None,
              "egress_resolve": egress_resolve or None,
-             "egress_upstream_ca": egress_upstream_ca or None, "preview_port": preview_port,
+             "egress_upstream_ca": egress_upstream_ca or None, "build_egress": build_egress,
+             "build_egress_allow": build_egress_allow or None,
+             "build_egress_deny": build_egress_deny or None, "preview_port": preview_port,
              "preview_domain": preview_domain, "registry_mirror": registry_mirror or None,
              "registry_insecure": registry_insecure or None,
              "registry_auth_file": registry_auth_file, "registry_cert_dir": registry_cert_dir,

@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path, PurePosixPath
 
+from torpor.builtin_templates import builtin
 from torpor.engine.lifecycle import Lifecycle
 from torpor.engine.processes import Processes
 from torpor.engine.types import Exited, Failed, Output
@@ -87,20 +88,25 @@ def _ready_check(ready: dict | None) -> list[str] | None:
 
 class Builds:
     def __init__(self, store: TemplateStore, lifecycle: Lifecycle, processes: Processes,
-                 boot: Callable[[Template, str], Awaitable[str]],
+                 boot: Callable[[Template, str, dict], Awaitable[str]],
                  delete: Callable[[str, str], Awaitable[None]],
                  write_file: Callable[[str, str, bytes], Awaitable[None]],
                  built: Callable[[], None] = lambda: None,
+                 network: Callable[[dict | None], dict] = lambda given: dict(given or {}),
+                 refusals: Callable[[str], list[str]] = lambda sid: [],
                  sources: Sources | None = None):
         self.store = store
         self.sources = sources or Sources(store)  # from_image, from_archive, from_debian
         self.lifecycle = lifecycle
         self.processes = processes
-        self.boot = boot  # (template, build name) -> id of a new sandbox running it
+        self.boot = boot  # (template, build name, egress policy) -> id of a new sandbox
         self.delete = delete  # (sid, reason)
         self.write_file = write_file  # (sid, path, bytes), as root
         self.built = built  # a name moved to a new template (the warm pool looks again)
+        self.network = network  # a build's `network` -> its sandboxes' policy (or Invalid)
+        self.refusals = refusals  # sid -> its last egress refusals, for a failed step's error
         self._running: set[str] = set()
+        self._finished: dict[str, asyncio.Event] = {}  # set when the name's build ends
 
     # --- checking what is asked ---------------------------------------------------------
     def _check(self, name: str, tag: str, steps: list[dict]) -> Template | None:
@@ -182,10 +188,23 @@ class Builds:
         return data, hashlib.sha256(data).hexdigest()
 
     # --- the build ----------------------------------------------------------------------
-    async def build(self, name: str, tag: str, steps: list[dict], context: bytes | str | None,
-                    resources: dict) -> AsyncIterator[dict]:
-        """Check the request (raising engine errors), then return the build's events."""
+    async def build(self, name: str, tag: str, steps: list[dict] | None,
+                    context: bytes | str | None, resources: dict,
+                    network: dict | None = None) -> AsyncIterator[dict]:
+        """Check the request (raising engine errors), then return the build's events.
+
+        No steps and the name of a built-in template (`torpor/builtin_templates.py`): the
+        built-in's steps. `network` narrows the server's build egress policy for this
+        build's sandboxes (it cannot widen it)."""
+        resources = dict(resources or {})
+        if not steps and builtin(name) is not None:
+            b = builtin(name)
+            steps = b.steps()
+            resources = {"description": b.description, **b.resources,
+                         **{k: v for k, v in resources.items() if v is not None}}
+        steps = list(steps or [])
         parent = self._check(name, tag, steps)
+        policy = self.network(network)
         if isinstance(context, str):
             try:
                 context = base64.b64decode(context, validate=True)
@@ -196,10 +215,20 @@ class Builds:
                            "(its name moves only once it succeeds)", field="name")
         ctx = self._context(context)
         self._running.add(name)
-        return self._run(name, tag, steps, parent, ctx, resources)
+        self._finished[name] = asyncio.Event()
+        return self._run(name, tag, steps, parent, ctx, resources, policy)
+
+    def building(self, name: str) -> bool:
+        return name in self._running
+
+    async def wait(self, name: str) -> None:
+        """Until the build of `name` that runs now (if one does) has ended."""
+        done = self._finished.get(name)
+        if done is not None:
+            await done.wait()
 
     async def _run(self, name: str, tag: str, steps: list[dict], parent: Template | None,
-                   ctx: Path | None, resources: dict) -> AsyncIterator[dict]:
+                   ctx: Path | None, resources: dict, policy: dict) -> AsyncIterator[dict]:
         sandboxes: list[str] = []
         tmps: list[Path] = []
         t0 = time.monotonic()
@@ -238,7 +267,8 @@ class Builds:
                     yield {"type": "step", "index": i, "total": total, "step": step,
                            "cached": cached}
                     if not cached:
-                        async for ev in self._file_step(cur, step, key, payload, sandboxes):
+                        async for ev in self._file_step(cur, step, key, payload, sandboxes,
+                                                        policy):
                             yield ev
                     cur = dataclasses.replace(cur, layers=[*cur.layers, key])
                     cur.steps.append(step)
@@ -256,7 +286,7 @@ class Builds:
                         tmps.append(Path(tempfile.mkdtemp(prefix=".snapshot-",
                                                           dir=self.store.images)))
                         async for ev in self._snapshot(cur, step, sandboxes,
-                                                       tmps[-1] / "snapshot"):
+                                                       tmps[-1] / "snapshot", policy):
                             yield ev
                     continue
                 cur.steps.append(step)
@@ -274,6 +304,9 @@ class Builds:
         finally:
             self._running.discard(name)
             self.sources.release(name)
+            done = self._finished.pop(name, None)
+            if done is not None:
+                done.set()
             for sid in sandboxes:
                 try:
                     await self.delete(sid, "build")
@@ -294,16 +327,16 @@ class Builds:
             return dataclasses.replace(cur, workdir=step["path"])
         return dataclasses.replace(cur, user=step["name"])
 
-    async def _start(self, cur: Template, sandboxes: list[str]) -> str:
+    async def _start(self, cur: Template, sandboxes: list[str], policy: dict) -> str:
         stored = self.store.put(dataclasses.replace(cur, snapshot=False, start_cmd=None,
                                                     ready=None))
-        sid = await self.boot(stored, cur.name)
+        sid = await self.boot(stored, cur.name, policy)
         sandboxes.append(sid)
         return sid
 
     async def _file_step(self, cur: Template, step: dict, key: str, payload: bytes | None,
-                         sandboxes: list[str]) -> AsyncIterator[dict]:
-        sid = await self._start(cur, sandboxes)
+                         sandboxes: list[str], policy: dict) -> AsyncIterator[dict]:
+        sid = await self._start(cur, sandboxes, policy)
         if step["type"] == "copy":
             tmp_tar = "/tmp/.torpor-copy.tar"
             await self.write_file(sid, tmp_tar, payload or b"")
@@ -342,15 +375,16 @@ class Builds:
                 why = (f"exit code {ev.exit_code}" if ev.exit_code is not None
                        else f"signal {ev.signal}") + (" (timed out)" if ev.timed_out
                                                       else "")
+                refused = self.refusals(sid)
                 raise StepFailed(f"the step `{shlex.join(argv)[:200]}` failed with {why}; "
-                                 "its last lines:\n" + "\n".join(tail),
+                                 "its last lines:\n" + "\n".join(tail) + _refused(refused),
                                  exit_code=ev.exit_code, signal=ev.signal,
-                                 output_tail=tail)
+                                 output_tail=tail, egress_refusals=refused)
 
     async def _snapshot(self, cur: Template, step: dict, sandboxes: list[str],
-                        dest: Path) -> AsyncIterator[dict]:
+                        dest: Path, policy: dict) -> AsyncIterator[dict]:
         """Start the finished template, run its start command until ready, checkpoint it."""
-        sid = await self._start(cur, sandboxes)
+        sid = await self._start(cur, sandboxes, policy)
         t0 = time.monotonic()
         await self.processes.start(sid, ["sh", "-c", step["cmd"]], env=cur.env,
                                    cwd=cur.workdir, user=cur.user, tag="start_cmd")
@@ -377,16 +411,25 @@ class Builds:
                                 chunks.append(ev.data)
                         out = "".join(chunks)[-2000:]
                         running = p.get("running")
+                refused = self.refusals(sid)
                 raise Timeout(f"the start command's ready check ({step.get('ready')}) did not "
                               f"pass within {timeout:.0f}s"
                               + ("" if running else "; the start command exited")
-                              + f"; its output:\n{out}", field="steps")
+                              + f"; its output:\n{out}" + _refused(refused), field="steps",
+                              egress_refusals=refused)
             await asyncio.sleep(READY_POLL)
         ready_s = time.monotonic() - t0
         await self.lifecycle.snapshot(sid, dest)
         sandboxes.remove(sid)
         yield {"type": "snapshot", "seconds": round(time.monotonic() - t0, 3),
                "ready_seconds": round(ready_s, 3)}
+
+
+def _refused(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return ("\nthe egress proxy refused (the build's network policy, or an always-denied "
+            "range the operator did not allow):\n" + "\n".join(lines))
 
 
 class StepFailed(TorporError):

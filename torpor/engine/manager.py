@@ -24,6 +24,7 @@ from torpor.channel.client import AgentClient
 from torpor.config import Settings
 from torpor.engine.build_records import BuildRecords
 from torpor.engine.builds import Builds
+from torpor.engine.builtins import Builtins
 from torpor.engine.files import Files
 from torpor.engine.keys import KeyStore
 from torpor.engine.lifecycle import Lifecycle
@@ -83,7 +84,10 @@ class Engine:
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
                              write_file=self._write_as_root, built=self.pool.wake,
+                             network=self.traffic.build_policy,
+                             refusals=self.traffic.refusals,
                              sources=Sources.for_settings(self.templates, settings))
+        self.builtins = Builtins(self.builds, self.templates)  # built on first use
         # builds as records every door sees (status, logs), run apart from who asked
         self.build_records = BuildRecords(self.builds, self.data_dir / "builds")
         self._tasks: list[asyncio.Task] = []
@@ -140,6 +144,7 @@ class Engine:
         sandbox is hibernated first, within `shutdown_timeout`; the rest (and all of them
         after a kill) keep running under their holders and the next start adopts them."""
         await self.pool.stop()
+        await self.builtins.close()
         await self.build_records.close()  # (each deletes its build sandboxes)
         for t in self._tasks:
             t.cancel()
@@ -169,6 +174,13 @@ class Engine:
             raise NotFound(f"no template {name!r}; known templates: {', '.join(names)}",
                            templates=names, field="template")
         return tpl
+
+    async def build_builtin(self, name: str, tag: str = "latest",
+                            network: dict | None = None):
+        """Build a built-in template (`torpor/builtin_templates.py`) on purpose: the event
+        iterator of `builds.build` (which does the same for a name of a built-in and no
+        steps)."""
+        return await self.builtins.build(name, tag, network)
 
     def delete_template(self, ref: str, force: bool = False) -> None:
         """Remove a template's name:tag. Refused (409, naming them) while sandboxes or
@@ -200,15 +212,15 @@ class Engine:
         if removed:
             log.info("templates: removed %d unused templates and layers", len(removed))
 
-    async def _boot_for_build(self, tpl: Template, build: str) -> str:
-        """A sandbox of a template being built: no idle timers, the server's egress
-        policy, the proxy's environment."""
+    async def _boot_for_build(self, tpl: Template, build: str, network: dict) -> str:
+        """A sandbox of a template being built: no idle timers, the build's egress policy
+        (`traffic.build_policy`), the proxy's environment."""
         row = SandboxRow(id=new_id(), template=build, template_digest=tpl.digest,
                          state=State.CREATING, cpu=tpl.cpu, memory_mb=tpl.memory_mb,
                          disk_mb=tpl.disk_mb, env={}, meta={"torpor.build": build},
                          pooled=False, **self._policy({"standby_after": 0,
                                                        "hibernate_after": 0}),
-                         network=self.traffic.policy(None), secrets={})
+                         network=network, secrets={})
         self.records.add(row)
         await self.lifecycle.boot(row, self.traffic.sandbox_env({}, {}))
         return row.id
@@ -241,6 +253,7 @@ class Engine:
                      memory_mb: int | None = None, disk_mb: int | None = None,
                      network: dict | None = None, secrets: dict | None = None,
                      **policy) -> SandboxInfo:
+        await self.builtins.ensure(template)  # a built-in's first use builds it
         tpl = self.template(template)
         cpu = float(cpu if cpu is not None else tpl.cpu)
         memory_mb = int(memory_mb if memory_mb is not None else tpl.memory_mb)

@@ -31,7 +31,7 @@ from torpor.engine.secrets import SecretStore, load_or_create_key, new_placehold
 from torpor.engine.states import State
 from torpor.errors import Conflict, Invalid, NotFound, TorporError, Unavailable
 from torpor.network.ca import CertAuthority
-from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError
+from torpor.network.policy import EgressPolicy, OperatorNet, PolicyError, narrow
 from torpor.network.preview import PreviewError, PreviewGateway, Route, TokenSigner
 from torpor.network.proxy import Credential, EgressProxy, SandboxNet
 from torpor.runtime.tunnel import socket_for
@@ -72,6 +72,9 @@ class Traffic:
         self.connect = connect  # (sid, port): a stream to a port in the sandbox, woken
         try:
             self.default_policy = EgressPolicy.parse({"egress": s.default_egress})
+            self.build_default = EgressPolicy.parse(
+                {"egress": s.build_egress or s.default_egress, "allow": s.build_egress_allow,
+                 "deny": s.build_egress_deny})
             self.operator = OperatorNet(
                 allow_cidrs=OperatorNet.parse_cidrs(s.egress_allow_cidr),
                 resolve=OperatorNet.parse_resolve(s.egress_resolve),
@@ -160,6 +163,14 @@ class Traffic:
         given = {k: v for k, v in (given or {}).items() if v is not None}
         try:
             return EgressPolicy.parse(given, default=default).to_dict()
+        except PolicyError as e:
+            raise Invalid(str(e), field=e.field or "network") from None
+
+    def build_policy(self, given: dict | None) -> dict:
+        """The stored egress policy of a build's sandboxes: the server's build policy
+        (`build_egress*`), narrowed by the build request's `given` (never widened)."""
+        try:
+            return narrow(self.build_default, given).to_dict()
         except PolicyError as e:
             raise Invalid(str(e), field=e.field or "network") from None
 
@@ -309,9 +320,25 @@ class Traffic:
         self.records.add_egress(batch)
 
     def egress_log(self, sid: str, limit: int = 100, before: int | None = None) -> list:
-        self.records.get(sid)
+        """A sandbox's egress records, newest first. A deleted sandbox's (a build step's,
+        say) stay readable until the records' retention ends."""
+        row = self.records.find(sid)
+        if row is None or row.pooled:
+            self.records.get(sid)  # the usual 404
         self.flush_audit()
         return self.records.egress(sid, limit, before)
+
+    def refusals(self, sid: str, limit: int = 5) -> list[str]:
+        """The sandbox's latest egress refusals, oldest first, one line each
+        ("pypi.org:443 refused: always-deny: ..."), distinct; [] if none."""
+        self.flush_audit()
+        out: dict[str, None] = {}
+        for r in self.records.egress(sid, 200):
+            if not r.allowed:
+                out.setdefault(f"{r.host}:{r.port} ({r.protocol}) refused: {r.rule}")
+                if len(out) == limit:
+                    break
+        return list(reversed(out))
 
     # --- preview: connections into the sandbox ---------------------------------------------
     async def open_port(self, sid: str, port: int):

@@ -260,6 +260,47 @@ def host_matches(patterns: list[str] | tuple[str, ...], host: str, port: int | N
     return any(e.matches_ip(h, port) for e in entries)
 
 
+def covers(outer: Entry, inner: Entry) -> bool:
+    """Does allow entry `outer` allow everything `inner` would? (A name by the same name or
+    a wildcard above it, an IP or CIDR by a CIDR holding it; a port only by no port or the
+    same one.)"""
+    if outer.port is not None and outer.port != inner.port:
+        return False
+    if inner.net is not None:
+        return (outer.net is not None and inner.net.version == outer.net.version
+                and inner.net.subnet_of(outer.net))
+    if outer.kind == "name":
+        return inner.kind == "name" and inner.name == outer.name
+    if outer.kind == "wildcard":
+        return inner.name.endswith("." + outer.name) or (
+            inner.kind == "wildcard" and inner.name == outer.name)
+    return False
+
+
+def narrow(base: EgressPolicy, given: dict | None, field_name: str = "network") -> EgressPolicy:
+    """`base` narrowed by `given` (a policy dict; what it leaves out is base's): what the
+    result allows, both allow. Deny entries add up; `deny-all` keeps only the allow entries
+    given, each of which `base` must allow in full when it is `deny-all` itself (else
+    PolicyError naming the entry: a request may narrow the policy, never widen it)."""
+    if not given:
+        return base
+    req = EgressPolicy.parse(given, default=base)
+    deny = tuple(dict.fromkeys(base.deny + req.deny))
+    if len(deny) > MAX_ENTRIES:
+        raise PolicyError(f"{field_name}.deny: with the server's own deny entries that makes "
+                          f"{len(deny)}; at most {MAX_ENTRIES}", f"{field_name}.deny")
+    if req.egress == "allow-all":
+        return EgressPolicy(base.egress, base.allow, deny)
+    if base.egress == "deny-all":
+        for i, entry in enumerate(req.allow_entries):
+            if not any(covers(o, entry) for o in base.allow_entries):
+                raise PolicyError(
+                    f"{field_name}.allow[{i}]: {entry.text} is more than the server's policy "
+                    f"allows (deny-all, allow: {', '.join(base.allow) or 'nothing'}); a request "
+                    "may only narrow it", f"{field_name}.allow")
+    return EgressPolicy("deny-all", req.allow, deny)
+
+
 # ---------------------------------------------------------------- operator settings
 
 

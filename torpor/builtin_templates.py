@@ -1,0 +1,89 @@
+"""Built-in templates: templates every server can build from a fixed step list, by name.
+
+A built-in is not shipped prebuilt: it is built on first use (`Engine.create` of its name
+when no template of that name exists) or on purpose (`torpor template build
+code-interpreter`, `POST /v1/templates {"name": "code-interpreter"}` with no steps), from
+the steps below, through the egress proxy under the server's build network policy. Once
+built it is a template like any other (`torpor template list`, `rm`, rebuilt by name).
+
+- `code-interpreter`: `base` (the host's Debian Python 3.11) with ipykernel,
+  jupyter_client, numpy, pandas and matplotlib from the package index, `MPLBACKEND=Agg`,
+  and a Python kernel running (and ready) in its boot snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# The kernel's connection file (ports and HMAC key; mode 0600, the kernel writes it) and
+# ports. The file is written when the build starts the kernel, so every sandbox restored
+# from the boot snapshot has the same key: the ports listen on the sandbox's own loopback
+# only, where everything runs as the sandbox's owner anyway.
+KERNEL_CONNECTION_FILE = "/home/user/.torpor/kernel.json"
+KERNEL_PORTS = {"shell": 49000, "iopub": 49001, "stdin": 49002, "control": 49003, "hb": 49004}
+
+# What code-interpreter asks for, with versions that have wheels for CPython 3.11 on
+# x86_64 (nothing compiles in the build) ...
+CODE_INTERPRETER_PACKAGES = [
+    "ipykernel==7.4.0",
+    "jupyter_client==8.10.0",
+    "numpy==2.4.6",
+    "pandas==3.1.2",
+    "matplotlib==3.11.2",
+]
+# ... and everything they pull in, pinned as pip resolved it for them (`pip install
+# --dry-run --report` on CPython 3.11), so a build next year installs the same files.
+CODE_INTERPRETER_LOCK = [
+    "asttokens==3.0.2", "comm==0.2.3", "contourpy==1.3.3", "cycler==0.12.1",
+    "debugpy==1.8.22", "executing==2.3.0", "fonttools==4.69.1", "ipython==9.19.1",
+    "ipython_pygments_lexers==1.1.1", "jedi==0.20.1", "jupyter_core==5.9.1",
+    "kiwisolver==1.5.1", "matplotlib-inline==0.2.2", "nest-asyncio2==1.7.4",
+    "packaging==26.4", "parso==0.8.7", "pexpect==4.9.0", "pillow==13.0.0",
+    "platformdirs==4.14.9", "prompt_toolkit==3.0.53", "psutil==7.2.2", "ptyprocess==0.7.0",
+    "pure_eval==0.2.4", "Pygments==2.21.0", "pyparsing==3.3.3", "python-dateutil==4.0.0",
+    "pyzmq==27.3.0", "stack-data==0.6.3", "tornado==6.6.1", "traitlets==5.16.1",
+    "typing_extensions==4.16.0", "tzdata==2026.6", "wcwidth==0.9.5",
+]
+
+
+def kernel_command() -> str:
+    """The start command: an IPython kernel on fixed loopback ports that writes its
+    connection file on start. (A later version replaces it with the code interpreter's
+    HTTP kernel server.)"""
+    ports = " ".join(f"--{name}={port}" for name, port in KERNEL_PORTS.items())
+    return (f"exec python3 -m ipykernel_launcher --ip=127.0.0.1 {ports} "
+            f"-f {KERNEL_CONNECTION_FILE}")
+
+
+def code_interpreter() -> list[dict]:
+    """The steps of `code-interpreter`."""
+    return [
+        {"type": "from_template", "template": "base"},
+        {"type": "pip_install", "packages": CODE_INTERPRETER_PACKAGES + CODE_INTERPRETER_LOCK},
+        {"type": "env", "env": {"MPLBACKEND": "Agg"}},
+        # importing IPython, numpy's and matplotlib's first use under ptrace takes a while
+        {"type": "start_cmd", "cmd": kernel_command(),
+         "ready": {"port": KERNEL_PORTS["shell"]}, "timeout": 180},
+    ]
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    description: str
+    steps: Callable[[], list[dict]]
+    resources: dict = field(default_factory=dict)  # template defaults (cpu, memory_mb, ...)
+
+
+BUILTINS: dict[str, Builtin] = {b.name: b for b in [
+    Builtin("code-interpreter",
+            "Python 3.11 with ipykernel, numpy, pandas and matplotlib; a Python kernel runs "
+            f"from the start (connection file {KERNEL_CONNECTION_FILE})",
+            code_interpreter),
+]}
+
+
+def builtin(name: str) -> Builtin | None:
+    """The built-in template of that name (without a tag), or None."""
+    return BUILTINS.get(name)
