@@ -69,6 +69,7 @@ def host_mirror(apt: Path = APT) -> str:
 
 
 def mmdebstrap_argv(suite: str, target: Path, mirror: str) -> list[str]:
-    # root mode (we are root); no device nodes in /dev (the sandbox's /dev is a tmpfs)
+    # root mode (we are root); the device nodes it makes in /dev go with rootfs.scrub (a
+    # sandbox's /dev is a tmpfs of its own)
     return ["mmdebstrap", f"--variant={VARIANT}", "--mode=root", "--format=directory",
-            "--skip=output/dev", suite, str(target), mirror]
+            suite, str(target), mirror]
