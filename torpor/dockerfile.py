@@ -10,7 +10,9 @@ Parsed with `dockerfile-parse`, translated instruction by instruction:
 - `COPY`/`ADD` of files of the build context -> `copy` (as root, or `--chown=NAME`); a
   local archive given to `ADD` is unpacked inside the build sandbox (never on the host).
   Sources outside the context (absolute, `..`), URLs, `--from` are refused.
-- `ENV`, `WORKDIR` (created, as Docker does), `USER` -> `env`, `workdir`, `user`.
+- `ENV`, `WORKDIR`, `USER` -> `env`, `workdir`, `user`. A WORKDIR that may not exist is
+  made first (a `run` step as root, then owned by the user the next steps run as: USER's,
+  else `user` on a template, root on an image), as BuildKit does.
 - `ARG` with its default, a `--build-arg` value overriding it; `$VAR`, `${VAR}`,
   `${VAR:-default}` and `${VAR:+alternative}` are substituted where Docker substitutes.
 - `CMD` / `ENTRYPOINT` (combined as Docker combines them) -> the `start_cmd` step (last),
@@ -296,6 +298,7 @@ class _Translator:
         self.args: dict[str, str | None] = {}  # ARGs in scope after FROM
         self.env: dict[str, str] = {}
         self.workdir = "/home/user"
+        self.user = "user"
         self.from_seen = False
         self.cmd: tuple[str, str] | None = None  # (form, value)
         self.entrypoint: tuple[str, str] | None = None
@@ -376,9 +379,12 @@ class _Translator:
             raise DockerfileError("FROM scratch is not supported: start from base, a "
                                   "template or an image", line, "FROM")
         self.from_seen = True
+        # who the steps run as until a USER: base's `user` (and of templates built on it);
+        # an image's own user is the source's to say, root here
         if ref == "base" or self.is_template(ref):
             self.steps.append({"type": "from_template", "template": ref})
         else:
+            self.user = "root"
             self.steps.append({"type": "from_image", "image": ref})
 
     def i_run(self, value: str, line: int) -> None:
@@ -422,9 +428,10 @@ class _Translator:
             raise DockerfileError("WORKDIR takes one path", line, "WORKDIR")
         path = os.path.normpath(os.path.join(self.workdir, ws[0]))
         path = "/" + path.lstrip("/")
-        if path not in _EXISTING:
-            self.steps.append({"type": "run", "cmd": f"mkdir -p {shlex.quote(path)}",
-                               "user": "root"})
+        if path not in _EXISTING:  # made for the user the next steps run as (BuildKit's way)
+            q = shlex.quote(path)
+            self.steps.append({"type": "run", "user": "root",
+                               "cmd": f"mkdir -p {q} && chown {shlex.quote(self.user)} {q}"})
         self.workdir = path
         self.steps.append({"type": "workdir", "path": path})
 
@@ -436,16 +443,20 @@ class _Translator:
         if group and group != name:
             raise DockerfileError(f"USER {ws[0]}: a group other than the user's own is not "
                                   "supported", line, "USER")
+        self.user = name
         self.steps.append({"type": "user", "name": name})
 
     def i_copy(self, value: str, line: int, instr: str = "COPY") -> None:
-        argv = _exec_form(value)
         scope = self.scope()
-        if argv is not None:
-            ws = [substitute(a, scope) for a in argv]
-        else:
-            ws = words(value, scope)
-        flags, ws = _flags(ws, ("chown",), line, instr)
+        rest = value.strip()
+        lead = []
+        while rest.startswith("--"):  # flags come before an exec-form array too
+            flag, _, rest = rest.partition(" ")
+            lead.append(flag)
+            rest = rest.strip()
+        flags, _ = _flags(words(" ".join(lead), scope), ("chown",), line, instr)
+        argv = _exec_form(rest)
+        ws = [substitute(a, scope) for a in argv] if argv is not None else words(rest, scope)
         user = "root"
         if flags.get("chown"):
             name, _, group = flags["chown"].partition(":")
