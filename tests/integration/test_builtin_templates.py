@@ -159,6 +159,10 @@ def test_a_builtin_is_built_once_on_first_use_and_its_failure_is_the_creates_err
         a, b = await asyncio.gather(engine.create(template="tiny"),
                                     engine.create(template="tiny:latest"))
         assert len(build_sandboxes(engine, "tiny")) == 2
+        # each first use is a build record, with its state and log, like any build
+        records = [r for r in engine.build_records.list() if r.name == "tiny"]
+        assert [r.state for r in records] == ["succeeded", "failed"]
+        assert records[1].error["status"] == 422
         tpl = engine.template("tiny")
         assert tpl.description == "a test's built-in" and tpl.memory_mb == 256
         for info in (a, b):

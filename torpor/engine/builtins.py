@@ -3,8 +3,9 @@ create, or on purpose.
 
 A create of a built-in's name (untagged or `:latest`) when no template of that name exists
 builds it first, once: creates meanwhile wait for that same build, and so does a create
-that finds an explicit build of it running. A build that fails is the create's error (its
-status and code, its message); the next create tries again.
+that finds an explicit build of it running. A first-use build is a build record like any
+(`GET /v1/templates/builds`, its log). A build that fails is the create's error (its status
+and code, its message); the next create tries again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 
 from torpor.builtin_templates import BUILTINS, builtin
+from torpor.engine.build_records import BuildRecords
 from torpor.engine.builds import Builds
 from torpor.errors import Conflict, NotFound, TorporError, Unavailable
 from torpor.templates import LATEST, TemplateStore, parse_ref
@@ -32,9 +34,11 @@ class BuiltinBuildFailed(TorporError):
 
 
 class Builtins:
-    def __init__(self, builds: Builds, store: TemplateStore):
+    def __init__(self, builds: Builds, store: TemplateStore,
+                 records: BuildRecords | None = None):
         self.builds = builds
         self.store = store
+        self.records = records  # where first-use builds run, if given
         self._first: dict[str, asyncio.Task] = {}  # first-use builds, by name
 
     async def build(self, name: str, tag: str = LATEST,
@@ -75,7 +79,11 @@ class Builtins:
                 await self.builds.wait(name)
                 continue
             try:
-                events = await self.builds.build(name, LATEST, [], None, {})
+                if self.records is not None:
+                    rec = await self.records.start(name, LATEST, [], None, {})
+                    events = await self.records.follow(rec.id, 0, follow=True)
+                else:
+                    events = await self.builds.build(name, LATEST, [], None, {})
             except Conflict:
                 await self.builds.wait(name)
                 continue

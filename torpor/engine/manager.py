@@ -87,9 +87,10 @@ class Engine:
                              network=self.traffic.build_policy,
                              refusals=self.traffic.refusals,
                              sources=Sources.for_settings(self.templates, settings))
-        self.builtins = Builtins(self.builds, self.templates)  # built on first use
         # builds as records every door sees (status, logs), run apart from who asked
         self.build_records = BuildRecords(self.builds, self.data_dir / "builds")
+        # built-in templates, built on first use (as build records too)
+        self.builtins = Builtins(self.builds, self.templates, self.build_records)
         self._tasks: list[asyncio.Task] = []
 
     # --- what the lifecycle tells the rest (lifecycle.Hooks) ----------------------------
