@@ -8,6 +8,7 @@ directory, a device node and hostile symlinks. Nothing comes from outside."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -19,7 +20,9 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ from conftest import make_data_dir
 from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
-from torpor.errors import Invalid
+from torpor.errors import Invalid, NotFound
 from torpor.runtime.gvisor import purge
 from torpor.sources import DiskFull, Sources
 from torpor.templates import TemplateStore
@@ -81,29 +84,54 @@ def make_image(work: Path) -> Path:
     return work / "oci"
 
 
+def start_registry(work: Path, htpasswd: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Debian's docker-registry on 127.0.0.1:<free port>, storing under `work`; with
+    `htpasswd` ("name:bcrypt hash"), only for that user."""
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    auth = ""
+    if htpasswd:
+        (work / "htpasswd").write_text(htpasswd + "\n")
+        auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {work / 'htpasswd'}\n"
+    (work / "registry.yml").write_text(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {work / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n" + auth)
+    with open(work / "registry.log", "w") as logf:
+        proc = subprocess.Popen(["docker-registry", "serve", str(work / "registry.yml")],
+                                stdout=subprocess.DEVNULL, stderr=logf)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+            break
+        except urllib.error.HTTPError:  # (401: up, and asking for credentials)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise AssertionError("the registry did not start: "
+                                     + (work / "registry.log").read_text())
+            time.sleep(0.05)
+    return proc, f"127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def image():
     """The image, pushed to a registry on 127.0.0.1 (stopped at the end), and as archives."""
     work = Path(tempfile.mkdtemp(prefix="tpt-img-"))
-    port = free_port()
-    (work / "registry.yml").write_text(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {work / 'registry'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    with open(work / "registry.log", "w") as logf:
-        proc = subprocess.Popen(["docker-registry", "serve", str(work / "registry.yml")],
-                                stdout=subprocess.DEVNULL, stderr=logf)
+    proc = None
     try:
         layout = make_image(work)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, (work / "registry.log").read_text()
-                assert time.monotonic() < deadline, "the registry did not start"
-                time.sleep(0.05)
-        host = f"127.0.0.1:{port}"
+        proc, host = start_registry(work / "registry")
         sh("skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:1",
            f"docker://{host}/test/img:1")
         sh("skopeo", "copy", f"oci:{layout}:1", f"docker-archive:{work / 'saved.tar'}:test/img:1")
@@ -116,12 +144,8 @@ def image():
             tar.addfile(info, io.BytesIO(b"junk\n"))
         yield {"host": host, "context": buf.getvalue(), "layout": layout, "work": work}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -345,6 +369,40 @@ def test_a_full_disk_during_a_fetch_fails_and_keeps_nothing(tiny_store, image):
         asyncio.run(main())
     assert err.value.status == 507 and "no space left" in err.value.message
     assert [p.name for p in tiny_store.sources.iterdir()] == []
+
+
+def test_registry_credentials_come_from_the_auth_file(image, tmp_path):
+    """A registry that wants a password: refused without the operator's auth file, fetched
+    with it (skopeo's --authfile)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # (bcrypt through libxcrypt: what docker-registry's htpasswd takes)
+
+        # (the cheapest cost: the registry checks it at every request)
+        hashed = crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    proc, host = start_registry(tmp_path / "registry", f"tester:{hashed}")
+    try:
+        sh("skopeo", "copy", "--dest-tls-verify=false", "--dest-creds", "tester:s3cret",
+           f"oci:{image['layout']}:1", f"docker://{host}/private/img:1")
+        auth = tmp_path / "auth.json"
+        token = base64.b64encode(b"tester:s3cret").decode()
+        auth.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+        step = {"type": "from_image", "image": f"{host}/private/img:1"}
+
+        async def fetch(sources: Sources) -> list:
+            return [ev async for ev in sources.fetch(step, 1, None, "auth")]
+
+        store = TemplateStore(tmp_path / "data")
+        with pytest.raises(NotFound, match="credentials") as err:
+            asyncio.run(fetch(Sources(store, registry_insecure=[host])))
+        assert "authentication required" in err.value.message
+        events = asyncio.run(fetch(Sources(store, registry_insecure=[host],
+                                           registry_auth_file=str(auth))))
+        tpl = events[-1]
+        assert tpl.base_rootfs and Path(tpl.base_rootfs, "bin/busybox").is_file()
+        assert tpl.env["FOO"] == "from-the-image"
+    finally:
+        stop(proc)
 
 
 @pytest.mark.slow
