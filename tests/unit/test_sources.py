@@ -56,6 +56,9 @@ def test_mirrors_and_insecure_registries_become_a_registries_conf():
         oci.parse_mirrors(["docker.io="])
     with pytest.raises(Invalid):
         Sources(TemplateStore(Path("/nonexistent")), registry_mirror=["bad host=x"])
+    one = Sources(TemplateStore(Path("/nonexistent")), registry_mirror="m.example",
+                  registry_insecure="m.example")  # (one string from a config file)
+    assert one.mirrors == {"docker.io": "m.example"} and one.insecure == {"m.example"}
 
 
 def test_skopeo_failures_are_told_apart():

@@ -101,6 +101,11 @@ class Sources:
                  registry_cert_dir: str | None = None, debian_mirror: str | None = None):
         self.store = store
         self.root = store.sources
+        # (a config file may give one string where a list is meant)
+        if isinstance(registry_mirror, str):
+            registry_mirror = [registry_mirror]
+        if isinstance(registry_insecure, str):
+            registry_insecure = [registry_insecure]
         try:
             self.mirrors, plain = oci.parse_mirrors(list(registry_mirror or ()))
         except ValueError as e:
