@@ -40,6 +40,8 @@ def test_bad_network_flags_stop_the_server_with_a_reason(tmp_path):
     for flags, words in ((["--egress-allow-cidr", "10.0.0.0/33"], "10.0.0.0/33"),
                          (["--egress-resolve", "no-equals-sign"], "no-equals-sign"),
                          (["--egress-upstream-ca", "/nonexistent.pem"], "/nonexistent.pem"),
-                         (["--default-egress", "sometimes"], "sometimes")):
+                         (["--default-egress", "sometimes"], "sometimes"),
+                         (["--build-egress", "often"], "often"),
+                         (["--build-egress-allow", "bad host!"], "bad host!")):
         p = cli(None, "serve", "--data-dir", str(tmp_path / "d"), "--port", "1", *flags)
         assert p.returncode != 0 and words in p.stderr, (flags, p.stderr[-500:])
