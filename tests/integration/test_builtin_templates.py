@@ -178,6 +178,25 @@ def test_a_builtin_is_built_once_on_first_use_and_its_failure_is_the_creates_err
     engine_run(body)
 
 
+def test_rest_builds_the_builtin_of_a_name_without_steps_under_the_narrowed_policy(api):
+    """`POST /v1/templates {"name": "code-interpreter"}`: the door sends no steps, the engine
+    builds the built-in; `network: deny-all` keeps the package index out, and the failed
+    step names the rule that refused it."""
+    with api.stream("POST", "/v1/templates", headers={"Accept": "application/x-ndjson"},
+                    json={"name": "code-interpreter",
+                          "network": {"egress": "deny-all"}}) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line) for line in r.iter_lines() if line]
+    steps = [e["step"] for e in events if e["type"] == "step"]
+    assert steps[0] == {"type": "from_template", "template": "base"}
+    assert "ipykernel==7.4.0" in steps[1]["packages"]
+    last = events[-1]
+    assert last["type"] == "error" and last["status"] == 422, last
+    assert any(r.startswith("pypi.org:443") and "deny-all: no allow rule matches pypi.org"
+               in r for r in last["error"]["egress_refusals"]), last["error"]
+    assert api.get("/v1/templates/code-interpreter").status_code == 404
+
+
 @pytest.mark.slow
 def test_code_interpreter_builds_from_the_index_and_starts_with_its_kernel_running(
         engine_run):
