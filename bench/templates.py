@@ -90,7 +90,8 @@ def build(http: httpx.Client, name: str, steps: list[dict]) -> tuple[float, list
     """POST /v1/templates; the seconds to its last event, and its events."""
     t0 = time.perf_counter()
     events = []
-    with http.stream("POST", "/v1/templates", json={"name": name, "steps": steps}) as resp:
+    with http.stream("POST", "/v1/templates", json={"name": name, "steps": steps},
+                     headers={"Accept": "application/x-ndjson"}) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if line:
@@ -168,13 +169,16 @@ class Raw:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
-            t0 = time.perf_counter()
-            p = subprocess.run(self.runsc(*flags, "restore", "--detach", "--image-path",
-                                          str(d / "image"), "--bundle", str(d), cid),
-                               stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, check=False)
-            detach = ms_since(t0)
+            # stderr to a file, not a pipe: the detached sandbox inherits it, and a pipe
+            # would keep subprocess.run waiting for its end as long as the sandbox lives
+            with open(d / "restore.log", "wb") as errlog:
+                t0 = time.perf_counter()
+                p = subprocess.run(self.runsc(*flags, "restore", "--detach", "--image-path",
+                                              str(d / "image"), "--bundle", str(d), cid),
+                                   stdin=in_r, stdout=out_w, stderr=errlog, check=False)
+                detach = ms_since(t0)
             if p.returncode != 0:
-                raise RuntimeError(f"runsc restore: {p.stderr.decode()[-500:]}")
+                raise RuntimeError(f"runsc restore: {(d / 'restore.log').read_text()[-500:]}")
             os.close(in_r)
             os.close(out_w)
             in_r = out_w = -1
