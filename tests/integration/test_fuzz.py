@@ -5,8 +5,8 @@ content type, body schema), and with every schema-invalid request refused.
 Its own server (the run creates secrets, domains and keys), with one sandbox every
 `{sid}` route is pinned to. Left out: DELETE /v1/keys/{key_id} (the run would revoke its
 own key) and DELETE /v1/sandboxes/{sid} (it would delete the pinned sandbox). Sandbox
-creation and PATCH get schema-invalid bodies only: valid ones would start a sandbox per
-example, or expire the pinned one (the rest of the suite covers them)."""
+creation, PATCH and template builds get schema-invalid bodies only: valid ones would
+start a sandbox (or a build) per example, or expire the pinned one (the rest of the suite covers them)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ generation.mode = "negative"
 [[operations]]
 include-path = "/v1/sandboxes/{{sid}}"
 include-method = "PATCH"
+generation.mode = "negative"
+
+[[operations]]
+include-path = "/v1/templates"
+include-method = "POST"
 generation.mode = "negative"
 ''')
     # one worker: with two threads, CPython 3.11.7's AST constructor (which hypothesis uses
