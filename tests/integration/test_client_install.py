@@ -1,5 +1,5 @@
 """The client installs light: a fresh venv with `pip install torpor` (no extra) gets the SDK
-and the CLI with httpx, pydantic, typer and rich only, and runs the README's quickstart
+and the CLI with httpx, pydantic, typer, rich and dockerfile-parse only, and runs the README's quickstart
 against a server. The server's packages come with the `server` extra."""
 
 from __future__ import annotations
