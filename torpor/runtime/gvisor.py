@@ -26,7 +26,7 @@ from pathlib import Path
 from torpor.channel import Channel, ChannelClosed
 from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
-from torpor.runtime.layers import Layer
+from torpor.runtime.layers import DiskStock, Layer
 
 log = logging.getLogger("torpor.runtime")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -36,6 +36,12 @@ CAPS = [
     "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
+# The agent's interpreter flags and entry. -S: no `site` (the host's .pth files and
+# sitecustomize are not the agent's business, and cost ~10 ms of every start under
+# ptrace); imported, not run as a script, so its bytecode comes from __pycache__ instead
+# of compiling agent.py at every start (~8 ms).
+AGENT_ARGS = ["-S", "-s", "-B", "-c",
+              "import sys; sys.path[0] = '/.torpor/agent'; import agent; agent.main()"]
 SENTRY_OVERHEAD_MB = 96  # sentry + gofer + page tables, measured ~48 MB idle, doubled
 # On the ptrace platform every task in the sandbox costs the host ~15-20 threads (the
 # sentry's thread for it plus ptrace stubs): measured 45 threads idle, +300 per 20 sleeps.
@@ -61,6 +67,17 @@ def find_host_python() -> tuple[str, str, str]:
         raise DriverError("no dynamic loader under /usr/lib/*-linux-gnu")
     loader = os.path.realpath(loaders[0])
     return exe, loader, os.path.dirname(loader)
+
+
+def compile_agent(python: str) -> None:
+    """Bring the agent's bytecode up to date, with the interpreter it runs on: the agent
+    never writes bytecode in a sandbox (-B, a read-only bundle), so a stale or missing
+    `__pycache__` would have every sandbox compile it at its start (~10 ms under ptrace)."""
+    p = subprocess.run([python, "-m", "compileall", "-q", str(AGENT_DIR)], check=False,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        log.warning("could not compile the agent's bytecode in %s (sandboxes start slower): "
+                    "%s", AGENT_DIR, (p.stderr or p.stdout).strip()[-300:])
 
 
 def raise_pid_max() -> None:
@@ -131,6 +148,36 @@ def root_flags(config: dict) -> list[str]:
     return [f"--overlay2={mode}"] if mode else []
 
 
+class Spans:
+    """Where a start's time goes, in milliseconds from one mark to the next: kept beside
+    the sandbox (`start.json`) for the benches, and logged at debug."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = [("", time.monotonic())]
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks.append((name, time.monotonic() if at is None else at))
+
+    def save(self, path: Path, status: dict) -> None:
+        """With the holder's `runsc run --detach` (from its status: the monotonic clock is
+        the host's) placed between the holder's start and the agent's HELLO."""
+        marks = list(self.marks)
+        began, ended = status.get("runsc_began"), status.get("runsc_ended")
+        names = [n for n, _ in marks]
+        if began and ended and "holder" in names:
+            # holder: until runsc runs; runsc: `run --detach`; agent: until its HELLO
+            i = names.index("holder")
+            marks[i:i + 1] = [("holder", began), ("runsc", ended)]
+        marks.sort(key=lambda m: m[1])
+        out = {n: round((t - marks[i][1]) * 1000, 2) for i, (n, t) in enumerate(marks[1:])}
+        out["total"] = round((marks[-1][1] - marks[0][1]) * 1000, 2)
+        log.debug("start %s: %s", path.parent.name, out)
+        try:
+            path.write_text(json.dumps(out))
+        except OSError:
+            pass
+
+
 def _popen_holder(arg: str, cwd: Path, stdin, out) -> subprocess.Popen:
     """`python -I -S holder.py ARG` in a session of its own (it outlives the server)."""
     return subprocess.Popen([sys.executable, "-I", "-S", str(HOLDER), arg], stdin=stdin,
@@ -158,7 +205,9 @@ class GVisorDriver:
             os.chmod(d, 0o700)
         self._holders: dict[int, subprocess.Popen] = {}  # pid -> a holder we started
         self._spare: subprocess.Popen | None = None  # a holder started ahead of need
+        self.disks = DiskStock(self.data_dir / "disks")  # blank disk images, made ahead
         self.python, self.loader, self.libdir = find_host_python()
+        compile_agent(self.python)
         self.version = runsc_version(self.runsc)
         self.checkpoint_flags = checkpoint_flags(self.runsc, image_compression)
         self.root_overlay = root_overlay(self.runsc)
@@ -191,7 +240,7 @@ class GVisorDriver:
     def oci_spec(self, spec: SandboxSpec, layer: Layer) -> dict:
         in_usr = "/.torpor" + self.python  # /usr/bin/python3.11 -> /.torpor/usr/bin/...
         args = ["/.torpor" + self.loader, "--library-path", "/.torpor" + self.libdir,
-                in_usr, "-s", "-B", "/.torpor/agent/agent.py"]
+                in_usr, *AGENT_ARGS]
         mounts = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
@@ -252,17 +301,25 @@ class GVisorDriver:
     async def start(self, spec: SandboxSpec) -> Channel:
         d = self.sandbox_dir(spec.id)
         layer = self.layer(spec)
-        await asyncio.to_thread(layer.create)
+        spans = Spans()
+        await asyncio.to_thread(layer.create, self.disks)
+        spans.mark("layer")
         config = self.oci_spec(spec, layer)
         (d / "config.json").write_text(json.dumps(config))
+        spans.mark("spec")
         cmd = self.runsc_base() + root_flags(config) + ["run", "--detach", "--bundle", str(d),
                                                         spec.id]
-        chan = await self._start_holder(spec, cmd)
+        try:
+            chan = await self._start_holder(spec, cmd, spans=spans)
+        finally:
+            self.disks.refill()  # the next start's disk, made once this one is done
         self.cgroup(spec.id).set_cpu_limit(spec.cpu)
+        spans.mark("cpu_limit")
+        spans.save(d / "start.json", self._status(spec.id))
         return chan
 
     async def _start_holder(self, spec: SandboxSpec, command: list[str],
-                            restored: bool = False) -> Channel:
+                            restored: bool = False, spans: Spans | None = None) -> Channel:
         d = self.sandbox_dir(spec.id)
         sock = self.socket_path(spec.id)
         status = d / "status.json"
@@ -272,6 +329,16 @@ class GVisorDriver:
         (d / "holder.json").write_text(json.dumps(cfg))
         holder = self._launch_holder(d)
         self._holders[holder.pid] = holder
+        try:
+            return await self._connect_holder(spec, restored, spans)
+        finally:
+            # the next spare starts once this start is done: its Python start-up would
+            # take one of the host's cores from runsc's and the agent's
+            self._replenish_spare()
+
+    async def _connect_holder(self, spec: SandboxSpec, restored: bool,
+                              spans: Spans | None) -> Channel:
+        sock = self.socket_path(spec.id)
         deadline = time.monotonic() + self.start_timeout
         chan = None
         while chan is None:
@@ -283,11 +350,15 @@ class GVisorDriver:
                 if time.monotonic() > deadline:
                     raise DriverError(f"sandbox {spec.id}: holder did not come up") from None
                 await asyncio.sleep(0.002)
+        if spans is not None:
+            spans.mark("holder")  # connected: the holder listens, runsc runs
         try:
             if restored:
                 await self._wake_restored(spec, chan, deadline)
             else:
                 await chan.wait_ready(max(deadline - time.monotonic(), 1.0))
+            if spans is not None:
+                spans.mark("agent")
         except (ChannelClosed, TimeoutError, OSError) as e:
             await chan.close()
             raise DriverError(f"{e}; {self._start_failure(spec.id)}") from None
@@ -486,7 +557,7 @@ class GVisorDriver:
     def _launch_holder(self, d: Path) -> subprocess.Popen:
         """A holder for the sandbox in `d`: the spare one, started ahead of need, when it is
         alive (it then skips Python's start, ~25 ms of every start and restore), else a new
-        one. Either way a new spare starts for the next sandbox."""
+        one. `_replenish_spare` starts the next spare."""
         spare, self._spare = self._spare, None
         holder = None
         if spare is not None and spare.poll() is None:
@@ -500,10 +571,15 @@ class GVisorDriver:
         if holder is None:
             with open(d / "holder.log", "ab") as log:
                 holder = _popen_holder(str(d / "holder.json"), d, subprocess.DEVNULL, log)
+        return holder
+
+    def _replenish_spare(self) -> None:
+        """A spare holder for the next start or restore, unless one waits already."""
+        if self._spare is not None and self._spare.poll() is None:
+            return
         # until it is given work the spare's output goes nowhere; then to its holder.log
         self._spare = _popen_holder("--spare", self.sandboxes_dir, subprocess.PIPE,
                                     subprocess.DEVNULL)
-        return holder
 
     def reap(self) -> None:
         """Collect holders that exited (they are the server's children until it dies). One
@@ -530,8 +606,10 @@ class GVisorDriver:
                 return
 
     def close(self) -> None:
-        """Let the spare holder go (it exits at the end of its stdin); sandboxes and their
-        holders are not touched."""
+        """Let the spare holder go (it exits at the end of its stdin) and stop making blank
+        disks (those made stay for the next server); sandboxes and their holders are not
+        touched."""
+        self.disks.close()
         spare, self._spare = self._spare, None
         if spare is not None:
             try:
@@ -734,4 +812,6 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
             done.append(f"mount {m}")
     for sdir in data_dir.glob("sandboxes/*"):
         Cgroup(f"/torpor/{sdir.name}").remove()
+    # blank disk images made ahead (DiskStock): plain files, not worth reporting
+    shutil.rmtree(data_dir / "disks", ignore_errors=True)
     return done
