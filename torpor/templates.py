@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -144,6 +145,29 @@ class TemplateStore:
         # source keys that builds in progress hold (set by torpor.sources.Sources): not
         # collected although no template uses them yet
         self.held_sources: Callable[[], set[str]] = set
+        # what builds in progress made or stand on, by build: template digests and layer
+        # keys not named yet (see hold); gc keeps them
+        self._holds: dict[str, tuple[set[str], set[str]]] = {}
+        self._holds_lock = threading.Lock()
+
+    def hold(self, owner: str, digest: str | None = None, layer: str | None = None) -> None:
+        """Keep a template (and what it stands on) or a layer from `gc` until
+        `release(owner)`: a build's parent, its layers and the templates of its steps."""
+        with self._holds_lock:
+            digests, layers = self._holds.setdefault(owner, (set(), set()))
+            if digest:
+                digests.add(digest)
+            if layer:
+                layers.add(layer)
+
+    def release(self, owner: str) -> None:
+        with self._holds_lock:
+            self._holds.pop(owner, None)
+
+    def _held(self) -> tuple[set[str], set[str]]:
+        with self._holds_lock:
+            return ({d for ds, _ in self._holds.values() for d in ds},
+                    {k for _, ks in self._holds.values() for k in ks})
 
     # --- reading --------------------------------------------------------------------------
     def list(self) -> list[Template]:
@@ -279,7 +303,8 @@ class TemplateStore:
         """Remove the templates no name, no template built on them and nothing in `in_use`
         (digests of sandboxes that exist) needs, then the layers none of the rest uses.
         Returns what it removed."""
-        keep = {t.digest for t in self.list()} | set(in_use)
+        held_digests, held_layers = self._held()
+        keep = {t.digest for t in self.list()} | set(in_use) | held_digests
         configs = {}
         if self.configs.is_dir():
             for d in self.configs.iterdir():
@@ -300,6 +325,7 @@ class TemplateStore:
                 shutil.rmtree(t.path, ignore_errors=True)
                 removed.append(dg)
         layers_used = {k for dg, t in configs.items() if dg in keep for k in t.layers}
+        layers_used |= held_layers
         if self.layers.is_dir():
             for d in self.layers.iterdir():
                 if d.name not in layers_used and not d.name.startswith("."):

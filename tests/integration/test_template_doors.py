@@ -221,9 +221,12 @@ def test_cli_build_from_a_dockerfile(srv, http, tmp_path):
     assert "built cli-web:v1" in p.stdout and "boot snapshot" in p.stdout
     sid = sandbox_of(http, "cli-web:v1")
     try:
-        assert run(http, sid, "echo $FLAVOUR; cd /srv/web && cat built.txt hello.txt; "
+        # a command that names no user runs as the template's, in its WORKDIR
+        assert run(http, sid, "echo $FLAVOUR; pwd; cat built.txt hello.txt; "
                    "stat -c %U /srv/web")["stdout"] == \
-            "spicy\nbuilt spicy\nhello from the context\nuser\n"
+            "spicy\n/srv/web\nbuilt spicy\nhello from the context\nuser\n"
+        # one that names a user starts in that user's home
+        assert run(http, sid, "pwd", user="root")["stdout"] == "/root\n"
         assert run(http, sid, FETCH.format(port=8080, path="hello.txt"))["stdout"] == \
             "hello from the context\n"
         p = cli(srv, "template", "rm", "cli-web:v1")

@@ -463,8 +463,10 @@ class RunCommand(Strict):
     argv: list[Arg] | None = Field(None, min_length=1, max_length=10000)
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=1000,
                                          json_schema_extra=_names_schema)
+    # neither given: the template's user, in the template's working directory (`user` in
+    # /home/user for `base`); a user given without cwd starts in that user's home
     cwd: Path_ | None = None
-    user: UserName | Uid = "user"
+    user: UserName | Uid | None = None
     stdin: Text | None = None
     timeout: float | None = Field(60.0, gt=0, le=MAX_COMMAND_TIMEOUT)
     background: bool = False

@@ -53,9 +53,6 @@ def _ndjson(events: AsyncIterator[dict], first: dict | None = None) -> Streaming
         if first is not None:
             yield json.dumps(first, separators=(",", ":")) + "\n"
         async for ev in events:
-            if ev.get("type") == "done":  # (where the server keeps it is not the client's)
-                ev = {**ev, "template": {k: v for k, v in ev["template"].items()
-                                         if k != "path"}}
             yield json.dumps(ev, separators=(",", ":")) + "\n"
 
     return StreamingResponse(body(), media_type=NDJSON,

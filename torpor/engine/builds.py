@@ -240,6 +240,7 @@ class Builds:
                     else:
                         yield ev
             assert parent is not None
+            self.store.hold(f"build:{name}", digest=parent.digest)
             cur = dataclasses.replace(
                 parent, name=name, tag=tag, parent=parent.digest,
                 base_rootfs=str(parent.rootfs), snapshot=False, start_cmd=None, ready=None,
@@ -263,6 +264,7 @@ class Builds:
                         payload, extra = self._tar_of(self._copy_source(ctx, step["src"], i))
                     key = _layer_key(key, {"step": step, "env": cur.env, "user": cur.user,
                                            "workdir": cur.workdir}, extra)
+                    self.store.hold(f"build:{name}", layer=key)  # (from gc, until the end)
                     cached = self.store.has_layer(key)
                     yield {"type": "step", "index": i, "total": total, "step": step,
                            "cached": cached}
@@ -297,7 +299,9 @@ class Builds:
             self.built()
             log.info("template %s:%s built: %s (%.1fs)", name, tag, final.digest,
                      time.monotonic() - t0)
-            yield {"type": "done", "template": final.to_dict()}
+            # (not its host path: events reach the doors as they are)
+            yield {"type": "done", "template": {k: v for k, v in final.to_dict().items()
+                                                if k != "path"}}
         except TorporError as e:
             log.info("template %s:%s: build failed: %s", name, tag, e.message)
             yield {"type": "error", "error": e.to_dict(), "status": e.status}
@@ -317,6 +321,7 @@ class Builds:
                 shutil.rmtree(ctx, ignore_errors=True)
             for tmp in tmps:  # (a snapshot that was kept has been moved out)
                 shutil.rmtree(tmp, ignore_errors=True)
+            self.store.release(f"build:{name}")
 
     @staticmethod
     def _meta(cur: Template, step: dict) -> Template:
@@ -330,6 +335,7 @@ class Builds:
     async def _start(self, cur: Template, sandboxes: list[str], policy: dict) -> str:
         stored = self.store.put(dataclasses.replace(cur, snapshot=False, start_cmd=None,
                                                     ready=None))
+        self.store.hold(f"build:{cur.name}", digest=stored.digest)
         sid = await self.boot(stored, cur.name, policy)
         sandboxes.append(sid)
         return sid

@@ -79,7 +79,9 @@ class Engine:
         self.traffic = Traffic(settings, self.records, self.templates,
                                self.secrets, self.keys, touch=self.standby.touch,
                                connect=self.connect)
-        self.processes = Processes(self.client, self.standby.hold_process)
+        self.processes = Processes(self.client, self.standby.hold_process,
+                                   defaults_of=self._exec_defaults)
+        self._defaults: dict[str, tuple[str, str | None]] = {}
         self.files = Files(self.client)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
@@ -115,6 +117,7 @@ class Engine:
         self.watchdog.forget(sid)
         self.pool.forget(sid)
         self.traffic.forget(sid)
+        self._defaults.pop(sid, None)
 
     def _last_active(self, sid: str) -> datetime | None:
         return self.standby.last_active(sid)
@@ -376,6 +379,18 @@ class Engine:
         """The agent channel of a sandbox, resumed first if it is in standby or hibernated.
         Every call on a sandbox comes through here: this is what counts as activity."""
         return await self.lifecycle.channel(sid)
+
+    def _exec_defaults(self, sid: str) -> tuple[str, str | None]:
+        """The user and working directory of the template a sandbox started from, for
+        commands that name no user (a sandbox's template never changes: kept per id)."""
+        found = self._defaults.get(sid)
+        if found is None:
+            row = self.records.find(sid)
+            tpl = self.templates.by_digest(row.template_digest) if row is not None else None
+            found = (tpl.user, tpl.workdir) if tpl is not None else ("user", None)
+            if row is not None:
+                self._defaults[sid] = found
+        return found
 
     async def client(self, sid: str) -> AgentClient:
         """The typed agent client of a sandbox, resumed first if parked (see channel)."""

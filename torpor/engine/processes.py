@@ -28,21 +28,36 @@ from torpor.engine.types import (
 from torpor.errors import Timeout, Unavailable, from_agent
 
 ClientOf = Callable[[str], Awaitable[AgentClient]]
+# (sid) -> the user and working directory of the template the sandbox started from
+DefaultsOf = Callable[[str], tuple[str, str | None]]
 START_WAIT = 60.0  # seconds a background process may take to start
 
 
 class Processes:
     """`hold_process(sid, pid)`, when given, keeps a sandbox out of standby while that
-    background process runs (`keep_alive`)."""
+    background process runs (`keep_alive`). `defaults_of(sid)`, when given, is what a
+    command given no user runs as, and where: the template's user and working directory
+    (a command given a user and no cwd starts in that user's home)."""
 
     def __init__(self, client_of: ClientOf,
-                 hold_process: Callable[[str, int], None] | None = None):
+                 hold_process: Callable[[str, int], None] | None = None,
+                 defaults_of: DefaultsOf | None = None):
         self.client_of = client_of
         self.hold_process = hold_process
+        self.defaults_of = defaults_of
+
+    def _who(self, sid: str, user: str | int | None,
+             cwd: str | None) -> tuple[str | int, str | None]:
+        if user is not None:
+            return user, cwd
+        if self.defaults_of is None:
+            return "user", cwd
+        t_user, t_cwd = self.defaults_of(sid)
+        return t_user, cwd if cwd is not None else t_cwd
 
     async def run(self, sid: str, argv: list[str], env: dict | None = None,
-                  cwd: str | None = None, user: str | int = "user", tag: str | None = None,
-                  stdin: str | None = None,
+                  cwd: str | None = None, user: str | int | None = None,
+                  tag: str | None = None, stdin: str | None = None,
                   timeout: float | None = None) -> AsyncIterator[Event]:
         """Start a command and follow it: Started, Output and Truncated events, then
         Exited or Failed. `stdin` is sent whole (then EOF) before this returns; `timeout`
@@ -50,6 +65,7 @@ class Processes:
         (no such sandbox, not running) raise here; once started, a failure is a Failed
         event. Leaving the iteration early (or closing it) lets the command run on."""
         client = await self.client_of(sid)
+        user, cwd = self._who(sid, user, cwd)
         with agent_errors(sid, None):
             stream = client.exec(argv, env=env, cwd=cwd, user=user, stdin=stdin is not None,
                                  timeout=timeout, tag=tag)
@@ -62,11 +78,13 @@ class Processes:
         return _events(sid, stream)
 
     async def start(self, sid: str, argv: list[str], env: dict | None = None,
-                    cwd: str | None = None, user: str | int = "user", tag: str | None = None,
-                    stdin: str | None = None, keep_alive: bool = False) -> dict:
+                    cwd: str | None = None, user: str | int | None = None,
+                    tag: str | None = None, stdin: str | None = None,
+                    keep_alive: bool = False) -> dict:
         """Start a background process; its info. It keeps a stdin pipe (`stdin` is written
         to it and closed at once, if given) and runs until it exits or is signalled."""
         client = await self.client_of(sid)
+        user, cwd = self._who(sid, user, cwd)
         with agent_errors(sid, P.Op.EXEC):
             try:
                 info = await client.exec_background(argv, env=env, cwd=cwd, user=user,
