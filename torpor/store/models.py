@@ -1,10 +1,21 @@
-"""Database models: sandboxes, their events, API keys, secrets, egress log, domains."""
+"""Database models: sandboxes, their events, API keys, secrets, egress log, domains,
+snapshots."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime as _DateTime
 from sqlalchemy.types import TypeDecorator
@@ -45,6 +56,8 @@ class SandboxRow(Base):
     template: Mapped[str] = mapped_column(String(64))
     # the template's content address it started from (None: before templates had one)
     template_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # the snapshot it was created from or last restored to (None: from a template)
+    snapshot_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cpu: Mapped[float] = mapped_column(Float)
@@ -151,4 +164,20 @@ class DomainRow(Base):
     sandbox_id: Mapped[str] = mapped_column(String(32), index=True)
     port: Mapped[int] = mapped_column(Integer)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class SnapshotRow(Base):
+    """A live sandbox's state kept as a template in the store (engine/snapshots.py)."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sandbox_id: Mapped[str] = mapped_column(String(32), index=True)  # no FK: outlives it
+    template_digest: Mapped[str] = mapped_column(String(80), index=True)
+    source_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    memory: Mapped[bool] = mapped_column(Boolean)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
