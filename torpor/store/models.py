@@ -1,5 +1,5 @@
 """Database models: sandboxes, their events, API keys, secrets, egress log, domains,
-snapshots."""
+snapshots, volumes and drives and their attachments."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime as _DateTime
@@ -180,4 +181,32 @@ class SnapshotRow(Base):
     memory: Mapped[bool] = mapped_column(Boolean)
     bytes: Mapped[int] = mapped_column(BigInteger)
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class VolumeRow(Base):
+    """A volume (kind "volume": one writer or many readers, mounted at a sandbox's start)
+    or a drive (kind "drive": read-write in many sandboxes, attached to running ones): an
+    ext4 image of `size_mb` on the host, outliving every sandbox that used it."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("kind", "name", name="uq_volumes_kind_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # volume | drive
+    size_mb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class AttachmentRow(Base):
+    """A volume or drive a sandbox uses, at `path` inside it; gone with the sandbox."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(ForeignKey("sandboxes.id"), index=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), index=True)
+    path: Mapped[str] = mapped_column(String(255))
+    read_only: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
