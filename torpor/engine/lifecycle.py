@@ -11,6 +11,7 @@ metering, the warm pool), so none of those imports it back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from torpor.engine.states import IN_MEMORY, PARKED, State, require
 from torpor.errors import Conflict, TorporError, Unavailable
 from torpor.runtime.base import Driver, DriverError, SandboxSpec
 from torpor.store.models import SandboxRow
-from torpor.templates import TemplateStore
+from torpor.templates import Template, TemplateStore
 
 log = logging.getLogger("torpor.lifecycle")
 
@@ -228,6 +229,88 @@ class Lifecycle:
             await asyncio.to_thread(self.driver.export_snapshot, self.spec(row), dest)
         await self.remove(self.records.find(sid), "captured")
 
+    # --- snapshots of live sandboxes, restore in place --------------------------------
+    async def snapshot_live(self, sid: str, dest: Path, memory: bool) -> dict:
+        """Keep a running or standby sandbox in `dest` (see `Driver.snapshot_live`); it
+        runs on. With memory, refused (409) for what a checkpoint cannot save, as a
+        hibernation is; a failure leaves the sandbox as it was (Unavailable)."""
+        async with self.lock(sid):
+            row = self.records.get(sid)
+            require(sid, row.state, "snapshot", IN_MEMORY,
+                    "resume it first" if row.state == State.HIBERNATED else "")
+            state = State(row.state)
+            spec = self.specs[sid]
+            if memory:
+                await self._check_hibernatable(sid, state, "snapshot", "be snapshotted")
+            try:
+                return await asyncio.to_thread(self.driver.snapshot_live, spec, dest, memory)
+            except (DriverError, OSError) as err:
+                self.records.event(sid, "snapshot_failed", state, state, "explicit",
+                                   {"error": str(err)})
+                raise Unavailable(f"sandbox {sid}: the snapshot failed, the sandbox runs on "
+                                  f"as it was: {err}", sandbox_id=sid) from None
+            finally:
+                if memory and state == State.STANDBY:
+                    # the check thawed it (when it passed): back to standby, as it was
+                    await asyncio.to_thread(self.driver.freeze, spec, True)
+
+    async def rollback(self, sid: str, tpl: Template, snapshot_id: str, env: dict) -> None:
+        """Restore a sandbox in place from a snapshot's template `tpl`: its container is
+        replaced by one started from the snapshot (memory and processes as they were, or
+        its files alone), under the same id. `env` configures the new agent. A failure
+        after the old container went leaves the sandbox failed (the snapshot stays: a
+        delete and a create from it, or another restore, bring it back)."""
+        async with self.lock(sid):
+            row = self.records.get(sid)
+            require(sid, row.state, "restore a snapshot into",
+                    [State.RUNNING, State.STANDBY, State.HIBERNATED])
+            state = State(row.state)
+            t0 = time.monotonic()
+            old = self.specs.get(sid) or SandboxSpec(
+                id=sid, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
+                disk_mb=row.disk_mb)
+            # what else it has (its storage) stays; its template and sizes are the snapshot's
+            spec = dataclasses.replace(old, template=tpl, memory_mb=tpl.memory_mb,
+                                       disk_mb=tpl.disk_mb)
+            self.transitioning.add(sid)
+            try:
+                await self.detach(sid, bank=state in IN_MEMORY)
+                if state == State.STANDBY:
+                    await asyncio.to_thread(self.driver.freeze, old, False)
+                await self.driver.destroy(old)
+                self.specs[sid] = spec
+                self.records.update(sid, event=("restoring", "explicit",
+                                                {"snapshot": snapshot_id}),
+                                    template_digest=tpl.digest, snapshot_id=snapshot_id,
+                                    memory_mb=spec.memory_mb, disk_mb=spec.disk_mb)
+                if tpl.snapshot:
+                    chan = await self.driver.start_from_snapshot(spec, tpl.snapshot_dir)
+                    await AgentClient(chan).resumed(wait=10)
+                else:
+                    chan = await self.driver.start(spec)
+                if env:
+                    await AgentClient(chan).configure(env)
+            except (DriverError, ChannelClosed, AgentError, OSError, TimeoutError) as e:
+                self.transitioning.discard(sid)
+                await self.fail(sid, f"could not restore snapshot {snapshot_id}: {e}",
+                                "restore_failed", destroy=True)
+                raise Unavailable(f"sandbox {sid}: could not restore snapshot "
+                                  f"{snapshot_id}: {e}; it has failed (delete it, or "
+                                  "create a sandbox from the snapshot)",
+                                  sandbox_id=sid) from None
+            self.transitioning.discard(sid)
+            self.attach(sid, spec, chan)
+            detail = {"snapshot": snapshot_id, "from": str(state)}
+            if state == State.RUNNING:
+                self.records.update(sid, event=("restored", "explicit",
+                                                detail | {"duration_ms": _ms(t0)}))
+            else:
+                self.records.set_state(sid, State.RUNNING, None, "restored", _ms(t0), detail)
+            if tpl.snapshot:
+                self.driver.drop_image(sid)
+            self.hooks.touched(sid)
+            self.hooks.changed(sid)
+
     async def close(self) -> None:
         """The server stops: let go of every channel; the sandboxes keep running."""
         self.closing = True
@@ -342,7 +425,8 @@ class Lifecycle:
             self.records.set_state(sid, State.HIBERNATED, None, reason, _ms(t0), result)
             self.hooks.changed(sid)
 
-    async def _check_hibernatable(self, sid: str, state: State, reason: str) -> None:
+    async def _check_hibernatable(self, sid: str, state: State, reason: str,
+                                  action: str = "hibernate") -> None:
         """Refuse (409) what the driver cannot checkpoint without losing the sandbox
         (`driver.checkpoint_blockers`, found by the agent's `hibernate_check`)."""
         chan = self.channels.get(sid)
@@ -367,7 +451,7 @@ class Lifecycle:
             self.records.event(sid, "hibernate_refused", state, state, reason,
                                {"problems": problems[:20]})
             why = self.driver.checkpoint_refusal(problems[0])
-            raise Conflict(f"sandbox {sid} cannot hibernate: {why}; the sandbox stays {state}",
+            raise Conflict(f"sandbox {sid} cannot {action}: {why}; the sandbox stays {state}",
                            sandbox_id=sid, problems=problems[:20])
 
     async def resume(self, sid: str, reason: str) -> None:

@@ -33,6 +33,13 @@ from torpor.engine.pool import WarmPool
 from torpor.engine.processes import Processes
 from torpor.engine.records import Records
 from torpor.engine.secrets import SecretStore
+from torpor.engine.snapshots import (
+    MAX_FORKS,
+    SnapshotInfo,
+    Snapshots,
+    is_snapshot_id,
+    new_snapshot_id,
+)
 from torpor.engine.standby import Standby
 from torpor.engine.states import State
 from torpor.engine.traffic import Traffic
@@ -93,6 +100,10 @@ class Engine:
         self.build_records = BuildRecords(self.builds, self.data_dir / "builds")
         # built-in templates, built on first use (as build records too)
         self.builtins = Builtins(self.builds, self.templates, self.build_records)
+        # snapshots of live sandboxes: templates in the store, kept by their rows
+        self.snapshots = Snapshots(self.sessions, self.records, self.lifecycle,
+                                   self.templates, gc=self._template_gc,
+                                   wake=self.lifecycle.channel)
         self._tasks: list[asyncio.Task] = []
 
     # --- what the lifecycle tells the rest (lifecycle.Hooks) ----------------------------
@@ -138,6 +149,7 @@ class Engine:
     async def start(self) -> None:
         await self.traffic.start()
         await self.lifecycle.recover()
+        await asyncio.to_thread(self.snapshots.recover)
         await asyncio.to_thread(self._template_gc)  # what a forced delete left
         self._tasks.append(self.pool.start())
         self._tasks.append(asyncio.create_task(self.watchdog.loop()))
@@ -212,7 +224,7 @@ class Engine:
         live = {r.template_digest for r in self.records.in_states(
             [State.CREATING, State.RUNNING, State.STANDBY, State.HIBERNATED, State.FAILED])
             if r.template_digest}
-        removed = self.templates.gc(live)
+        removed = self.templates.gc(live | self.snapshots.digests())
         if removed:
             log.info("templates: removed %d unused templates and layers", len(removed))
 
@@ -256,9 +268,15 @@ class Engine:
                      metadata: dict | None = None, cpu: float | None = None,
                      memory_mb: int | None = None, disk_mb: int | None = None,
                      network: dict | None = None, secrets: dict | None = None,
-                     **policy) -> SandboxInfo:
-        await self.builtins.ensure(template)  # a built-in's first use builds it
-        tpl = self.template(template)
+                     snapshot: str | None = None, **policy) -> SandboxInfo:
+        if snapshot is None and is_snapshot_id(template):
+            snapshot = template  # a snapshot's id works as a template's name
+        if snapshot is not None:
+            tpl = self._snapshot_template(snapshot, memory_mb, disk_mb)
+            template = snapshot
+        else:
+            await self.builtins.ensure(template)  # a built-in's first use builds it
+            tpl = self.template(template)
         cpu = float(cpu if cpu is not None else tpl.cpu)
         memory_mb = int(memory_mb if memory_mb is not None else tpl.memory_mb)
         disk_mb = int(disk_mb if disk_mb is not None else tpl.disk_mb)
@@ -270,17 +288,103 @@ class Engine:
         policy["secrets"] = self.traffic.grants(secrets, env)
         # the template's env under the sandbox's own
         boot_env = self.traffic.sandbox_env(policy["secrets"], {**tpl.env, **env})
-        sid = await self.pool.take(tpl, (cpu, memory_mb, disk_mb), env, metadata, policy,
-                                   boot_env)
+        sid = None if snapshot else await self.pool.take(
+            tpl, (cpu, memory_mb, disk_mb), env, metadata, policy, boot_env)
         if sid is None:
             row = SandboxRow(id=new_id(), template=template, template_digest=tpl.digest,
-                             state=State.CREATING, cpu=cpu, memory_mb=memory_mb,
-                             disk_mb=disk_mb, env=env, meta=metadata, pooled=False, **policy)
+                             snapshot_id=snapshot, state=State.CREATING, cpu=cpu,
+                             memory_mb=memory_mb, disk_mb=disk_mb, env=env, meta=metadata,
+                             pooled=False, **policy)
             self.records.add(row)
             await self.lifecycle.boot(row, boot_env)
             sid = row.id
         self.standby.touch(sid)
         return self.get(sid)
+
+    def _snapshot_template(self, snap_id: str, memory_mb: int | None,
+                           disk_mb: int | None) -> Template:
+        tpl = self.snapshots.template_of(snap_id)
+        if tpl.snapshot:  # its memory image is of that memory and that disk
+            for field, asked, had in (("memory_mb", memory_mb, tpl.memory_mb),
+                                      ("disk_mb", disk_mb, tpl.disk_mb)):
+                if asked is not None and int(asked) != had:
+                    raise Invalid(f"snapshot {snap_id} holds memory: a sandbox made from it "
+                                  f"has its {field} ({had}); leave {field} out",
+                                  field=field)
+        return tpl
+
+    # --- snapshots, restore in place, fork (engine/snapshots.py) ------------------------
+    async def snapshot(self, sid: str, name: str | None = None,
+                       memory: bool = True) -> SnapshotInfo:
+        """Snapshot a live sandbox, which runs on; with `memory`, its processes too."""
+        return await self.snapshots.take(sid, name, memory)
+
+    def list_snapshots(self, sandbox_id: str | None = None) -> list[SnapshotInfo]:
+        return self.snapshots.list(sandbox_id)
+
+    def get_snapshot(self, snap_id: str) -> SnapshotInfo:
+        return self.snapshots.get(snap_id)
+
+    def delete_snapshot(self, snap_id: str, force: bool = False) -> None:
+        self.snapshots.delete(snap_id, force)
+
+    async def restore(self, sid: str, snapshot: str) -> SandboxInfo:
+        """Roll a sandbox back to a snapshot (of it, or of a sandbox of the same template):
+        same id; processes and files as they were then."""
+        tpl = self.snapshots.check_restorable(sid, snapshot)
+        row = self.records.get(sid)
+        env = self.traffic.sandbox_env(row.secrets or {}, {**tpl.env, **(row.env or {})})
+        await self.lifecycle.rollback(sid, tpl, snapshot, env)
+        self._defaults.pop(sid, None)
+        await asyncio.to_thread(self._template_gc)  # what it stood on before, if unused
+        self.standby.touch(sid)
+        return self.get(sid)
+
+    async def fork(self, sid: str, count: int = 1) -> list[SandboxInfo]:
+        """Capture a sandbox once (memory and disk; it runs on) and start `count` copies of
+        it, each with its own id, disk, previews and metering, the source's egress policy,
+        secrets grants, environment, timers and exposed ports. All or none: a copy that
+        fails to start removes the others."""
+        if isinstance(count, bool) or not isinstance(count, int) or not (
+                1 <= count <= MAX_FORKS):
+            raise Invalid(f"count must be between 1 and {MAX_FORKS}", field="count")
+        self.records.get(sid)  # 404 first
+        snap_id = new_snapshot_id()
+        tpl, figures = await self.snapshots.capture(sid, snap_id, True)
+        rows: list[SandboxRow] = []
+        try:
+            src = self.records.get(sid)
+            policy = {k: getattr(src, k) for k in ("standby_after", "hibernate_after", "ttl",
+                                                   "idle_ttl", "expire_action")}
+            env = dict(src.env or {})
+            boot_env = self.traffic.sandbox_env(src.secrets or {}, {**tpl.env, **env})
+            for _ in range(count):
+                row = SandboxRow(id=new_id(), template=src.template,
+                                 template_digest=tpl.digest, state=State.CREATING,
+                                 cpu=src.cpu, memory_mb=tpl.memory_mb, disk_mb=tpl.disk_mb,
+                                 env=env, meta={**(src.meta or {}), "torpor.fork_of": sid},
+                                 pooled=False, network=dict(src.network or {}),
+                                 secrets=dict(src.secrets or {}),
+                                 ports=dict(src.ports or {}), **policy)
+                self.records.add(row)
+                rows.append(row)
+            results = await asyncio.gather(*(self.lifecycle.boot(r, boot_env) for r in rows),
+                                           return_exceptions=True)
+            failed = [e for e in results if isinstance(e, BaseException)]
+            if failed:
+                for r in rows:
+                    await self._delete_any(r.id, "fork_failed")
+                self.templates.release(f"snapshot:{snap_id}")
+                await asyncio.to_thread(self._template_gc)  # the capture, now unused
+                raise failed[0]
+        finally:
+            self.templates.release(f"snapshot:{snap_id}")
+        ids = [r.id for r in rows]
+        for fid in ids:
+            self.standby.touch(fid)
+        self.records.event(sid, "forked", None, None, "explicit",
+                           {"forks": ids, "pause_ms": figures.get("pause_ms")})
+        return [self.get(fid) for fid in ids]
 
     def _policy(self, given: dict) -> dict:
         """Idle timers and expiry, with the server's defaults for what is not given."""

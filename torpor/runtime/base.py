@@ -122,6 +122,13 @@ class Driver(Protocol):
         """Start a new sandbox as a copy of a boot snapshot (its own disk; its processes as
         they were); the caller calls `drop_image` once it answered."""
 
+    def snapshot_live(self, spec: SandboxSpec, dest: Path, memory: bool) -> dict:
+        """Keep a running (or frozen) sandbox in `dest`, the sandbox running on after a
+        short pause: with `memory`, as a boot snapshot (`start_from_snapshot` starts copies
+        of it); without, what it changed on its disk as dest/root and dest/usr (a layer).
+        On failure nothing of it is left in `dest` and the sandbox is as it was. Returns
+        figures (pause_ms, bytes)."""
+
     # --- what it uses -------------------------------------------------------------------
     def limits(self, spec: SandboxSpec) -> Limits: ...
 

@@ -33,7 +33,7 @@ from torpor.agent import protocol as P
 from torpor.channel import Channel, ChannelClosed
 from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 
-FAILABLE = ("start", "checkpoint", "restore")
+FAILABLE = ("start", "checkpoint", "restore", "snapshot_live")
 AGENT_PID = 1  # the agent is the first process of its sandbox
 
 
@@ -388,6 +388,21 @@ class FakeDriver:
         self._images[spec.id] = state
         self._disks.setdefault(spec.id, 0)
         return await self.restore(spec)
+
+    def snapshot_live(self, spec: SandboxSpec, dest: Path, memory: bool) -> dict:
+        """The agent's state as it is now (a fake sandbox changes no files: an empty layer
+        without memory); the sandbox runs on."""
+        self._check_failure("snapshot_live", spec.id)
+        agent = self._agents.get(spec.id)
+        if agent is None:
+            raise DriverError(f"sandbox {spec.id} is not running: nothing to snapshot")
+        dest.mkdir(parents=True, exist_ok=not memory)
+        if memory:
+            (dest / "snapshot.json").write_text(json.dumps(asdict(agent.state)))
+        else:
+            for part in ("root", "usr"):
+                (dest / part).mkdir(exist_ok=True)
+        return {"pause_ms": 0.0, "bytes": 0}
 
     def drop_image(self, sid: str) -> None:
         self.calls.append(("drop_image", sid))

@@ -27,6 +27,7 @@ from torpor.channel import Channel, ChannelClosed
 from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
 from torpor.runtime.layers import DiskStock, Layer
+from torpor.runtime.snapshot import live_snapshot
 
 log = logging.getLogger("torpor.runtime")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -495,6 +496,10 @@ class GVisorDriver:
         template's layer (see Layer.export_changes)."""
         self.stop(spec)
         self.layer(spec).export_changes(dest)
+
+    def snapshot_live(self, spec: SandboxSpec, dest: Path, memory: bool) -> dict:
+        """Snapshot a live sandbox into `dest`, which runs on (see runtime/snapshot.py)."""
+        return live_snapshot(self, spec, dest, memory)
 
     def export_snapshot(self, spec: SandboxSpec, dest: Path) -> None:
         """Keep a checkpointed sandbox as a boot snapshot in `dest`: its disk, its image and

@@ -1,0 +1,235 @@
+"""Snapshots of live sandboxes, with real runsc: memory (a counter in a Python process) is
+the same in the source after a snapshot, in a sandbox created from it, in each fork (which
+then diverge), after a restore in place; filesystem-only snapshots; refusals; 404 and 409;
+a snapshot surviving a server restart (REST)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from conftest import make_data_dir
+
+from torpor.config import Settings
+from torpor.engine.manager import Engine
+from torpor.engine.types import Exited, Output
+from torpor.errors import Conflict, Invalid, NotFound, Unavailable
+from torpor.runtime.gvisor import purge
+
+# a process that counts in memory only; SIGUSR1 makes it write the count to /tmp/count
+COUNTER = """
+import os, signal, time
+n = 0
+def dump(*_):
+    with open('/tmp/count.tmp', 'w') as f:
+        f.write(str(n))
+    os.replace('/tmp/count.tmp', '/tmp/count')
+signal.signal(signal.SIGUSR1, dump)
+while True:
+    n += 1
+    time.sleep(0.01)
+"""
+
+
+async def sh(engine: Engine, sid: str, cmd: str) -> tuple[int | None, str]:
+    out, code = [], None
+    async for ev in await engine.processes.run(sid, ["sh", "-c", cmd], user="root",
+                                               timeout=30):
+        if isinstance(ev, Output):
+            out.append(ev.data)
+        elif isinstance(ev, Exited):
+            code = ev.exit_code
+    return code, "".join(out)
+
+
+async def count(engine: Engine, sid: str) -> int:
+    """The counter's value now, read from its memory (it writes it on SIGUSR1)."""
+    code, out = await sh(engine, sid, "rm -f /tmp/count; pkill -USR1 -f 'counte[r].py'; "
+                                      "for i in $(seq 100); do [ -e /tmp/count ] && break; "
+                                      "sleep 0.02; done; cat /tmp/count")
+    assert code == 0, out
+    return int(out)
+
+
+async def start_counter(engine: Engine, sid: str) -> None:
+    await sh(engine, sid, f"cat > /root/counter.py <<'EOF'\n{COUNTER}\nEOF")
+    await engine.processes.start(sid, ["python3", "/root/counter.py"], user="root")
+    for _ in range(100):
+        code, _ = await sh(engine, sid, "pgrep -f 'counte[r].py'")
+        if code == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the counter did not start")
+
+
+@pytest.fixture
+def engine_run():
+    data_dir = make_data_dir()
+
+    def go(body):
+        async def main():
+            engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
+                                     memory_watermark=0, egress_log_days=0))
+            await engine.start()
+            try:
+                await body(engine)
+            finally:
+                for info in engine.list():
+                    await engine.delete(info.id)
+                await engine.stop(hibernate=False)
+        asyncio.run(main())
+
+    try:
+        yield go, data_dir
+    finally:
+        purge(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_memory_snapshot_create_fork_restore(engine_run):
+    go, _ = engine_run
+
+    async def body(engine: Engine):
+        src = (await engine.create(standby_after=0, hibernate_after=0)).id
+        await start_counter(engine, src)
+        await sh(engine, src, "echo before > /root/file")
+        snap = await engine.snapshot(src, name="before", memory=True)
+        assert snap.id.startswith("snap_") and snap.memory and snap.sandbox_id == src
+        assert snap.bytes > 0 and snap.name == "before"
+        # the source runs on: same process, still counting
+        at_snap = await count(engine, src)
+        await asyncio.sleep(0.3)
+        assert await count(engine, src) > at_snap
+        await sh(engine, src, "echo after > /root/file")
+        assert [s.id for s in engine.list_snapshots(sandbox_id=src)] == [snap.id]
+
+        # a sandbox created from it: its own id, the counter's memory as at the snapshot
+        new = (await engine.create(snapshot=snap.id)).id
+        assert new != src
+        c_new = await count(engine, new)
+        assert 0 < c_new <= at_snap + 5, (c_new, at_snap)
+        assert (await sh(engine, new, "cat /root/file"))[1] == "before\n"
+        assert engine.get(new).template == snap.id
+        # the snapshot is in use: 409, then forced
+        with pytest.raises(Conflict):
+            engine.delete_snapshot(snap.id)
+
+        # three forks of the source: each has the counter as it was, then each counts on
+        forks = await engine.fork(src, count=3)
+        assert len({f.id for f in forks} | {src}) == 4
+        at_fork = await count(engine, src)
+        for f in forks:
+            assert f.metadata.get("torpor.fork_of") == src
+            c = await count(engine, f.id)
+            assert at_snap < c <= at_fork + 200, (c, at_fork)
+            assert (await sh(engine, f.id, "cat /root/file"))[1] == "after\n"
+        # they diverge: a file written in one is in no other
+        await sh(engine, forks[0].id, "echo mine > /root/fork0")
+        for f in forks[1:] + [engine.get(src)]:
+            assert (await sh(engine, f.id, "cat /root/fork0"))[0] != 0
+
+        # restore in place: the source rolls back (same id; counter and files as then)
+        await asyncio.sleep(0.5)
+        before_restore = await count(engine, src)
+        info = await engine.restore(src, snap.id)
+        assert info.id == src and info.state == "running"
+        c_back = await count(engine, src)
+        assert c_back < before_restore, (c_back, before_restore)
+        assert (await sh(engine, src, "cat /root/file"))[1] == "before\n"
+
+        # snapshots outlive their source
+        for f in forks:
+            await engine.delete(f.id)
+        await engine.delete(new)
+        await engine.delete(src)
+        assert engine.get_snapshot(snap.id).sandbox_id == src
+        engine.delete_snapshot(snap.id)
+        with pytest.raises(NotFound):
+            engine.get_snapshot(snap.id)
+
+    go(body)
+
+
+def test_filesystem_snapshot_and_refusals(engine_run):
+    go, _ = engine_run
+
+    async def body(engine: Engine):
+        src = (await engine.create(standby_after=0, hibernate_after=0)).id
+        await start_counter(engine, src)
+        await sh(engine, src, "mkdir -p /home/user/w && echo kept > /home/user/w/f && "
+                              "rm -f /etc/issue")
+        snap = await engine.snapshot(src, memory=False)
+        assert not snap.memory
+        # the source runs on
+        await count(engine, src)
+        # files, no processes: a fresh boot over the captured layer
+        new = (await engine.create(template=snap.id)).id
+        assert (await sh(engine, new, "cat /home/user/w/f"))[1] == "kept\n"
+        assert (await sh(engine, new, "test -e /etc/issue"))[0] != 0  # the whiteout kept
+        assert (await sh(engine, new, "pgrep -f 'counte[r].py'"))[0] != 0
+        # another memory size is fine without memory; with memory it is refused
+        mem = await engine.snapshot(src)
+        with pytest.raises(Invalid):
+            await engine.create(snapshot=mem.id, memory_mb=256)
+
+        # a deleted-but-open file on disk blocks a memory snapshot, as a hibernation
+        await engine.processes.start(src, ["python3", "-c",
+                                           ("import os,time\nf=open('/root/gone','w')\n"
+                                            "os.unlink('/root/gone')\ntime.sleep(600)")],
+                                     user="root")
+        await asyncio.sleep(0.5)
+        with pytest.raises(Conflict) as e:
+            await engine.snapshot(src)
+        assert "deleted while open" in e.value.message
+        # (without memory it is not a problem)
+        await engine.snapshot(src, memory=False)
+
+        # a hibernated sandbox is resumed for its snapshot; a failed one is refused
+        await sh(engine, src, "pkill -f 'roo[t].gone'; true")
+        await engine.hibernate(new)
+        s2 = await engine.snapshot(new, memory=False)
+        assert engine.get(new).state == "running" and s2.sandbox_id == new
+
+        # 404s
+        with pytest.raises(NotFound):
+            await engine.snapshot("sbxnope")
+        with pytest.raises(NotFound):
+            await engine.create(snapshot="snap_nope")
+        with pytest.raises(NotFound):
+            await engine.restore(src, "snap_nope")
+        with pytest.raises(NotFound):
+            engine.delete_snapshot("snap_nope")
+        with pytest.raises(Invalid):
+            await engine.fork(src, count=0)
+
+        # a snapshot whose template files are gone: a clear refusal
+        tpl = engine.templates.by_digest(mem.template)
+        shutil.rmtree(tpl.snapshot_dir / "image")
+        with pytest.raises(Conflict) as e:
+            await engine.restore(src, mem.id)
+        assert "gone" in e.value.message
+        assert engine.get(src).state == "running"
+
+    go(body)
+
+
+def test_snapshot_disk_full_leaves_source_running(engine_run, monkeypatch):
+    go, _ = engine_run
+
+    async def body(engine: Engine):
+        src = (await engine.create(standby_after=0, hibernate_after=0)).id
+        await start_counter(engine, src)
+        import torpor.runtime.snapshot as rs
+        # the host's disk as if full: the snapshot is refused before anything is paused
+        monkeypatch.setattr(rs, "HEADROOM", 1 << 60)
+        with pytest.raises(Unavailable) as e:
+            await engine.snapshot(src)
+        assert "not enough disk" in e.value.message
+        assert engine.list_snapshots() == []
+        assert not list(engine.templates.images.glob(".snap-*"))
+        c = await count(engine, src)
+        await asyncio.sleep(0.2)
+        assert await count(engine, src) > c
+
+    go(body)
