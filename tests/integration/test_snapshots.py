@@ -233,3 +233,77 @@ def test_snapshot_disk_full_leaves_source_running(engine_run, monkeypatch):
         assert await count(engine, src) > c
 
     go(body)
+
+
+# --- the front doors: REST, SDK, CLI; a restart ------------------------------------------
+
+@pytest.fixture
+def own_server():
+    from conftest import Server, teardown_data_dir
+    srv = Server(make_data_dir(), pool_size=0).start()
+    yield srv
+    teardown_data_dir(srv)
+
+
+def test_rest_sdk_cli_and_restart(own_server):
+    import signal
+
+    from conftest import cli, run
+
+    from torpor import ConflictError, NotFoundError, Sandbox, Snapshot
+    srv = own_server
+    conn = {"url": srv.url, "api_key": srv.key}
+    with srv.client() as api:
+        sbx = Sandbox.create(standby_after=0, hibernate_after=0, **conn)
+        sbx.commands.run("echo one > /home/user/f")
+        snap = sbx.snapshot(name="one")
+        assert snap.memory and snap.name == "one" and snap.sandbox_id == sbx.id
+        assert [s.id for s in Snapshot.list(sandbox_id=sbx.id, **conn)] == [snap.id]
+        r = api.get(f"/v1/sandboxes/{sbx.id}/snapshots")
+        assert r.status_code == 200 and [s["id"] for s in r.json()] == [snap.id]
+        assert api.get("/v1/usage").json()["total"]["snapshot_bytes"] >= snap.bytes > 0
+        # 404s and a bad body
+        assert api.get("/v1/snapshots/snap_nope").status_code == 404
+        assert api.post("/v1/sandboxes/sbxnope/snapshots", json={}).status_code == 404
+        assert api.post(f"/v1/sandboxes/{sbx.id}/fork", json={"count": 0}).status_code == 422
+        assert api.post("/v1/sandboxes", json={"snapshot": "snap_nope"}).status_code == 404
+        # a create from it, through REST; then the snapshot is in use: 409
+        r = api.post("/v1/sandboxes", json={"snapshot": snap.id})
+        assert r.status_code == 201, r.text
+        copy = r.json()["id"]
+        assert run(api, copy, "cat /home/user/f")["stdout"] == "one\n"
+        with pytest.raises(ConflictError):
+            Snapshot.delete(snap.id, **conn)
+        # the CLI: fork, restore, list
+        p = cli(srv, "sandbox", "fork", sbx.id, "--count", "2", "--json")
+        assert p.returncode == 0, p.stderr
+        import json as _json
+        forks = [i["id"] for i in _json.loads(p.stdout)]
+        assert len(forks) == 2
+        sbx.commands.run("echo two > /home/user/f")
+        p = cli(srv, "sandbox", "restore", sbx.id, snap.id)
+        assert p.returncode == 0, p.stderr
+        assert sbx.commands.run("cat /home/user/f").stdout == "one\n"
+        p = cli(srv, "snapshot", "list", "--json")
+        assert p.returncode == 0 and snap.id in p.stdout
+        for f in forks:
+            api.delete(f"/v1/sandboxes/{f}")
+        api.delete(f"/v1/sandboxes/{copy}")
+
+    # a kill of the server: the snapshot stays, and a sandbox starts from it
+    srv.stop(signal.SIGKILL)
+    srv.start()
+    assert Snapshot.get(snap.id, **conn).bytes == snap.bytes
+    again = Sandbox.create(snapshot=snap.id, **conn)
+    assert again.commands.run("cat /home/user/f").stdout == "one\n"
+    # a graceful restart too
+    srv.stop(signal.SIGTERM)
+    srv.start()
+    assert [s.id for s in Snapshot.list(**conn)] == [snap.id]
+    sbx.delete()
+    again.delete()
+    Snapshot.delete(snap.id, **conn)
+    with pytest.raises(NotFoundError):
+        Snapshot.get(snap.id, **conn)
+    p = cli(srv, "snapshot", "rm", "snap_nope")
+    assert p.returncode != 0

@@ -178,13 +178,24 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     async def healthz():
         return {"ok": True, "version": __version__, "runsc": engine.describe().get("version")}
 
-    from torpor.api import commands, files, keys, lifecycle, network, sandboxes, secrets, templates
+    from torpor.api import (
+        commands,
+        files,
+        keys,
+        lifecycle,
+        network,
+        sandboxes,
+        secrets,
+        snapshots,
+        templates,
+    )
 
     deps = [Depends(require_key)]
     for module, responses in ((sandboxes, ON_SANDBOX), (keys, ADMIN_ONLY),
                               (commands, ON_SANDBOX), (files, ON_SANDBOX),
                               (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
-                              (network, ON_SANDBOX), (templates, COMMON)):
+                              (network, ON_SANDBOX), (templates, COMMON),
+                              (snapshots, ON_SANDBOX)):
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=responses)
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits

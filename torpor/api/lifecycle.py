@@ -64,5 +64,6 @@ async def usage_all(request: Request, state: str | None = None):
     items = [engine.usage(i.id) for i in engine.list(state=state, metadata=meta)]
     total = {"cpu_seconds": round(sum(u["cpu_seconds"] for u in items), 6),
              "memory_gib_seconds": round(sum(u["memory_gib_seconds"] for u in items), 6),
-             "disk_bytes": sum(u["disk_bytes"] for u in items)}
+             "disk_bytes": sum(u["disk_bytes"] for u in items),
+             "snapshot_bytes": sum(s.bytes for s in engine.list_snapshots())}
     return {"sandboxes": items, "total": total}

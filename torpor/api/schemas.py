@@ -117,6 +117,8 @@ class CreateSandbox(Strict):
     # env var -> secret name: the variable holds a placeholder the egress proxy swaps
     secrets: dict[EnvName, Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=dict, max_length=100, json_schema_extra=_names_schema)
+    # a snapshot's id (snap_...): the sandbox starts from it (memory too, if it has it)
+    snapshot: str | None = Field(None, min_length=1, max_length=32)
 
 
 class UpdateSandbox(Strict):
@@ -150,6 +152,7 @@ class UsageTotal(BaseModel):
     cpu_seconds: float
     memory_gib_seconds: float
     disk_bytes: int
+    snapshot_bytes: int = 0  # what every snapshot takes on the host's disk
 
 
 class UsageSummary(BaseModel):
@@ -541,3 +544,30 @@ class RenameIn(Strict):
     dst: Path_
     overwrite: bool = False
     user: UserName = "user"
+
+
+class CreateSnapshot(Strict):
+    name: str | None = Field(None, max_length=128)  # a label, for people
+    memory: bool = True  # processes and memory too; false: files only
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str | None
+    sandbox_id: str
+    memory: bool
+    bytes: int
+    created_at: datetime
+    template: str
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    pause_ms: float | None = None
+
+
+class RestoreIn(Strict):
+    snapshot: str = Field(min_length=1, max_length=32)
+
+
+class ForkIn(Strict):
+    count: int = Field(1, ge=1, le=20)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from torpor.cli import _common, admin, files, network, sandbox, secret, template
+from torpor.cli import _common, admin, files, network, sandbox, secret, snapshot, template
 from torpor.cli._common import App, fail
 from torpor.cli.exec import exec_command
 
@@ -16,6 +16,7 @@ app = App(help="Torpor: perpetual sandboxes for AI agents.")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(files.app, name="files")
 app.add_typer(template.app, name="template")
+app.add_typer(snapshot.app, name="snapshot")  # (also adds `sandbox fork|restore`)
 app.add_typer(admin.keys, name="keys")
 app.add_typer(secret.app, name="secret")
 app.add_typer(network.domains, name="domain")  # (network also adds `sandbox` verbs)

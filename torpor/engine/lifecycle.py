@@ -49,6 +49,9 @@ class Hooks(Protocol):
 
     def hibernate_failed(self, sid: str) -> None: ...
 
+    def storage(self, spec: SandboxSpec) -> None:
+        """A sandbox's spec is made: put in the volumes and drives it uses."""
+
     def forgotten(self, sid: str) -> None:
         """It was deleted: drop what is kept of it in memory."""
 
@@ -83,6 +86,7 @@ class Lifecycle:
                                   f"({row.template_digest or 'no digest'}) is gone")
             spec = SandboxSpec(id=row.id, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
                                disk_mb=row.disk_mb, hostname="sandbox")
+            self.hooks.storage(spec)
             self.specs[row.id] = spec
         return spec
 

@@ -44,6 +44,7 @@ from torpor.engine.standby import Standby
 from torpor.engine.states import State
 from torpor.engine.traffic import Traffic
 from torpor.engine.types import SandboxInfo
+from torpor.engine.volumes import Volumes
 from torpor.engine.watchdog import Watchdog
 from torpor.errors import Conflict, Invalid, NotFound, Unavailable
 from torpor.runtime import driver_for
@@ -76,6 +77,8 @@ class Engine:
         self.driver = driver_for(settings)
         self.records = Records(self.sessions, last_active=self._last_active)
         self.lifecycle = Lifecycle(self.records, self.driver, self.templates, hooks=self)
+        # volumes and drives (engine/volumes.py): the doors use engine.volumes
+        self.volumes = Volumes(self.records, self.driver, self.lifecycle.specs.get)
         self.standby = Standby(self.records, self.lifecycle, settings.memory_watermark,
                                delete=self.delete)
         self.metering = Metering(self.records, self.driver, self.lifecycle.spec)
@@ -122,12 +125,16 @@ class Engine:
     def hibernate_failed(self, sid: str) -> None:
         self.standby.act(sid).failed_at = time.monotonic()
 
+    def storage(self, spec) -> None:
+        self.volumes.fill(spec)
+
     def forgotten(self, sid: str) -> None:
         self.records.forget(sid)
         self.standby.forget(sid)
         self.watchdog.forget(sid)
         self.pool.forget(sid)
         self.traffic.forget(sid)
+        self.volumes.forget(sid)
         self._defaults.pop(sid, None)
 
     def _last_active(self, sid: str) -> datetime | None:
@@ -268,6 +275,7 @@ class Engine:
                      metadata: dict | None = None, cpu: float | None = None,
                      memory_mb: int | None = None, disk_mb: int | None = None,
                      network: dict | None = None, secrets: dict | None = None,
+                     volumes: dict | None = None,
                      snapshot: str | None = None, **policy) -> SandboxInfo:
         if snapshot is None and is_snapshot_id(template):
             snapshot = template  # a snapshot's id works as a template's name
@@ -281,6 +289,7 @@ class Engine:
         memory_mb = int(memory_mb if memory_mb is not None else tpl.memory_mb)
         disk_mb = int(disk_mb if disk_mb is not None else tpl.disk_mb)
         self._validate(cpu, memory_mb, disk_mb)
+        wanted = self.volumes.resolve(volumes)  # 404/422 before anything starts
         env = dict(env or {})
         metadata = dict(metadata or {})
         policy = self._policy(policy)
@@ -288,15 +297,22 @@ class Engine:
         policy["secrets"] = self.traffic.grants(secrets, env)
         # the template's env under the sandbox's own
         boot_env = self.traffic.sandbox_env(policy["secrets"], {**tpl.env, **env})
-        sid = None if snapshot else await self.pool.take(
+        # a pool sandbox runs already, without the volumes asked for
+        sid = None if snapshot or wanted else await self.pool.take(
             tpl, (cpu, memory_mb, disk_mb), env, metadata, policy, boot_env)
         if sid is None:
             row = SandboxRow(id=new_id(), template=template, template_digest=tpl.digest,
                              snapshot_id=snapshot, state=State.CREATING, cpu=cpu,
                              memory_mb=memory_mb, disk_mb=disk_mb, env=env, meta=metadata,
                              pooled=False, **policy)
+            self.volumes.check(wanted)  # 409 if one is taken; then no await until claimed
             self.records.add(row)
-            await self.lifecycle.boot(row, boot_env)
+            self.volumes.claim(row.id, wanted)
+            try:
+                await self.lifecycle.boot(row, boot_env)
+            except Unavailable:
+                self.volumes.forget(row.id)  # a sandbox that never ran holds no volume
+                raise
             sid = row.id
         self.standby.touch(sid)
         return self.get(sid)
@@ -385,6 +401,36 @@ class Engine:
         self.records.event(sid, "forked", None, None, "explicit",
                            {"forks": ids, "pause_ms": figures.get("pause_ms")})
         return [self.get(fid) for fid in ids]
+
+    # --- drives on sandboxes (engine/volumes.py) ------------------------------------------
+    async def attach_drive(self, sid: str, drive: str, path: str | None = None) -> str:
+        """Attach a drive to a sandbox at /drives/<name> (its path inside): at once if it
+        runs or is in standby, at its resume if it is hibernated."""
+        async with self.lifecycle.lock(sid):
+            row = self.records.get(sid)
+            state = self.records.state(sid)
+            if state not in (State.RUNNING, State.STANDBY, State.HIBERNATED):
+                raise Conflict(f"cannot attach a drive to a sandbox in state {state}",
+                               sandbox_id=sid)
+            path = await self.volumes.attach(sid, self.lifecycle.spec(row), state, drive,
+                                             path)
+        self.standby.touch(sid)
+        return path
+
+    async def detach_drive(self, sid: str, drive: str) -> None:
+        """Take a drive away from a sandbox (a file one of its processes has open stays
+        open; nothing more of the drive can be reached)."""
+        async with self.lifecycle.lock(sid):
+            row = self.records.get(sid)
+            await self.volumes.detach(sid, self.lifecycle.spec(row), self.records.state(sid),
+                                      drive)
+
+    def sandbox_storage(self, sid: str) -> list[dict]:
+        """The volumes and drives a sandbox uses: {kind, name, path, read_only}."""
+        self.records.get(sid)
+        return [{"kind": v.kind, "name": v.name, "read_only": a.read_only,
+                 "path": "/drives/" + a.path if v.kind == "drive" else a.path}
+                for a, v in self.records.attachments(sid)]
 
     def _policy(self, given: dict) -> dict:
         """Idle timers and expiry, with the server's defaults for what is not given."""

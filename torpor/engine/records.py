@@ -22,7 +22,15 @@ from sqlalchemy import delete, select
 
 from torpor.engine.states import LIVE, State, check_transition
 from torpor.errors import NotFound
-from torpor.store.models import DomainRow, EgressRow, EventRow, SandboxRow, now
+from torpor.store.models import (
+    AttachmentRow,
+    DomainRow,
+    EgressRow,
+    EventRow,
+    SandboxRow,
+    VolumeRow,
+    now,
+)
 
 log = logging.getLogger("torpor.records")
 
@@ -255,3 +263,52 @@ class Records:
     def prune_egress(self, before: datetime) -> int:
         with self.sessions.begin() as s:
             return s.execute(delete(EgressRow).where(EgressRow.at < before)).rowcount
+
+    # --- volumes and drives, and the sandboxes that use them -----------------------------
+    def volume(self, kind: str, name: str) -> VolumeRow | None:
+        with self.sessions() as s:
+            return s.scalars(select(VolumeRow).where(VolumeRow.kind == kind,
+                                                     VolumeRow.name == name)).first()
+
+    def volumes(self, kind: str) -> list[VolumeRow]:
+        with self.sessions() as s:
+            q = select(VolumeRow).where(VolumeRow.kind == kind).order_by(VolumeRow.name)
+            return list(s.scalars(q))
+
+    def add_volume(self, row: VolumeRow) -> None:
+        with self.sessions.begin() as s:
+            s.add(row)
+
+    def remove_volume(self, vid: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(delete(AttachmentRow).where(AttachmentRow.volume_id == vid))
+            s.execute(delete(VolumeRow).where(VolumeRow.id == vid))
+
+    def attachments(self, sid: str) -> list[tuple[AttachmentRow, VolumeRow]]:
+        """What the sandbox uses, oldest first."""
+        with self.sessions() as s:
+            q = (select(AttachmentRow, VolumeRow)
+                 .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
+                 .where(AttachmentRow.sandbox_id == sid).order_by(AttachmentRow.id))
+            return [(a, v) for a, v in s.execute(q)]
+
+    def users(self, vid: str) -> list[AttachmentRow]:
+        """The attachments of a volume to sandboxes that are not deleted."""
+        with self.sessions() as s:
+            q = (select(AttachmentRow)
+                 .join(SandboxRow, SandboxRow.id == AttachmentRow.sandbox_id)
+                 .where(AttachmentRow.volume_id == vid, SandboxRow.state != State.DELETED)
+                 .order_by(AttachmentRow.id))
+            return list(s.scalars(q))
+
+    def attach(self, rows: list[AttachmentRow]) -> None:
+        with self.sessions.begin() as s:
+            s.add_all(rows)
+
+    def detach(self, sid: str, vid: str | None = None) -> None:
+        """Drop the sandbox's attachment of `vid` (all of its attachments: None)."""
+        with self.sessions.begin() as s:
+            q = delete(AttachmentRow).where(AttachmentRow.sandbox_id == sid)
+            if vid is not None:
+                q = q.where(AttachmentRow.volume_id == vid)
+            s.execute(q)

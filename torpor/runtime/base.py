@@ -26,6 +26,14 @@ class DriverError(Exception):
     """A driver operation failed; the message says what and what to look at."""
 
 
+@dataclass(frozen=True)
+class VolumeMount:
+    """A volume (by id) mounted at `dest` inside the sandbox from its start."""
+    volume: str
+    dest: str
+    read_only: bool = False
+
+
 @dataclass
 class SandboxSpec:
     id: str
@@ -36,6 +44,9 @@ class SandboxSpec:
     pids: int = 512  # processes the sandbox may run at once
     hostname: str = "sandbox"
     env: dict[str, str] = field(default_factory=dict)
+    volumes: list[VolumeMount] = field(default_factory=list)
+    # drives attached now: the name under /drives -> the drive's volume id
+    drives: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +139,38 @@ class Driver(Protocol):
         of it); without, what it changed on its disk as dest/root and dest/usr (a layer).
         On failure nothing of it is left in `dest` and the sandbox is as it was. Returns
         figures (pause_ms, bytes)."""
+
+    # --- volumes and drives ------------------------------------------------------------
+    # A volume (or a drive) is storage of a fixed size that outlives sandboxes: the
+    # sandboxes that use it name it in `spec.volumes` (mounted from their start, also
+    # after a restore or a restart) or `spec.drives` (attached and detached while they run,
+    # at /drives/<name>).
+    def create_volume(self, vid: str, size_mb: int) -> None:
+        """Make the volume, empty, its root owned by the sandbox's user (uid 1000)."""
+
+    def volume_path(self, vid: str) -> Path:
+        """A host directory holding the volume's files (mounted if it was not), for the
+        engine's own reads and writes. Its content is hostile: a sandbox wrote it."""
+
+    def volume_usage(self, vid: str) -> dict:
+        """used_bytes (of its file system), size_bytes, disk_bytes (what it takes on the
+        host's disk)."""
+
+    def volume_space(self) -> int:
+        """Bytes free on the host's disk where volumes are kept."""
+
+    def release_volume(self, vid: str) -> None:
+        """Nothing running uses the volume: let go of what the host holds of it."""
+
+    def delete_volume(self, vid: str) -> None:
+        """Remove the volume and its files (nothing uses it). Idempotent."""
+
+    def attach_drive(self, spec: SandboxSpec, name: str, vid: str) -> None:
+        """Make the drive `vid` appear at /drives/<name> in the running sandbox (and in
+        `spec.drives`). DriverError if this sandbox cannot take drives while it runs."""
+
+    def detach_drive(self, spec: SandboxSpec, name: str) -> None:
+        """Take /drives/<name> away from the sandbox (and from `spec.drives`)."""
 
     # --- what it uses -------------------------------------------------------------------
     def limits(self, spec: SandboxSpec) -> Limits: ...

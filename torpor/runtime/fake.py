@@ -23,7 +23,9 @@ import asyncio
 import copy
 import json
 import shlex
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,6 +244,7 @@ class FakeDriver:
         self._load: dict[str, Load] = {}
         self._limits: dict[str, Limits] = {}
         self._fail: dict[str, str] = {}
+        self.volume_root: Path | None = None  # volumes' directories (a temp dir if unset)
 
     # --- what tests set -------------------------------------------------------------
     def fail_next(self, op: str, message: str = "injected failure") -> None:
@@ -414,6 +417,47 @@ class FakeDriver:
                 "cannot checkpoint. Stop it, or keep the sandbox in standby")
 
     # --- what it uses ---------------------------------------------------------------
+    # --- volumes and drives: plain directories (no size limit), kept until the process
+    # ends or `volume_root` is removed by the test that gave it --------------------------
+    def _volumes(self) -> Path:
+        if self.volume_root is None:
+            self.volume_root = Path(tempfile.mkdtemp(prefix="torpor-fake-volumes-"))
+        return self.volume_root
+
+    def create_volume(self, vid: str, size_mb: int) -> None:
+        self.calls.append(("create_volume", vid))
+        (self._volumes() / vid).mkdir()
+
+    def volume_path(self, vid: str) -> Path:
+        path = self._volumes() / vid
+        if not path.is_dir():
+            raise DriverError(f"volume {vid}: its directory is missing ({path})")
+        return path
+
+    def volume_usage(self, vid: str) -> dict:
+        used = sum(f.stat().st_size for f in self.volume_path(vid).rglob("*") if f.is_file())
+        return {"used_bytes": used, "size_bytes": None, "disk_bytes": used}
+
+    def volume_space(self) -> int:
+        return shutil.disk_usage(self._volumes()).free
+
+    def release_volume(self, vid: str) -> None:
+        self.calls.append(("release_volume", vid))
+
+    def delete_volume(self, vid: str) -> None:
+        self.calls.append(("delete_volume", vid))
+        shutil.rmtree(self._volumes() / vid, ignore_errors=True)
+
+    def attach_drive(self, spec: SandboxSpec, name: str, vid: str) -> None:
+        self.calls.append(("attach_drive", spec.id))
+        if spec.id not in self._agents:
+            raise DriverError(f"sandbox {spec.id} is not running in this fake driver")
+        spec.drives[name] = vid
+
+    def detach_drive(self, spec: SandboxSpec, name: str) -> None:
+        self.calls.append(("detach_drive", spec.id))
+        spec.drives.pop(name, None)
+
     def limits(self, spec: SandboxSpec) -> Limits:
         return self._limits.get(spec.id) or Limits(spec.memory_mb << 20, spec.pids)
 

@@ -26,8 +26,15 @@ from pathlib import Path
 from torpor.channel import Channel, ChannelClosed
 from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
-from torpor.runtime.layers import DiskStock, Layer
+from torpor.runtime.layers import DiskStock, Layer, StorageError
 from torpor.runtime.snapshot import live_snapshot
+from torpor.runtime.volumes import (
+    VolumeImages,
+    attach_drive,
+    detach_drive,
+    drives_dir,
+    setup_drives,
+)
 
 log = logging.getLogger("torpor.runtime")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -207,6 +214,7 @@ class GVisorDriver:
         self._holders: dict[int, subprocess.Popen] = {}  # pid -> a holder we started
         self._spare: subprocess.Popen | None = None  # a holder started ahead of need
         self.disks = DiskStock(self.data_dir / "disks")  # blank disk images, made ahead
+        self.volumes = VolumeImages(self.data_dir / "volumes")  # volumes and drives
         self.python, self.loader, self.libdir = find_host_python()
         compile_agent(self.python)
         self.version = runsc_version(self.runsc)
@@ -265,6 +273,7 @@ class GVisorDriver:
         if spec.template.usr_from:
             mounts.insert(5, {"destination": "/usr", "type": "bind", "source": str(layer.usr),
                               "options": ["rbind", "rw"]})
+        mounts += self.storage_mounts(spec)
         hard_mb = int(spec.memory_mb * 1.25) + SENTRY_OVERHEAD_MB
         # no CPU quota here: the driver sets it on the cgroup once the sandbox runs, so
         # that runsc's own restore work is not throttled by it (measured: 353 -> 530 ms)
@@ -304,6 +313,7 @@ class GVisorDriver:
         layer = self.layer(spec)
         spans = Spans()
         await asyncio.to_thread(layer.create, self.disks)
+        await asyncio.to_thread(self._mount_storage, spec)
         spans.mark("layer")
         config = self.oci_spec(spec, layer)
         (d / "config.json").write_text(json.dumps(config))
@@ -471,6 +481,7 @@ class GVisorDriver:
         if not (img / "checkpoint.img").is_file():
             raise DriverError(f"sandbox {spec.id}: its checkpoint image is missing ({img})")
         await asyncio.to_thread(self.layer(spec).mount)
+        await asyncio.to_thread(self._mount_storage, spec)
         if any(self.state_dir.glob(f"*{spec.id}*")):
             # runsc still has a record of it (the server died between checkpoint and delete)
             await asyncio.to_thread(subprocess.run,
@@ -534,6 +545,7 @@ class GVisorDriver:
                 os.link(f, d / "image" / f.name)
             (d / "config.json").write_text(
                 (snapshot / "config.json").read_text().replace(old, spec.id))
+            self._storage_into(d / "config.json", spec)
         try:
             await asyncio.to_thread(prepare)
         except (OSError, subprocess.CalledProcessError) as e:
@@ -654,6 +666,7 @@ class GVisorDriver:
             raise DriverError(f"sandbox {spec.id}: its holder process is gone")
         # its disk, mounted before the channel is used (a no-op if it still is)
         await asyncio.to_thread(self.layer(spec).mount)
+        await asyncio.to_thread(self._mount_storage, spec)
         try:
             chan = await Channel.connect(self.socket_path(spec.id))
             if ping:
@@ -696,6 +709,101 @@ class GVisorDriver:
                     pass
         self.layer(spec).unmount()
         self.cgroup(spec.id).remove()
+
+    # --- volumes and drives -------------------------------------------------------------
+    def storage_mounts(self, spec: SandboxSpec) -> list[dict]:
+        """The OCI mounts of the sandbox's volumes and of its /drives (see volumes.py)."""
+        out = [{"destination": "/drives", "type": "bind",
+                "source": str(drives_dir(self.sandbox_dir(spec.id))),
+                "options": ["rbind", "rw", "rslave", "nosuid", "nodev"]}]
+        for v in spec.volumes:
+            out.append({"destination": v.dest, "type": "bind",
+                        "source": str(self.volumes.mnt(v.volume)),
+                        "options": ["rbind", "ro" if v.read_only else "rw", "nosuid",
+                                    "nodev"]})
+        return out
+
+    def _storage_into(self, config_path: Path, spec: SandboxSpec) -> None:
+        """A boot snapshot's spec with this sandbox's volumes (and /drives, which one made
+        before drives lacks): runsc restores a checkpoint with mounts added (measured)."""
+        config = json.loads(config_path.read_text())
+        mine = self.storage_mounts(spec)
+        dests = {m["destination"] for m in mine}
+        theirs = str(self.volumes.root) + "/"  # the volumes of the snapshot's sandbox
+        config["mounts"] = [m for m in config["mounts"]
+                            if m["destination"] not in dests
+                            and not str(m.get("source", "")).startswith(theirs)] + mine
+        config_path.write_text(json.dumps(config))
+
+    def _mount_storage(self, spec: SandboxSpec) -> None:
+        """Mount what the sandbox's volumes and drives need on the host (idempotent)."""
+        try:
+            for v in spec.volumes:
+                self.volumes.mount(v.volume)
+            setup_drives(self.sandbox_dir(spec.id),
+                         {name: self.volumes.mount(vid) for name, vid in spec.drives.items()})
+        except OSError as e:
+            raise DriverError(f"sandbox {spec.id}: mounting its volumes: {e}") from None
+
+    def _has_drives(self, sid: str) -> bool:
+        try:
+            config = json.loads((self.sandbox_dir(sid) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return any(m.get("destination") == "/drives" for m in config.get("mounts", []))
+
+    def create_volume(self, vid: str, size_mb: int) -> None:
+        try:
+            self.volumes.create(vid, size_mb)
+        except OSError as e:
+            raise DriverError(f"volume {vid}: could not be made: {e}") from None
+
+    def volume_path(self, vid: str) -> Path:
+        try:
+            return self.volumes.mount(vid)
+        except OSError as e:
+            raise DriverError(f"volume {vid}: could not be mounted: {e}") from None
+
+    def volume_usage(self, vid: str) -> dict:
+        try:
+            return self.volumes.usage(vid)
+        except OSError as e:
+            raise DriverError(f"volume {vid}: {e}") from None
+
+    def volume_space(self) -> int:
+        return self.volumes.free_bytes()
+
+    def release_volume(self, vid: str) -> None:
+        try:
+            self.volumes.unmount(vid)
+        except OSError as e:
+            log.warning("volume %s stays mounted: %s", vid, e)
+
+    def delete_volume(self, vid: str) -> None:
+        try:
+            self.volumes.delete(vid)
+        except OSError as e:
+            raise DriverError(f"volume {vid}: could not be removed: {e}") from None
+
+    def attach_drive(self, spec: SandboxSpec, name: str, vid: str) -> None:
+        if not self._has_drives(spec.id):
+            raise DriverError(f"sandbox {spec.id} was started before drives existed (it has "
+                              "no /drives): drives attach to sandboxes created since")
+        try:
+            setup_drives(self.sandbox_dir(spec.id), {})
+            attach_drive(self.sandbox_dir(spec.id), name, self.volumes.mount(vid))
+        except OSError as e:
+            raise DriverError(f"sandbox {spec.id}: attaching drive {vid} at /drives/{name} "
+                              f"failed: {e}") from None
+        spec.drives[name] = vid
+
+    def detach_drive(self, spec: SandboxSpec, name: str) -> None:
+        try:
+            detach_drive(self.sandbox_dir(spec.id), name)
+        except (OSError, StorageError) as e:
+            raise DriverError(f"sandbox {spec.id}: detaching /drives/{name} failed: "
+                              f"{e}") from None
+        spec.drives.pop(name, None)
 
     def usage(self, spec: SandboxSpec) -> Usage:
         cg = self.cgroup(spec.id)

@@ -297,11 +297,17 @@ class Layer:
         return any(os.path.realpath(d) in points for d in (self.usr, self.rootfs, self.disk))
 
     def unmount(self) -> None:
-        """Unmount the overlays and the disk; its loop device detaches with the last one."""
+        """Unmount the overlays and the disk (its loop device detaches with the last one),
+        and whatever else is mounted in the sandbox's directory (its drives), deepest
+        first."""
         points = mount_points()
         for d in (self.usr, self.rootfs, self.disk):
             if os.path.realpath(d) in points:
                 _unmount(d)
+        inside = os.path.realpath(self.dir) + "/"
+        for p in sorted((p for p in points if p.startswith(inside)), key=len, reverse=True):
+            if p in mount_points():  # (a lazy unmount of its parent took it already)
+                _unmount(Path(p))
 
     def export_changes(self, dest: Path) -> None:
         """Copy what the sandbox changed (its upper directories: files, whiteouts, opaque
@@ -319,6 +325,10 @@ class Layer:
 
     def destroy(self) -> None:
         self.unmount()
+        inside = os.path.realpath(self.dir) + "/"
+        left = [p for p in mount_points() if p.startswith(inside)]
+        if left:  # never remove files through a mount (a drive's)
+            raise StorageError(f"{self.dir}: still mounted: {', '.join(left)}")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def disk_bytes(self) -> int:

@@ -46,6 +46,7 @@ from torpor.sdk.models import (
 )
 from torpor.sdk.sandbox import AsyncSandbox, Sandbox
 from torpor.sdk.secrets import AsyncSecret, Secret, SecretInfo
+from torpor.sdk.snapshots import AsyncSnapshot, Snapshot, SnapshotInfo
 from torpor.sdk.templates import (
     AsyncTemplate,
     Template,
@@ -64,6 +65,7 @@ __all__ = [
     "AsyncKeys",
     "AsyncSandbox",
     "AsyncSecret",
+    "AsyncSnapshot",
     "AsyncTemplate",
     "AsyncTemplates",
     "AuthError",
@@ -95,6 +97,8 @@ __all__ = [
     "Secret",
     "SecretInfo",
     "ServerUnavailableError",
+    "Snapshot",
+    "SnapshotInfo",
     "Template",
     "TemplateBuildError",
     "TemplateInfo",

@@ -14,12 +14,14 @@ from typing import Any, Literal, Self
 import httpx
 
 from torpor.sdk import _api
+from torpor.sdk import snapshots as _snapshots
 from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk.commands import AsyncCommands, Commands
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
 from torpor.sdk.errors import NotFoundError, TorporError
 from torpor.sdk.files import AsyncFiles, Files
 from torpor.sdk.models import Domain, EgressEntry, Event, Port, SandboxInfo, Usage, UsageSummary
+from torpor.sdk.snapshots import SnapshotInfo
 
 ExpireAction = Literal["delete", "hibernate"]
 
@@ -50,7 +52,7 @@ class Sandbox:
                hibernate_after: float | None = None, ttl: float | None = None,
                idle_ttl: float | None = None, expire_action: ExpireAction | None = None,
                network: Mapping[str, Any] | None = None,
-               secrets: Mapping[str, str] | None = None,
+               secrets: Mapping[str, str] | None = None, snapshot: str | None = None,
                url: str | None = None, api_key: str | None = None,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                transport: httpx.BaseTransport | None = None) -> Sandbox:
@@ -66,12 +68,14 @@ class Sandbox:
         `network`: the egress policy, `{"egress": "allow-all" | "deny-all", "allow": [...],
         "deny": [...]}` (domains, `*.` wildcards, IPs, CIDRs, optional `:port`).
         `secrets`: `{"ENV_VAR": "secret-name"}`; the variable holds a placeholder that the
-        egress proxy swaps for the secret on requests to its allowed hosts."""
+        egress proxy swaps for the secret on requests to its allowed hosts.
+        `snapshot`: a snapshot's id (`sbx.snapshot()`): the sandbox starts as a copy of
+        it, with its processes if it holds memory (then leave memory_mb and disk_mb out)."""
         session = SyncSession(_config(url, api_key, request_timeout), transport)
         try:
             info = session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
-                network=network, secrets=secrets,
+                network=network, secrets=secrets, snapshot=snapshot,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -143,6 +147,23 @@ class Sandbox:
     def resume(self) -> SandboxInfo:
         """Wake it from standby or hibernation (any request does; this only does that)."""
         return self._session.call(_api.resume(self.id))
+
+    # --- snapshots, restore in place, fork (torpor/sdk/snapshots.py) ----------------------
+
+    def snapshot(self, name: str | None = None, memory: bool = True) -> SnapshotInfo:
+        """Keep it as it is now (memory and files; `memory=False`: files only); it runs on
+        after a short pause. ConflictError for what cannot be captured (as for hibernate)."""
+        return self._session.call(_snapshots.create_snapshot(self.id, name, memory))
+
+    def restore(self, snapshot_id: str) -> SandboxInfo:
+        """Roll it back to a snapshot (of it, or of a sandbox of the same template): same
+        id; processes and files as they were then."""
+        return self._session.call(_snapshots.restore(self.id, snapshot_id))
+
+    def fork(self, count: int = 1) -> list[Sandbox]:
+        """`count` copies of it as it is now (it runs on), each a sandbox of its own."""
+        infos = self._session.call(_snapshots.fork(self.id, count))
+        return [Sandbox(i.id, _session=SyncSession(self._session.config)) for i in infos]
 
     def update(self, *, standby_after: float | None = None,
                hibernate_after: float | None = None, ttl: float | None = None,
@@ -264,12 +285,13 @@ class AsyncSandbox:
                      secrets: Mapping[str, str] | None = None, url: str | None = None,
                      api_key: str | None = None,
                      request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
-                     transport: httpx.AsyncBaseTransport | None = None) -> AsyncSandbox:
+                     transport: httpx.AsyncBaseTransport | None = None,
+                     snapshot: str | None = None) -> AsyncSandbox:
         session = AsyncSession(_config(url, api_key, request_timeout), transport)
         try:
             info = await session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
-                network=network, secrets=secrets,
+                network=network, secrets=secrets, snapshot=snapshot,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -323,6 +345,17 @@ class AsyncSandbox:
 
     async def hibernate(self) -> SandboxInfo:
         return await self._session.call(_api.hibernate(self.id))
+
+    async def snapshot(self, name: str | None = None, memory: bool = True) -> SnapshotInfo:
+        return await self._session.call(_snapshots.create_snapshot(self.id, name, memory))
+
+    async def restore(self, snapshot_id: str) -> SandboxInfo:
+        return await self._session.call(_snapshots.restore(self.id, snapshot_id))
+
+    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
+        infos = await self._session.call(_snapshots.fork(self.id, count))
+        return [AsyncSandbox(i.id, _session=AsyncSession(self._session.config))
+                for i in infos]
 
     async def resume(self) -> SandboxInfo:
         return await self._session.call(_api.resume(self.id))
