@@ -37,7 +37,6 @@ from torpor.engine.lifecycle import Lifecycle
 from torpor.engine.records import Records
 from torpor.engine.states import State
 from torpor.errors import Conflict, Invalid, NotFound
-from torpor.runtime.snapshot import tree_bytes
 from torpor.store.models import SnapshotRow
 from torpor.templates import LATEST, Template, TemplateStore
 
@@ -203,7 +202,6 @@ class Snapshots:
                 layer_tmp = self.templates.layer_tmp(key)
                 try:
                     figures = await self.lifecycle.snapshot_live(sid, layer_tmp, False)
-                    figures["bytes"] = tree_bytes(layer_tmp)
                     self.templates.hold(owner, layer=key)
                     self.templates.commit_layer(layer_tmp, key)
                 finally:
