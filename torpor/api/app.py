@@ -188,6 +188,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
         secrets,
         snapshots,
         templates,
+        volumes,
     )
 
     deps = [Depends(require_key)]
@@ -195,7 +196,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
                               (commands, ON_SANDBOX), (files, ON_SANDBOX),
                               (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
                               (network, ON_SANDBOX), (templates, COMMON),
-                              (snapshots, ON_SANDBOX)):
+                              (snapshots, ON_SANDBOX), (volumes, ON_SANDBOX)):
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=responses)
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits

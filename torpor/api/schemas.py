@@ -98,6 +98,11 @@ class NetworkIn(Strict):
         None, max_length=256)
 
 
+class VolumeRef(Strict):
+    volume: str = Field(min_length=1, max_length=63)
+    read_only: bool = False
+
+
 class CreateSandbox(Strict):
     template: str = Field("base", min_length=1, max_length=64)
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=1000,
@@ -117,6 +122,10 @@ class CreateSandbox(Strict):
     # env var -> secret name: the variable holds a placeholder the egress proxy swaps
     secrets: dict[EnvName, Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=dict, max_length=100, json_schema_extra=_names_schema)
+    # mount path -> a volume's name, or {volume, read_only}
+    volumes: dict[Annotated[str, Field(min_length=2, max_length=255, pattern=r"^/")],
+                  Annotated[str, Field(min_length=1, max_length=63)] | VolumeRef] = Field(
+        default_factory=dict, max_length=16)
     # a snapshot's id (snap_...): the sandbox starts from it (memory too, if it has it)
     snapshot: str | None = Field(None, min_length=1, max_length=32)
 
