@@ -192,3 +192,41 @@ def test_survives_hibernation_and_restarts(c, vserver):
         assert c3.delete(f"/v1/sandboxes/{sid}").status_code == 204
         assert c3.get(f"/v1/volumes/{vol}/files/n").content == b"1\n2\n"
         assert c3.delete(f"/v1/volumes/{vol}").status_code == 204
+
+
+def test_sdk_and_cli(vserver, tmp_path):
+    from conftest import cli
+
+    from torpor import Sandbox, Volume
+    from torpor.sdk import ConflictError
+
+    kw = {"url": vserver.url, "api_key": vserver.key}
+    name = _name()
+    assert cli(vserver, "volume", "create", name, "--size-mb", "16").stdout.strip() == name
+    local = tmp_path / "in.txt"
+    local.write_text("from the cli\n")
+    r = cli(vserver, "volume", "cp", str(local), f"{name}:/docs/in.txt")
+    assert r.returncode == 0, r.stderr
+    sbx = Sandbox.create(volumes={"/data": name}, **kw)
+    try:
+        assert sbx.commands.run("cat /data/docs/in.txt").stdout == "from the cli\n"
+        sbx.commands.run("echo back > /data/out.txt")
+        with pytest.raises(ConflictError, match=sbx.id):
+            Sandbox.create(volumes={"/data": name}, **kw)
+        assert [u.sandbox_id for u in Volume.get(name, **kw).users] == [sbx.id]
+        r = cli(vserver, "volume", "rm", name)
+        assert r.returncode != 0 and sbx.id in r.stderr
+    finally:
+        sbx.delete()
+    r = cli(vserver, "volume", "cp", f"{name}:/out.txt", str(tmp_path / "out.txt"))
+    assert r.returncode == 0 and (tmp_path / "out.txt").read_text() == "back\n", r.stderr
+    assert Volume.download(name, "/docs/in.txt", **kw) == b"from the cli\n"
+    ls = cli(vserver, "volume", "ls", f"{name}:/").stdout
+    assert "docs" in ls and "out.txt" in ls
+    created = cli(vserver, "sandbox", "create", "--volume", f"/v={name}:ro")
+    assert created.returncode == 0, created.stderr
+    sid = created.stdout.strip()
+    assert f"{sid}:/v (ro)" in cli(vserver, "volume", "list").stdout
+    cli(vserver, "sandbox", "rm", sid)
+    assert cli(vserver, "volume", "rm", name).returncode == 0
+    assert name not in [v.name for v in Volume.list(**kw)]

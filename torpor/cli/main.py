@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from torpor.cli import _common, admin, files, network, sandbox, secret, snapshot, template
+from torpor.cli import (
+    _common,
+    admin,
+    files,
+    network,
+    sandbox,
+    secret,
+    snapshot,
+    template,
+    volume,
+)
 from torpor.cli._common import App, fail
 from torpor.cli.exec import exec_command
 
@@ -17,6 +27,8 @@ app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(files.app, name="files")
 app.add_typer(template.app, name="template")
 app.add_typer(snapshot.app, name="snapshot")  # (also adds `sandbox fork|restore`)
+app.add_typer(volume.volumes, name="volume")
+app.add_typer(volume.drives, name="drive")
 app.add_typer(admin.keys, name="keys")
 app.add_typer(secret.app, name="secret")
 app.add_typer(network.domains, name="domain")  # (network also adds `sandbox` verbs)

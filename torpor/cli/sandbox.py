@@ -69,6 +69,17 @@ def _timers(standby_after: float | None, hibernate_after: float | None, ttl: flo
             "expire_action": expire_action.value if expire_action else None}
 
 
+
+def _volumes(given: list[str] | None) -> dict | None:
+    """--volume PATH=NAME[:ro] -> the create's volumes."""
+    out_: dict = {}
+    for path, name in (pairs(given, "--volume") or {}).items():
+        name, _, ro = name.partition(":")
+        if ro not in ("", "ro", "rw"):
+            fail(f"--volume {path}={name}:{ro}: the mode is ro or rw")
+        out_[path] = {"volume": name, "read_only": ro == "ro"}
+    return out_ or None
+
 @app.command()
 def create(
     template: Annotated[str, typer.Option(help="Template to start from.")] = "base",
@@ -94,6 +105,9 @@ def create(
         metavar="VAR=NAME", help="Grant a secret: VAR holds a placeholder the egress proxy "
                                  "swaps on the secret's hosts. Repeatable.",
         rich_help_panel="Network")] = None,
+    volume: Annotated[list[str] | None, typer.Option(
+        metavar="PATH=NAME[:ro]", help="Mount a volume at PATH from the start (read-only "
+                                       "with :ro). Repeatable.")] = None,
 ) -> None:
     """Create a sandbox and print its id.
 
@@ -106,6 +120,7 @@ def create(
     sbx = Sandbox.create(template, env=pairs(env, "--env"),
                          metadata=pairs(metadata, "--metadata"), cpu=cpu, memory_mb=memory_mb,
                          disk_mb=disk_mb, network=network, secrets=pairs(secret, "--secret"),
+                         volumes=_volumes(volume),
                          **_timers(standby_after, hibernate_after, ttl, idle_ttl,
                                    expire_action),
                          **conn())

@@ -54,12 +54,21 @@ from torpor.sdk.templates import (
     wait_for_file,
     wait_for_port,
 )
+from torpor.sdk.volumes import (
+    AsyncDrive,
+    AsyncVolume,
+    Drive,
+    Volume,
+    VolumeEntry,
+    VolumeInfo,
+)
 
 __all__ = [
     "ApiKey",
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncDomains",
+    "AsyncDrive",
     "AsyncFileStream",
     "AsyncFiles",
     "AsyncKeys",
@@ -68,6 +77,7 @@ __all__ = [
     "AsyncSnapshot",
     "AsyncTemplate",
     "AsyncTemplates",
+    "AsyncVolume",
     "AuthError",
     "BuildInfo",
     "CommandExitError",
@@ -78,6 +88,7 @@ __all__ = [
     "ConflictError",
     "Domain",
     "Domains",
+    "Drive",
     "EgressEntry",
     "EntryInfo",
     "Event",
@@ -108,6 +119,9 @@ __all__ = [
     "Usage",
     "UsageSummary",
     "UsageTotal",
+    "Volume",
+    "VolumeEntry",
+    "VolumeInfo",
     "WriteInfo",
     "wait_for_cmd",
     "wait_for_file",

@@ -107,10 +107,12 @@ def create_sandbox(template: str | None, env: Mapping[str, str] | None,
                    memory_mb: int | None, disk_mb: int | None,
                    timeout: float | None, network: Mapping[str, Any] | None = None,
                    secrets: Mapping[str, str] | None = None,
-                   snapshot: str | None = None, **timers: Any) -> Call[SandboxInfo]:
+                   snapshot: str | None = None,
+                   volumes: Mapping[str, Any] | None = None,
+                   **timers: Any) -> Call[SandboxInfo]:
     body = _given(template=template, env=env, metadata=metadata, cpu=cpu,
                   memory_mb=memory_mb, disk_mb=disk_mb, network=network, secrets=secrets,
-                  snapshot=snapshot, **_timers(timers))
+                  snapshot=snapshot, volumes=volumes, **_timers(timers))
     t = httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(
         CONNECT_TIMEOUT, read=timeout, write=timeout, pool=timeout)
     return Call(f"create sandbox from template {template or 'base'}", "POST", "/v1/sandboxes",

@@ -15,6 +15,7 @@ import httpx
 
 from torpor.sdk import _api
 from torpor.sdk import snapshots as _snapshots
+from torpor.sdk import volumes as _volumes
 from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk.commands import AsyncCommands, Commands
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
@@ -53,6 +54,7 @@ class Sandbox:
                idle_ttl: float | None = None, expire_action: ExpireAction | None = None,
                network: Mapping[str, Any] | None = None,
                secrets: Mapping[str, str] | None = None, snapshot: str | None = None,
+               volumes: Mapping[str, Any] | None = None,
                url: str | None = None, api_key: str | None = None,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                transport: httpx.BaseTransport | None = None) -> Sandbox:
@@ -70,12 +72,15 @@ class Sandbox:
         `secrets`: `{"ENV_VAR": "secret-name"}`; the variable holds a placeholder that the
         egress proxy swaps for the secret on requests to its allowed hosts.
         `snapshot`: a snapshot's id (`sbx.snapshot()`): the sandbox starts as a copy of
-        it, with its processes if it holds memory (then leave memory_mb and disk_mb out)."""
+        it, with its processes if it holds memory (then leave memory_mb and disk_mb out).
+        `volumes`: `{"/data": "name"}` or `{"/data": {"volume": "name", "read_only": True}}`
+        (`Volume.create`): mounted from its start; ConflictError if another sandbox writes
+        one of them (or reads one it would write)."""
         session = SyncSession(_config(url, api_key, request_timeout), transport)
         try:
             info = session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
-                network=network, secrets=secrets, snapshot=snapshot,
+                network=network, secrets=secrets, snapshot=snapshot, volumes=volumes,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -164,6 +169,18 @@ class Sandbox:
         """`count` copies of it as it is now (it runs on), each a sandbox of its own."""
         infos = self._session.call(_snapshots.fork(self.id, count))
         return [Sandbox(i.id, _session=SyncSession(self._session.config)) for i in infos]
+
+    # --- drives (torpor/sdk/volumes.py) -----------------------------------------------------
+
+    def attach_drive(self, drive: str, path: str | None = None) -> str:
+        """Attach a drive (`Drive.create`) while it runs: it appears at /drives/<path>
+        (default: the drive's name), shared with every sandbox it is attached to. Returns
+        that path."""
+        return self._session.call(_volumes.attach_drive(self.id, drive, path))
+
+    def detach_drive(self, drive: str) -> None:
+        """Take the drive away from it (nothing more of it can be reached from here)."""
+        self._session.call(_volumes.detach_drive(self.id, drive))
 
     def update(self, *, standby_after: float | None = None,
                hibernate_after: float | None = None, ttl: float | None = None,
@@ -286,12 +303,13 @@ class AsyncSandbox:
                      api_key: str | None = None,
                      request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                      transport: httpx.AsyncBaseTransport | None = None,
-                     snapshot: str | None = None) -> AsyncSandbox:
+                     snapshot: str | None = None,
+                     volumes: Mapping[str, Any] | None = None) -> AsyncSandbox:
         session = AsyncSession(_config(url, api_key, request_timeout), transport)
         try:
             info = await session.call(_api.create_sandbox(
                 template, env, metadata, cpu, memory_mb, disk_mb, timeout,
-                network=network, secrets=secrets, snapshot=snapshot,
+                network=network, secrets=secrets, snapshot=snapshot, volumes=volumes,
                 standby_after=standby_after, hibernate_after=hibernate_after, ttl=ttl,
                 idle_ttl=idle_ttl, expire_action=expire_action))
         except BaseException:
@@ -351,6 +369,12 @@ class AsyncSandbox:
 
     async def restore(self, snapshot_id: str) -> SandboxInfo:
         return await self._session.call(_snapshots.restore(self.id, snapshot_id))
+
+    async def attach_drive(self, drive: str, path: str | None = None) -> str:
+        return await self._session.call(_volumes.attach_drive(self.id, drive, path))
+
+    async def detach_drive(self, drive: str) -> None:
+        await self._session.call(_volumes.detach_drive(self.id, drive))
 
     async def fork(self, count: int = 1) -> list[AsyncSandbox]:
         infos = await self._session.call(_snapshots.fork(self.id, count))
