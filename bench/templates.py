@@ -102,7 +102,10 @@ def build(http: httpx.Client, name: str, steps: list[dict]) -> tuple[float, list
     return seconds, events
 
 
-def create_to_first_output(http: httpx.Client, template: str) -> dict:
+def create_to_first_output(http: httpx.Client, template: str,
+                           data_dir: Path | None = None) -> dict:
+    """Create, then `echo ok` to its first output; with `data_dir`, the driver's spans of
+    the start (its start.json) as `spans`."""
     out = {}
     t0 = time.perf_counter()
     resp = http.post("/v1/sandboxes", json={"template": template})
@@ -128,6 +131,12 @@ def create_to_first_output(http: httpx.Client, template: str) -> dict:
             "cmd": "python3 -c \"import urllib.request; print(urllib.request.urlopen("
                    "'http://127.0.0.1:8000/index.html').read().decode().strip())\""})
         out["served"] = r.json().get("stdout") == "<p>served</p>\n"
+        if data_dir is not None:
+            try:
+                out["spans"] = json.loads(
+                    (data_dir / "sandboxes" / sid / "start.json").read_text())
+            except (OSError, ValueError):
+                out["spans"] = {}
     finally:
         http.delete(f"/v1/sandboxes/{sid}").raise_for_status()
     return out
@@ -163,6 +172,9 @@ class Raw:
         config = (self.snap / "config.json").read_text()
         config = config.replace(self.old_dir, str(d)).replace(self.old, cid)
         (d / "config.json").write_text(config)
+        for m in json.loads(config)["mounts"]:  # bind sources of the bundle's own (/drives)
+            if m.get("type") == "bind" and m["source"].startswith(f"{d}/"):
+                os.makedirs(m["source"], exist_ok=True)
         layer = Layer(d, self.tpl, self.tpl.disk_mb)
         layer.mount()
         flags = ["--overlay2=none"] if "dev.torpor.root-overlay" in config else []
@@ -273,7 +285,7 @@ class Bench:
             create_to_first_output(http, "bench-web")  # warm-up: page cache, imports
             self.raw.once()
             for _ in range(n):
-                ours.append(create_to_first_output(http, "bench-web"))
+                ours.append(create_to_first_output(http, "bench-web", srv.data_dir))
                 raws.append(self.raw.once())
         p50 = stats([r["first_output_ms"] for r in ours])["p50"]
         raw50 = stats([r["first_answer_ms"] for r in raws])["p50"]
@@ -286,6 +298,7 @@ class Bench:
                 "first_answer_ms": stats([r["first_answer_ms"] for r in raws]),
                 "restore_detach_ms": stats([r["restore_detach_ms"] for r in raws])},
             "ratio_p50": round(p50 / raw50, 2),
+            "breakdown_ms": breakdown(ours),
         }
 
     def warm(self, n: int) -> dict:
@@ -346,6 +359,23 @@ class Bench:
         return gone
 
 
+def breakdown(runs: list[dict]) -> dict:
+    """p50 of each span of a create from a boot snapshot, in order: the driver's (start.json:
+    disk, image, mount, holder, runsc, agent, cpu_limit; their sum `driver`), `engine_http`
+    (the create call's time outside the driver: HTTP, records, the agent's `resumed`) and
+    `first_exec` (create answered -> first stdout of `echo ok`)."""
+    with_spans = [r for r in runs if r.get("spans")]
+    if not with_spans:
+        return {}
+    out = {k: stats([r["spans"].get(k, float("nan")) for r in with_spans])["p50"]
+           for k in with_spans[0]["spans"] if k != "total"}
+    out["driver"] = stats([r["spans"]["total"] for r in with_spans])["p50"]
+    out["engine_http"] = stats([r["create_ms"] - r["spans"]["total"]
+                                for r in with_spans])["p50"]
+    out["first_exec"] = stats([r["first_output_ms"] - r["create_ms"] for r in runs])["p50"]
+    return out
+
+
 def table(report: dict) -> str:
     r = report["results"]
     rows = []
@@ -361,6 +391,11 @@ def table(report: dict) -> str:
                   f"{s['first_output_ms']['p50']}",
                   f"{s['raw_runsc_restore']['first_answer_ms']['p50']}", "<= 400"),
                  ("  ratio to raw restore", f"{s['ratio_p50']}", "", "<= 1.15")]
+        raw = s["raw_runsc_restore"]
+        rows.append(("  raw: runsc restore --detach p50 (ms)", "",
+                     f"{raw['restore_detach_ms']['p50']}", ""))
+        for k, v in (s.get("breakdown_ms") or {}).items():
+            rows.append((f"  span {k} p50 (ms)", f"{v:.1f}", "", ""))
     if "warm" in r:
         rows.append(("from the warm pool -> first output p50 (ms)",
                      f"{r['warm']['first_output_ms']['p50']}", "", "<= 50"))

@@ -96,6 +96,20 @@ def test_client_ping_and_configure():
 
 
 @root_only
+def test_client_resumed_with_and_without_a_warm_up():
+    async def body(client, proc):
+        assert await client.resumed() == {}  # the old wire: no arguments
+        # with warm_up the agent spawns `true` once its answer has left; it serves on
+        assert await client.resumed(warm_up=True) == {}
+        assert (await client.configure({"B": "2"}))["env"] == {"B": "2"}
+        st = client.exec(["sh", "-c", "echo after $B"], user="root")
+        assert ("stdout", b"after 2\n") in await collect(st)
+        assert (await st.finish())["exit_code"] == 0
+
+    run(body)
+
+
+@root_only
 def test_client_exec_streams_events_and_stdin():
     async def body(client, proc):
         st = client.exec(["sh", "-c", "echo out; echo err >&2; exit 3"], user="root")

@@ -5,6 +5,8 @@ made ever carries an image's name, and a new stock drops what an interrupted fil
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -86,5 +88,72 @@ def test_close_stops_the_thread_and_keeps_the_images(tmp_path):
     try:
         assert again.take(64, tmp_path / "y.img")
         assert is_ext4(tmp_path / "y.img")
+    finally:
+        again.close()
+
+
+def snapshot_disk(path: Path, data: bytes) -> Path:
+    """A sparse 64 MiB image with `data` at 1 MiB (a boot snapshot's disk, as far as the
+    stock can tell)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(data)
+    return path
+
+
+def test_a_start_from_a_snapshot_takes_a_copy_of_its_disk_made_ahead(stock, tmp_path):
+    src = snapshot_disk(tmp_path / "tpl" / "disk.img", b"snapshot one")
+    assert not stock.take(src, tmp_path / "a.img")  # none yet: the caller copies
+    stock.refill()
+    wait_for(lambda: stock.count(src) == 2)
+    assert stock.take(src, tmp_path / "b.img")
+    got = (tmp_path / "b.img").read_bytes()
+    assert got == src.read_bytes()
+    assert (tmp_path / "b.img").stat().st_blocks * 512 < 4 << 20  # still sparse
+    assert not os.path.samefile(src, tmp_path / "b.img")  # its own file
+    assert stock.count(src) == 1
+    assert stock.count(64) == 0  # copies are not blank disks
+
+
+def test_copies_of_a_changed_or_deleted_snapshot_are_never_taken_and_go(stock, tmp_path):
+    src = snapshot_disk(tmp_path / "tpl" / "disk.img", b"first build")
+    stock.take(src, tmp_path / "a.img")
+    stock.refill()
+    wait_for(lambda: stock.count(src) == 2)
+    # the template is rebuilt under the same path: another file, other contents
+    src.unlink()
+    time.sleep(0.01)
+    snapshot_disk(src, b"second build")
+    assert stock.count(src) == 0
+    assert not stock.take(src, tmp_path / "b.img")  # never the old build's disk
+    stock.refill()
+    wait_for(lambda: stock.count(src) == 2)
+    assert stock.take(src, tmp_path / "c.img")
+    assert (tmp_path / "c.img").read_bytes() == src.read_bytes()
+    stock.refill()
+    wait_for(lambda: stock.count(src) == 2)
+    assert len(list(stock.dir.glob("copy-*.img"))) == 2  # the old build's went
+    # the template is deleted: its copies go at the next fill
+    shutil.rmtree(tmp_path / "tpl")
+    stock.take(64, tmp_path / "d.img")
+    stock.refill()
+    wait_for(lambda: not list(stock.dir.glob("copy-*")) and stock.count(64) == 2)
+
+
+def test_a_new_stock_drops_copies_it_cannot_name(tmp_path):
+    src = snapshot_disk(tmp_path / "tpl" / "disk.img", b"x")
+    s = DiskStock(tmp_path / "disks", keep=1, settle=0.01)
+    try:
+        s.take(src, tmp_path / "a.img")
+        s.refill()
+        wait_for(lambda: s.count(src) == 1)
+    finally:
+        s.close()
+    again = DiskStock(tmp_path / "disks")
+    try:
+        assert not list(again.dir.glob("copy-*"))
+        assert not again.take(src, tmp_path / "b.img")
     finally:
         again.close()

@@ -212,7 +212,8 @@ class Op:
     OOM_KILL = "oom_kill"  # () -> {killed, ...}: the session using the most memory, killed
     PIDS_KILL = "pids_kill"  # () -> {killed, ...}: the session with most processes, killed
     HIBERNATE_CHECK = "hibernate_check"  # () -> {problems}: what would fail a checkpoint
-    RESUMED = "resumed"  # () -> {}: after a restore
+    RESUMED = "resumed"  # (warm_up=False) -> {}: after a restore; warm_up: run a process
+    # once the answer has left, so the first command does not pay for a cold cache
     FS_STAT = "fs_stat"  # (path, user="user") -> entry
     FS_EXISTS = "fs_exists"  # (path, user="user") -> {exists}
     FS_LIST = "fs_list"  # (path, depth=1, user="user") -> [entry]

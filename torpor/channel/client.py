@@ -49,8 +49,12 @@ class AgentClient:
         """{problems}: what would make a checkpoint fail now."""
         return await self._call(P.Op.HIBERNATE_CHECK, wait)
 
-    async def resumed(self, *, wait: float | None = CALL_WAIT) -> dict:
-        """Tell the agent a restore just happened."""
+    async def resumed(self, warm_up: bool = False, *,
+                      wait: float | None = CALL_WAIT) -> dict:
+        """Tell the agent a restore just happened; with warm_up, it runs a process right
+        after answering (it is busy meanwhile: make this the last call of a start)."""
+        if warm_up:
+            return await self._call(P.Op.RESUMED, wait, warm_up=True)
         return await self._call(P.Op.RESUMED, wait)
 
     async def oom_kill(self, *, wait: float | None = CALL_WAIT) -> dict:

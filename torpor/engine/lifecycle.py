@@ -131,11 +131,15 @@ class Lifecycle:
                 # its start command runs already: a restore of the template's boot
                 # snapshot, not a boot (other memory or disk than the template's: a boot)
                 chan = await self.driver.start_from_snapshot(spec, tpl.snapshot_dir)
-                await AgentClient(chan).resumed(wait=10)
+                # in one round trip (a pool sandbox is configured when it is handed out);
+                # `resumed` last: the agent warms up right after answering it
+                client = AgentClient(chan)
+                await asyncio.gather(*([client.configure(env)] if env else []),
+                                     client.resumed(warm_up=True, wait=10))
             else:
                 chan = await self.driver.start(spec)
-            if env:  # a pool sandbox is configured when it is handed out
-                await AgentClient(chan).configure(env)
+                if env:  # a pool sandbox is configured when it is handed out
+                    await AgentClient(chan).configure(env)
         except (DriverError, ChannelClosed, AgentError, OSError, TimeoutError) as e:
             await self.fail(row.id, f"could not start: {e}", "start_failed", destroy=True)
             raise Unavailable(f"sandbox {row.id} could not start: {e}",
@@ -143,8 +147,8 @@ class Lifecycle:
         self.attach(row.id, spec, chan)
         self.records.set_state(row.id, State.RUNNING, None, "created",
                                extra={"boot_snapshot": True} if restored else None)
-        if restored:
-            self.driver.drop_image(row.id)
+        if restored:  # once the create has answered: not the caller's wait
+            asyncio.get_running_loop().call_soon(self.driver.drop_image, row.id)
 
     def attach(self, sid: str, spec: SandboxSpec, chan: Channel) -> None:
         self.hooks.attached(sid, chan)

@@ -323,6 +323,10 @@ def wait_for_work() -> str | None:
         os.dup2(fd, to)
     os.close(null)
     os.close(log)
+    try:  # started at the lowest priority (see gvisor._popen_holder): the sandbox's own now
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError as e:
+        sys.stderr.write(f"holder: could not take priority 0 back ({e})\n")
     return line
 
 
