@@ -274,9 +274,12 @@ class Lifecycle:
                     [State.RUNNING, State.STANDBY, State.HIBERNATED])
             state = State(row.state)
             t0 = time.monotonic()
-            old = self.specs.get(sid) or SandboxSpec(
-                id=sid, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
-                disk_mb=row.disk_mb)
+            try:
+                old = self.spec(row)  # (with its volumes and drives)
+            except Unavailable:  # its template is gone: enough to destroy the container
+                old = SandboxSpec(id=sid, template=tpl, cpu=row.cpu, memory_mb=row.memory_mb,
+                                  disk_mb=row.disk_mb, hostname="sandbox")
+                self.hooks.storage(old)
             # what else it has (its storage) stays; its template and sizes are the snapshot's
             spec = dataclasses.replace(old, template=tpl, memory_mb=tpl.memory_mb,
                                        disk_mb=tpl.disk_mb)
