@@ -16,8 +16,11 @@ a second server with --pool-size 2) and drives it over HTTP on one long-lived ht
             answer of the restored agent (a PING frame on its stdin, its PONG). Interleaved.
   warm      the same create, handed out by the warm pool (a second server, --pool-size 2;
             waits for a refill before each).
-  disk      ten templates built on `base`, one small `run` step each: the bytes of base,
-            of the layer store and of the templates, as `du` counts them (base stored once).
+  disk      ten templates from one OCI image (made here with umoci: busybox and a copy of
+            the host's Python standard library; `from_archive` of it in the build context),
+            one small `run` step each: the bytes of the image's stored root fs, of the
+            layer store and of the templates, as `du` counts them (hard links once), beside
+            the image's root fs stored once per template.
 
 Prints one JSON object (and writes bench/results/templates.json on a full run) and a table.
 Needs root and runsc.
@@ -28,12 +31,15 @@ Needs root and runsc.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import select
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -86,11 +92,15 @@ def http_of(srv: Server) -> httpx.Client:
                         headers={"Authorization": f"Bearer {srv.api_key}"})
 
 
-def build(http: httpx.Client, name: str, steps: list[dict]) -> tuple[float, list[dict]]:
+def build(http: httpx.Client, name: str, steps: list[dict],
+          context: bytes | None = None) -> tuple[float, list[dict]]:
     """POST /v1/templates; the seconds to its last event, and its events."""
     t0 = time.perf_counter()
     events = []
-    with http.stream("POST", "/v1/templates", json={"name": name, "steps": steps},
+    body = {"name": name, "steps": steps}
+    if context is not None:
+        body["context"] = base64.b64encode(context).decode()
+    with http.stream("POST", "/v1/templates", json=body,
                      headers={"Accept": "application/x-ndjson"}) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
@@ -229,6 +239,43 @@ class Raw:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+IMAGE = ("busybox (static) and a copy of the host's /usr/lib/python3.11, one layer, made "
+         "here with umoci")
+
+
+def make_image(work: Path) -> Path:
+    """An OCI layout `work/oci` (`img:1`): a real root file system of some size, so that
+    storing it once or ten times shows (nothing fetched from outside)."""
+    root = work / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    for applet in ("sh", "echo", "cat", "ls", "wc", "id"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    shutil.copytree("/usr/lib/python3.11", root / "usr/lib/python3.11", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    img = f"{work / 'oci'}:1"
+    for argv in (["umoci", "init", "--layout", str(work / "oci")],
+                 ["umoci", "new", "--image", img],
+                 ["umoci", "insert", "--image", img, str(root), "/"],
+                 ["umoci", "config", "--image", img, "--config.env", "PATH=/bin"]):
+        p = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {p.stderr.strip()}")
+    shutil.rmtree(root)
+    return work / "oci"
+
+
+def image_context(layout: Path) -> bytes:
+    """The build context: the layout as `layout/` in a tar (gzip'd layers inside)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(layout, arcname="layout")
+    return buf.getvalue()
+
+
 def du(path: Path) -> int:
     """Bytes on disk under `path`, each hard-linked file once (du -s -B1)."""
     if not path.exists():
@@ -336,18 +383,44 @@ class Bench:
         raise RuntimeError("the warm pool did not fill in 60 s")
 
     def disk(self, k: int) -> dict:
+        """Ten templates from one OCI image (an archive in the build context), a `run` step
+        each: the image is stored once (images/sources), each template adds its layer."""
         srv = self.b or self.server_a()
+        work = Path(self.base + "img")
+        layout = make_image(work)
+        context = image_context(layout)
+        times = []
         with http_of(srv) as http:
             for i in range(k):
-                build(http, f"disk-{i}", [{"type": "run", "cmd": f"echo {i} > /home/user/{i}"}])
+                seconds, _ = build(http, f"disk-{i}", [
+                    {"type": "from_archive", "src": "layout"},
+                    {"type": "run", "cmd": f"echo {i} > /home/user/{i}"}], context)
+                times.append(seconds)
+            tpl = http.get("/v1/templates/disk-0").json()
+            r = http.post("/v1/sandboxes", json={"template": "disk-9"})
+            r.raise_for_status()
+            sid = r.json()["id"]
+            try:
+                out = http.post(f"/v1/sandboxes/{sid}/commands", json={
+                    "cmd": "cat /home/user/9; ls /usr/lib/python3.11 | wc -l"}).json()
+            finally:
+                http.delete(f"/v1/sandboxes/{sid}").raise_for_status()
+        shutil.rmtree(work, ignore_errors=True)
         data = srv.data_dir
-        base = du(data / "templates" / "base")
+        sources = du(data / "images" / "sources")
         layers = du(data / "images" / "layers")
         configs = du(data / "images" / "templates")
-        return {"templates": k, "base_bytes": base, "layer_store_bytes": layers,
-                "template_configs_bytes": configs,
-                "total_bytes": base + layers + configs,
-                "if_each_copied_base_bytes": base * (k + 1)}
+        one = du(next((data / "images" / "sources").iterdir()))
+        return {"templates": k, "source": f"OCI image layout in the build context: {IMAGE}",
+                "context_bytes": len(context),
+                "source_stored_bytes": one,
+                "sources_store_bytes": sources,
+                "sources_stored": len(list((data / "images" / "sources").iterdir())),
+                "layer_store_bytes": layers, "template_configs_bytes": configs,
+                "total_bytes": sources + layers + configs,
+                "if_each_copied_bytes": one * k + layers + configs,
+                "build_s": stats(times), "template_env": tpl.get("env"),
+                "a_template_runs": out.get("stdout", "").split()}
 
     def close(self, keep_logs: bool) -> list[str]:
         gone = []
@@ -401,14 +474,17 @@ def table(report: dict) -> str:
                      f"{r['warm']['first_output_ms']['p50']}", "", "<= 50"))
     if "disk" in r:
         d = r["disk"]
-        rows.append((f"disk, base + {d['templates']} templates (MiB)",
+        rows.append((f"disk, 1 image + {d['templates']} templates on it (MiB)",
                      f"{d['total_bytes'] / 2**20:.1f}",
-                     f"{d['if_each_copied_base_bytes'] / 2**20:.1f}", "base once"))
+                     f"{d['if_each_copied_bytes'] / 2**20:.1f}", "image once"))
+        rows.append(("  the image's root fs, stored (MiB) / times stored",
+                     f"{d['source_stored_bytes'] / 2**20:.1f} / {d['sources_stored']}", "", "1"))
     m = report["machine"]
     return render_rows(rows, report, "raw runsc", (10, 10), [
         f"machine: {m['cpu_model']}, {m['nproc']} cpus; runsc {m['runsc']}; {m['uname']}",
         ("raw runsc: restore of the same image to the agent's PONG (no exec); ours: create "
-         "+ `echo ok` to its first output; disk raw column: base copied per template")])
+         "+ `echo ok` to its first output; disk raw column: the image's root fs copied per "
+         "template")])
 
 
 def main() -> int:
