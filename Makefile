@@ -16,7 +16,8 @@ PREVIEW_PORT ?= $(or $(TORPOR_PREVIEW_PORT),7071)
 # Debian suite); docker-registry and busybox-static: the local registry and the image the
 # template source tests make
 APT_PKGS := e2fsprogs mount util-linux iproute2 python3 python3-venv python3-dev gcc libc6-dev \
-            libnss-myhostname skopeo umoci mmdebstrap docker-registry busybox-static
+            libnss-myhostname skopeo umoci mmdebstrap docker-registry busybox-static \
+            tmux
 
 # runsc from Debian, at least this version: older ones (bookworm's 0.0~20221219) cannot
 # checkpoint event-loop servers and only write compressed images (slower deep resume). On

@@ -67,7 +67,7 @@ _AGENT = {
     "not_running": Conflict, "stdin_closed": Conflict, "permission_denied": Conflict,
     "no_space": TooLarge, "too_many": TooLarge, "channel_closed": Unavailable,
     "not_empty": Conflict, "name_too_long": Invalid, "read_only": Conflict,
-    "cross_device": Conflict, "busy": Conflict,
+    "cross_device": Conflict, "busy": Conflict, "not_a_terminal": NotFound,
 }
 
 

@@ -42,13 +42,16 @@ def test_the_agent_answers_exactly_the_host_ops(monkeypatch):
     assert not P.HOST_OPS & P.AGENT_OPS
 
 
+TERMINAL_OPS = ("pty_create", "pty_attach", "pty_resize")
+
+
 def test_the_wire_words_stay_what_old_agents_speak():
     # hibernated sandboxes restore with the agent they were checkpointed with
     assert P.HOST_OPS == {
         "ping", "configure", "exec", "proc_list", "proc_info", "proc_follow", "proc_stdin",
         "proc_signal", "proc_wait", "oom_kill", "pids_kill", "hibernate_check", "resumed",
         "fs_stat", "fs_exists", "fs_list", "fs_mkdir", "fs_write", "fs_read", "fs_rename",
-        "fs_remove", "connect"}
+        "fs_remove", "connect", *TERMINAL_OPS}
     assert P.AGENT_OPS == {"egress", "dns"}
 
 

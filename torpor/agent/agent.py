@@ -414,6 +414,13 @@ async def op_resumed(agent: Agent, st: Stream, warm_up: bool = False, **_):
     return {}
 
 
+def _lazy(module: str, op: str):
+    """A handler that imports its module on the first call (not at the agent's start)."""
+    async def handler(agent: Agent, st: Stream, **args):
+        return await __import__(module).HANDLERS[op](agent, st, **args)
+    return handler
+
+
 HANDLERS = {
     P.Op.PING: op_ping,
     P.Op.CONFIGURE: op_configure,
@@ -430,6 +437,9 @@ HANDLERS = {
     P.Op.RESUMED: op_resumed,
     **fsops.HANDLERS,
     **netops.HANDLERS,
+    P.Op.PTY_CREATE: _lazy("ptys", P.Op.PTY_CREATE),
+    P.Op.PTY_ATTACH: _lazy("ptys", P.Op.PTY_ATTACH),
+    P.Op.PTY_RESIZE: _lazy("ptys", P.Op.PTY_RESIZE),
 }
 
 

@@ -93,6 +93,8 @@ class Proc:
         self._fds: dict[int, int] = {}
         loop = miniloop.get_loop()
         for fd, kind in ((out_fd, P.OUT), (err_fd, P.ERR)):
+            if fd is None:  # a terminal (ptys.py): one output, the pty master
+                continue
             self._fds[fd] = kind
             self.open_pipes += 1
             loop.add_reader(fd, self._on_readable, fd)

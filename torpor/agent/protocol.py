@@ -226,6 +226,14 @@ class Op:
     FS_REMOVE = "fs_remove"  # (path, recursive=False, user="user") -> {removed, path}
     CONNECT = "connect"  # (port, host="127.0.0.1") -> {bytes_to_host, bytes_to_socket}
     # [MSG connected {port}, OUT/IN the socket's bytes, EOF a half-close]
+    # terminals (ptys.py, imported on first use): a terminal is a process (PROC_INFO, _LIST,
+    # _SIGNAL, _WAIT, _FOLLOW work on it) whose info has pty {cols, rows}
+    PTY_CREATE = "pty_create"  # (cols, rows, cmd?: argv (default: the user's login shell),
+    # env?, cwd?, user="user", tag?) -> process info; it runs until it exits or is signalled
+    PTY_ATTACH = "pty_attach"  # (pid, offset?, replay=65536) -> process info, once it exited
+    # [MSG attached {offset, pid}, MSG truncated {lost}, OUT its output from offset (None:
+    # the last `replay` bytes still kept), live; the stream's IN bytes are its input]
+    PTY_RESIZE = "pty_resize"  # (pid, cols, rows) -> {pid, cols, rows}; 1..4096 each
 
     # --- the agent opens these towards the host (netops.Egress; Channel.on_open) ------------
     EGRESS = "egress"  # (listener: "http"|"socks", peer_port) [OUT/IN the connection]
@@ -237,5 +245,6 @@ HOST_OPS = frozenset({
     Op.PROC_STDIN, Op.PROC_SIGNAL, Op.PROC_WAIT, Op.OOM_KILL, Op.PIDS_KILL,
     Op.HIBERNATE_CHECK, Op.RESUMED, Op.FS_STAT, Op.FS_EXISTS, Op.FS_LIST, Op.FS_MKDIR,
     Op.FS_WRITE, Op.FS_READ, Op.FS_RENAME, Op.FS_REMOVE, Op.CONNECT,
+    Op.PTY_CREATE, Op.PTY_ATTACH, Op.PTY_RESIZE,
 })
 AGENT_OPS = frozenset({Op.EGRESS, Op.DNS})

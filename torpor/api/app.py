@@ -188,6 +188,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
         secrets,
         snapshots,
         templates,
+        terminals,
         volumes,
     )
 
@@ -196,9 +197,11 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
                               (commands, ON_SANDBOX), (files, ON_SANDBOX),
                               (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
                               (network, ON_SANDBOX), (templates, COMMON),
-                              (snapshots, ON_SANDBOX), (volumes, ON_SANDBOX)):
+                              (snapshots, ON_SANDBOX), (volumes, ON_SANDBOX),
+                              (terminals, ON_SANDBOX)):
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=responses)
+    app.include_router(terminals.ws_router)  # a WebSocket checks the key itself
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
     app.add_middleware(PortProxy, engine=engine)  # outermost: before body limits

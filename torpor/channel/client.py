@@ -110,6 +110,26 @@ class AgentClient:
         """The process's info once it has exited; TimeoutError after `timeout` seconds."""
         return await self._call(P.Op.PROC_WAIT, timeout, pid=pid)
 
+    # --- terminals: processes on a pty (the proc_* methods work on them too) -----------
+    async def pty_create(self, cols: int, rows: int, cmd: list[str] | None = None,
+                         env: dict | None = None, cwd: str | None = None,
+                         user: str | int = "user", tag: str | None = None, *,
+                         wait: float | None = CALL_WAIT) -> dict:
+        """Start `cmd` (None: the user's login shell) on a new terminal; its info, with
+        pty {cols, rows}. It runs until it exits or is signalled."""
+        return await self._call(P.Op.PTY_CREATE, wait, cols=cols, rows=rows, cmd=cmd,
+                                env=env, cwd=cwd, user=user, tag=tag)
+
+    def pty_attach(self, pid: int, offset: int | None = None, replay: int = 65536) -> Stream:
+        """The terminal's output from `offset` (None: its last `replay` bytes) and on,
+        live: MSG attached {offset}, OUT bytes; the stream's IN bytes are keystrokes. The
+        result is its info once it exited; abandoning the stream leaves it running."""
+        return self.channel.open(P.Op.PTY_ATTACH, pid=pid, offset=offset, replay=replay)
+
+    async def pty_resize(self, pid: int, cols: int, rows: int, *,
+                         wait: float | None = CALL_WAIT) -> dict:
+        return await self._call(P.Op.PTY_RESIZE, wait, pid=pid, cols=cols, rows=rows)
+
     # --- files: paths resolve inside the sandbox, relative ones from the user's home ----
     async def fs_stat(self, path: str, user: str | int = "user", *,
                       wait: float | None = CALL_WAIT) -> dict:

@@ -42,6 +42,7 @@ from torpor.engine.snapshots import (
 )
 from torpor.engine.standby import Standby
 from torpor.engine.states import State
+from torpor.engine.terminals import Terminals
 from torpor.engine.traffic import Traffic
 from torpor.engine.types import SandboxInfo
 from torpor.engine.volumes import Volumes
@@ -91,6 +92,7 @@ class Engine:
                                connect=self.connect)
         self.processes = Processes(self.client, self.standby.hold_process,
                                    defaults_of=self._exec_defaults)
+        self.terminals = Terminals(self.client, defaults_of=self._exec_defaults)
         self._defaults: dict[str, tuple[str, str | None]] = {}
         self.files = Files(self.client)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,

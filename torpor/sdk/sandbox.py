@@ -23,6 +23,7 @@ from torpor.sdk.errors import NotFoundError, TorporError
 from torpor.sdk.files import AsyncFiles, Files
 from torpor.sdk.models import Domain, EgressEntry, Event, Port, SandboxInfo, Usage, UsageSummary
 from torpor.sdk.snapshots import SnapshotInfo
+from torpor.sdk.terminals import AsyncPty, Pty
 
 ExpireAction = Literal["delete", "hibernate"]
 
@@ -44,6 +45,7 @@ class Sandbox:
                                                 transport)
         self.commands = Commands(self._session, sandbox_id)
         self.files = Files(self._session, sandbox_id)
+        self.pty = Pty(self._session, sandbox_id)  # terminals
 
     @classmethod
     def create(cls, template: str = "base", *, env: Mapping[str, str] | None = None,
@@ -289,6 +291,7 @@ class AsyncSandbox:
                                                  transport)
         self.commands = AsyncCommands(self._session, sandbox_id)
         self.files = AsyncFiles(self._session, sandbox_id)
+        self.pty = AsyncPty(self._session, sandbox_id)  # terminals
 
     @classmethod
     async def create(cls, template: str = "base", *, env: Mapping[str, str] | None = None,

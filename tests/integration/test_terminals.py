@@ -1,0 +1,223 @@
+"""Terminals in real sandboxes: the SDK over the WebSocket, reattach with replay, refusals,
+and `torpor shell` driven through tmux like a person at a keyboard."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+from conftest import CLI, wait_for
+
+from torpor.sdk import Sandbox
+from torpor.sdk.errors import AuthError, InvalidRequestError, NotFoundError
+
+
+@pytest.fixture
+def sbx(server, sandbox):
+    s = Sandbox(sandbox, url=server.url, api_key=server.key)
+    yield s
+    s.close()
+
+
+def _until(term, needle: bytes, timeout: float = 15.0) -> bytes:
+    return wait_for(lambda: needle in term.output and term.output, timeout=timeout,
+                    every=0.02)
+
+
+def test_create_send_resize_kill_wait(sbx):
+    got = []
+    term = sbx.pty.create(cols=120, rows=40, on_data=got.append)
+    try:
+        assert term.pid > 0
+        term.send_input(b"stty size; tty; echo $TERM; id -un\n")
+        _until(term, b"user\r\n")
+        out = term.output
+        assert b"40 120\r\n" in out
+        assert b"/dev/pts/" in out and b"xterm-256color" in out
+        assert b"".join(got) == out  # on_data saw every byte, in order
+        term.resize(100, 30)
+        term.send_input(b"stty size\n")
+        _until(term, b"30 100\r\n")
+        info = sbx.pty.info(term.pid)
+        assert info.running and (info.pty.cols, info.pty.rows) == (100, 30)
+        assert any(t.pid == term.pid for t in sbx.pty.list())
+        # Ctrl-C reaches the foreground job, not the shell
+        term.send_input(b"sleep 30; echo sl''ept\n")
+        time.sleep(0.5)
+        term.send_input(b"\x03")
+        term.send_input(b"echo after-$((6*7))\n")
+        _until(term, b"after-42")
+        assert b"slept" not in term.output  # only its echo, sl''ept, is there
+        term.kill()
+        assert term.wait(timeout=15) == 128 + 9
+        assert not sbx.pty.info(term.pid).running
+    finally:
+        term.disconnect()
+
+
+def test_exit_code_and_command(sbx):
+    term = sbx.pty.create(cols=80, rows=24, cmd="printf 'a\\tb\\n'; exit 7")
+    assert term.wait(timeout=15) == 7
+    assert b"a\tb\r\n" in term.output
+    term.disconnect()
+    # a program given as argv, with env and cwd; python3's REPL on a terminal
+    py = sbx.pty.create(cmd=["python3", "-q"], env={"X": "from-env"}, cwd="/tmp")
+    try:
+        _until(py, b">>> ")
+        py.send_input("import os; print(os.getcwd(), os.environ['X'], os.isatty(0))\n")
+        _until(py, b"/tmp from-env True")
+        py.send_input(b"exit(5)\n")
+        assert py.wait(timeout=15) == 5
+    finally:
+        py.disconnect()
+
+
+def test_reattach_replays_recent_output(sbx):
+    term = sbx.pty.create()
+    pid = term.pid
+    term.send_input(b"echo before-$((1+1))\n")
+    _until(term, b"before-2")
+    # output made while nobody is attached is kept, from the offset the client had
+    term.send_input(b"sleep 1; echo away-$((5+5))\n")
+    _until(term, b"echo away")
+    seen = term.offset
+    term.disconnect()
+    time.sleep(1.5)
+    back = sbx.pty.connect(pid, offset=seen)
+    try:
+        _until(back, b"away-10")
+        assert not back.output.startswith(b"sleep 1")  # nothing from before `seen`
+    finally:
+        back.disconnect()
+    again = sbx.pty.connect(pid)  # no offset: the recent screen
+    try:
+        _until(again, b"before-2")  # replayed
+        again.send_input(b"echo during-$((2+2))\n")
+        _until(again, b"during-4")
+        mark = again.offset
+    finally:
+        again.disconnect()
+    # from an offset: exactly what came after it, nothing twice
+    tail = sbx.pty.connect(pid, offset=mark)
+    try:
+        tail.send_input(b"echo last-$((3+3))\n")
+        _until(tail, b"last-6")
+        assert b"during-4" not in tail.output and b"before-2" not in tail.output
+        # an offset past the output is refused, saying what is kept
+        with pytest.raises(InvalidRequestError) as e:
+            sbx.pty.connect(pid, offset=tail.offset + 10**9)
+        assert e.value.details.get("available")
+        tail.send_input(b"exit 3\n")
+        assert tail.wait(timeout=15) == 3
+    finally:
+        tail.disconnect()
+
+
+def test_refusals(sbx, api, sandbox):
+    with pytest.raises(InvalidRequestError):
+        sbx.pty.create(cols=0, rows=0)
+    r = api.post(f"/v1/sandboxes/{sandbox}/pty", json={"cols": 0, "rows": 0})
+    assert r.status_code == 422 and r.json()["error"]["field"] in ("cols", "rows")
+    term = sbx.pty.create(cmd="sleep 30")
+    try:
+        with pytest.raises(InvalidRequestError) as e:
+            term.resize(0, 0)
+        assert "cols" in str(e.value)
+        r = api.post(f"/v1/sandboxes/{sandbox}/pty/{term.pid}/resize",
+                     json={"cols": 80, "rows": 0})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "rows"
+    finally:
+        term.kill()
+        term.disconnect()
+    # a process that is not a terminal
+    proc = sbx.commands.run("sleep 30", background=True)
+    with pytest.raises(NotFoundError):
+        sbx.pty.connect(proc.pid)
+    with pytest.raises(NotFoundError):
+        sbx.pty.info(proc.pid)
+    proc.kill()
+    with pytest.raises(NotFoundError):
+        sbx.pty.create(cmd=["no-such-program-here"])
+
+
+def test_socket_needs_the_key(server, sbx):
+    term = sbx.pty.create(cmd="sleep 30")
+    try:
+        bad = Sandbox(sbx.id, url=server.url, api_key="not-a-key")
+        with pytest.raises(AuthError):
+            bad.pty.connect(term.pid)
+        bad.close()
+    finally:
+        term.kill()
+        term.disconnect()
+
+
+# --- `torpor shell` through tmux ------------------------------------------------------------
+@pytest.fixture
+def tmux(server):
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is missing: `make deps` installs it (Makefile APT_PKGS)")
+    name = "torpor-test-" + uuid.uuid4().hex[:8]
+    sock = f"/tmp/{name}.sock"
+    env = {**os.environ, "TORPOR_URL": server.url, "TORPOR_API_KEY": server.key}
+
+    def tm(*args: str, check: bool = True) -> str:
+        return subprocess.run(["tmux", "-S", sock, *args], env=env, capture_output=True,
+                              text=True, check=check, timeout=10).stdout
+
+    tm.name = name  # type: ignore[attr-defined]
+    yield tm
+    tm("kill-server", check=False)
+    if os.path.exists(sock):
+        os.unlink(sock)
+
+
+def _pane(tm) -> str:
+    return tm("capture-pane", "-p", "-J", "-t", tm.name)
+
+
+def test_torpor_shell_in_tmux(tmux, sandbox):
+    status = f"/tmp/{tmux.name}.status"
+    cmd = " ".join(shlex.quote(a) for a in [*CLI, "shell", sandbox])
+    tmux("new-session", "-d", "-s", tmux.name, "-x", "100", "-y", "30",
+         f"{cmd}; echo torpor-exit=$? > {status}; sleep 30")
+    try:
+        wait_for(lambda: "$" in _pane(tmux), timeout=30)
+        tmux("send-keys", "-t", tmux.name, "echo hi-$((40+2))", "Enter")
+        wait_for(lambda: "hi-42" in _pane(tmux), timeout=15)
+        # the window's size reached the sandbox, and follows a resize
+        tmux("send-keys", "-t", tmux.name, "stty size", "Enter")
+        wait_for(lambda: "30 100" in _pane(tmux), timeout=15)
+        tmux("resize-window", "-t", tmux.name, "-x", "90", "-y", "25")
+        time.sleep(0.5)
+        tmux("send-keys", "-t", tmux.name, "clear; stty size", "Enter")
+        wait_for(lambda: "25 90" in _pane(tmux), timeout=15)
+        # Ctrl-C goes to the sandbox: it stops `sleep`, not `torpor shell`
+        tmux("send-keys", "-t", tmux.name, "sleep 30; echo not-inter''rupted", "Enter")
+        time.sleep(0.5)
+        tmux("send-keys", "-t", tmux.name, "C-c")
+        tmux("send-keys", "-t", tmux.name, "echo still-$((5*5))", "Enter")
+        wait_for(lambda: "still-25" in _pane(tmux), timeout=15)
+        assert "not-interrupted" not in _pane(tmux)
+        # a full-screen program: python3's REPL, then `top` when the template has it
+        tmux("send-keys", "-t", tmux.name, "python3 -q", "Enter")
+        wait_for(lambda: ">>>" in _pane(tmux), timeout=15)
+        tmux("send-keys", "-t", tmux.name, "print(6*7*1000)", "Enter")
+        wait_for(lambda: "42000" in _pane(tmux), timeout=15)
+        tmux("send-keys", "-t", tmux.name, "exit()", "Enter")
+        tmux("send-keys", "-t", tmux.name, "command -v top && top -d 0.2", "Enter")
+        time.sleep(1.5)
+        if "load average" in _pane(tmux):
+            tmux("send-keys", "-t", tmux.name, "q")
+        tmux("send-keys", "-t", tmux.name, "clear; exit 4", "Enter")
+        wait_for(lambda: os.path.exists(status), timeout=15)
+        with open(status) as f:
+            assert f.read().strip() == "torpor-exit=4"
+    finally:
+        if os.path.exists(status):
+            os.unlink(status)
