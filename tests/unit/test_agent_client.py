@@ -51,7 +51,7 @@ def test_the_wire_words_stay_what_old_agents_speak():
         "ping", "configure", "exec", "proc_list", "proc_info", "proc_follow", "proc_stdin",
         "proc_signal", "proc_wait", "oom_kill", "pids_kill", "hibernate_check", "resumed",
         "fs_stat", "fs_exists", "fs_list", "fs_mkdir", "fs_write", "fs_read", "fs_rename",
-        "fs_remove", "connect", *TERMINAL_OPS}
+        "fs_remove", "connect", *TERMINAL_OPS, "watch"}
     assert P.AGENT_OPS == {"egress", "dns"}
 
 

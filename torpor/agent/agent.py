@@ -399,6 +399,12 @@ async def op_hibernate_check(agent: Agent, st: Stream, **_):
     return {"problems": problems}
 
 
+async def op_watch(agent: Agent, st: Stream, **args):
+    import watch  # on first use: ctypes is not for the agent's start
+
+    return await watch.op_watch(agent, st, **args)
+
+
 async def op_resumed(agent: Agent, st: Stream, warm_up: bool = False, **_):
     """After a restore: look at the compat helpers anew (a restore may bring another runsc,
     or another agent bundle). With warm_up, run `true` once this answer has left, as at a
@@ -435,6 +441,7 @@ HANDLERS = {
     P.Op.PIDS_KILL: op_pids_kill,
     P.Op.HIBERNATE_CHECK: op_hibernate_check,
     P.Op.RESUMED: op_resumed,
+    P.Op.WATCH: op_watch,
     **fsops.HANDLERS,
     **netops.HANDLERS,
     P.Op.PTY_CREATE: _lazy("ptys", P.Op.PTY_CREATE),

@@ -28,7 +28,9 @@ import signames
 import users
 from protocol import OpError
 
-LOG_LIMIT = 4 << 20  # bytes of output kept per process
+LOG_LIMIT = 4 << 20  # bytes of output kept in memory per process; older ones spill to disk
+# TORPOR_OUTPUT_SPILL_MB=0: no spill, the oldest output past LOG_LIMIT is dropped
+SPILL = os.environ.get("TORPOR_OUTPUT_SPILL_MB", "").strip() != "0"
 EXIT_GRACE = 0.1  # seconds a finished command waits for output still in its pipes
 READ_SIZE = 64 * 1024
 DRAIN_LIMIT = 1 << 20  # bytes read at most when the exit grace ends
@@ -83,7 +85,9 @@ class Proc:
         self.stdin_fd = stdin_fd
         self._stdin_wait: miniloop.Future | None = None  # a writer waiting for pipe space
         self.log = _Fifo()  # (offset, kind, bytes)
-        self.log_start = 0  # offset of the first byte still in the log
+        self.log_start = 0  # offset of the first byte still kept (in memory or spilled)
+        self.mem_start = 0  # offset of the first byte of the in-memory log
+        self.spill = None  # spill.ProcSpill once output outgrew the in-memory log
         self.log_end = 0  # offset after the last byte
         self.changed = miniloop.Event()
         self.blocking: set = set()  # followers that hold back reading: {Follower}
@@ -155,13 +159,35 @@ class Proc:
                 budget -= self.log_end - before or 1
 
     def _trim(self) -> None:
+        """Past LOG_LIMIT bytes in memory, move the oldest records to the sandbox's disk
+        (spill.py; bounded, the oldest dropped there), or drop them if that fails."""
         floor = min((f.pos for f in self.blocking), default=self.log_end)
-        while self.log and self.log_end - self.log_start > LOG_LIMIT:
-            off, _, data = self.log.first()
+        while self.log and self.log_end - self.mem_start > LOG_LIMIT:
+            off, kind, data = self.log.first()
             if off + len(data) > floor:
                 break
             self.log.popleft()
-            self.log_start = off + len(data)
+            self.mem_start = off + len(data)
+            if self.spill is None and SPILL:
+                try:
+                    import spill
+
+                    self.spill = spill.ProcSpill(spill.store(), self.pid)
+                except OSError:
+                    pass
+            if self.spill is not None:
+                self.spill.put(off, kind, data)
+        self._kept()
+
+    def _kept(self) -> None:
+        start = self.spill.start if self.spill is not None else None
+        self.log_start = self.mem_start if start is None else start
+
+    def forget(self) -> None:
+        """The table forgets this process: its spilled output goes too."""
+        if self.spill is not None:
+            self.spill.drop_all()
+            self.spill = None
 
     def _apply_backpressure(self) -> None:
         floor = min((f.pos for f in self.blocking), default=self.log_end)
@@ -181,27 +207,40 @@ class Proc:
         self.changed = miniloop.Event()
 
     def chunks_from(self, pos: int):
-        """Records at or after pos: (offset, kind, bytes), the first one cut to start at pos."""
+        """Records at or after pos: (offset, kind, bytes), the first one cut to start at pos;
+        from the spilled part, a batch of them (call again from where it ends)."""
+        if pos < self.mem_start and self.spill is not None:
+            self._kept()
+            got = self.spill.read(pos, self.mem_start)
+            if got:
+                return got
+        out = []
         for off, kind, data in self.log:
             end = off + len(data)
             if end <= pos:
                 continue
             if off < pos:
-                yield pos, kind, data[pos - off:]
+                out.append((pos, kind, data[pos - off:]))
             else:
-                yield off, kind, data
+                out.append((off, kind, data))
+        return out
 
     async def follow(self, st, offset: int | None, blocking: bool, live: bool = True) -> None:
         f = Follower(offset if offset is not None else self.log_start)
-        if f.pos < self.log_start:
-            await st.msg({"event": "truncated", "lost": self.log_start - f.pos})
-            f.pos = self.log_start
         if blocking:
             self.blocking.add(f)
         try:
             while not st.closed:
                 changed = self.changed
-                for off, kind, data in list(self.chunks_from(f.pos)):
+                self._kept()
+                if f.pos < self.log_start:  # dropped (the spill's bound) while behind
+                    await st.msg({"event": "truncated", "lost": self.log_start - f.pos})
+                    f.pos = self.log_start
+                for off, kind, data in self.chunks_from(f.pos):
+                    if off > f.pos:  # lost meanwhile (a spill that failed)
+                        await st.msg({"event": "truncated", "lost": off - f.pos})
+                    elif off < f.pos:
+                        break
                     await st.send(kind, data)
                     f.pos = off + len(data)
                     if blocking:
@@ -310,6 +349,8 @@ class Proc:
         self.close_stdin()
         self.exited.set()
         self._notify()
+        if self.spill is not None:
+            self.spill.finished()
 
     def info(self) -> dict:
         return {
@@ -627,6 +668,7 @@ class ProcessTable:
                 p = self.procs.get(old)
                 if p is not None and p.exited.is_set():
                     del self.procs[old]
+                    p.forget()
 
     def _sessions(self) -> dict[int, list[tuple[int, int]]]:
         """Processes of the sandbox by session, as (pid, resident bytes); the agent's own

@@ -224,6 +224,9 @@ class Op:
     # [MSG size {size}, OUT bytes]
     FS_RENAME = "fs_rename"  # (src, dst, overwrite=False, user="user") -> {path}
     FS_REMOVE = "fs_remove"  # (path, recursive=False, user="user") -> {removed, path}
+    WATCH = "watch"  # (path, recursive=True, user="user") -> {path, gone}, once the host
+    # closes it or the directory goes [MSG {watching, dirs}, MSG {events: [{type, path,
+    # old_path?, dir}]}]; watch.py, imported on first use
     CONNECT = "connect"  # (port, host="127.0.0.1") -> {bytes_to_host, bytes_to_socket}
     # [MSG connected {port}, OUT/IN the socket's bytes, EOF a half-close]
     # terminals (ptys.py, imported on first use): a terminal is a process (PROC_INFO, _LIST,
@@ -241,7 +244,7 @@ class Op:
 
 
 HOST_OPS = frozenset({
-    Op.PING, Op.CONFIGURE, Op.EXEC, Op.PROC_LIST, Op.PROC_INFO, Op.PROC_FOLLOW,
+    Op.PING, Op.CONFIGURE, Op.EXEC, Op.WATCH, Op.PROC_LIST, Op.PROC_INFO, Op.PROC_FOLLOW,
     Op.PROC_STDIN, Op.PROC_SIGNAL, Op.PROC_WAIT, Op.OOM_KILL, Op.PIDS_KILL,
     Op.HIBERNATE_CHECK, Op.RESUMED, Op.FS_STAT, Op.FS_EXISTS, Op.FS_LIST, Op.FS_MKDIR,
     Op.FS_WRITE, Op.FS_READ, Op.FS_RENAME, Op.FS_REMOVE, Op.CONNECT,

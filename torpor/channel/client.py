@@ -167,6 +167,12 @@ class AgentClient:
         appears whole at the end (written aside, then renamed), parents are created."""
         return self.channel.open(P.Op.FS_WRITE, path=path, user=user, mode=mode)
 
+    def watch(self, path: str, recursive: bool = True, user: str | int = "user") -> Stream:
+        """Changes under directory `path`: MSG {watching, dirs} once the watch is in place,
+        then MSG {events: [{type, path, old_path?, dir}]}; until abandoned, or the
+        directory goes (a `gone` event, then the result)."""
+        return self.channel.open(P.Op.WATCH, path=path, recursive=recursive, user=user)
+
     # --- network ------------------------------------------------------------------------
     def connect(self, port: int) -> Stream:
         """A TCP connection to 127.0.0.1:`port` inside the sandbox: MSG connected, then the

@@ -9,17 +9,26 @@ Entries are the agent's dicts (`name`, `path`, `type`, `size`, `mode`, `uid`, `g
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from torpor.agent import protocol as P
-from torpor.channel import ChannelClosed, Stream
+from torpor.channel import AgentError, ChannelClosed, Stream
 from torpor.engine.processes import ClientOf
-from torpor.engine.types import agent_errors
+from torpor.engine.types import FsEvent, agent_errors
+from torpor.errors import from_agent
+
+# (sid) -> once the sandbox runs again, without waking it; NotFound once it is deleted
+AwaitRunning = Callable[[str], Awaitable[None]]
 
 
 class Files:
-    def __init__(self, client_of: ClientOf):
+    """`await_running(sid)`, when given, lets a watch outlive a hibernation: when the
+    sandbox's channel closes under it, the watch waits for the sandbox to run again
+    (whoever wakes it) and watches anew."""
+
+    def __init__(self, client_of: ClientOf, await_running: AwaitRunning | None = None):
         self.client_of = client_of
+        self.await_running = await_running
 
     async def read(self, sid: str, path: str,
                    user: str | int = "user") -> tuple[int | None, AsyncIterator[bytes]]:
@@ -95,6 +104,57 @@ class Files:
         client = await self.client_of(sid)
         with agent_errors(sid, P.Op.FS_REMOVE):
             return await client.fs_remove(path, recursive, user)
+
+    async def watch(self, sid: str, path: str, recursive: bool = True,
+                    user: str | int = "user") -> AsyncIterator[FsEvent]:
+        """Changes under directory `path`, as FsEvents, until the consumer stops (or the
+        directory goes: a `gone` event ends it). Waits until the watch is in place before
+        returning, so a missing path or a file raises here (NotFound, Conflict).
+
+        The watch's stream does not count as activity: a watched sandbox still goes to
+        standby (frozen, it changes nothing; the stream resumes with it) and hibernates
+        (its agent's inotify state does not survive a restore: once the sandbox runs
+        again, woken by anyone, the watch is set up anew and the iteration goes on; what
+        changed between the restore and that moment, a few milliseconds, is not reported).
+        """
+        stream, it = await self._open_watch(sid, path, recursive, user)
+        return self._watch_events(sid, path, recursive, user, stream, it)
+
+    async def _open_watch(self, sid: str, path: str, recursive: bool, user: str | int):
+        client = await self.client_of(sid)
+        with agent_errors(sid, None):
+            stream = client.watch(path, recursive, user)
+        stream.passive = True  # see Lifecycle.open_streams
+        it = stream.__aiter__()
+        first = await anext(it, None)
+        if first is None or first.kind != "msg" or "watching" not in (first.msg or {}):
+            stream.abandon()
+            with agent_errors(sid, P.Op.WATCH):
+                await stream.finish()
+            raise from_agent(sid, AgentError("internal", "the watch did not start", {}))
+        return stream, it
+
+    async def _watch_events(self, sid: str, path: str, recursive: bool, user: str | int,
+                            stream: Stream, it) -> AsyncIterator[FsEvent]:
+        try:
+            while True:
+                async for ev in it:
+                    if ev.kind != "msg":
+                        continue
+                    for e in (ev.msg or {}).get("events", ()):
+                        yield FsEvent(e.get("type", ""), e.get("path", ""),
+                                      bool(e.get("dir")), e.get("old_path"))
+                try:
+                    await stream.finish()
+                    return  # the directory went (its `gone` event was the last)
+                except AgentError as e:
+                    if e.code != "channel_closed" or self.await_running is None:
+                        raise from_agent(sid, e) from None
+                # the sandbox hibernated (or stopped): watch again once it runs
+                await self.await_running(sid)
+                stream, it = await self._open_watch(sid, path, recursive, user)
+        finally:
+            stream.abandon()
 
 
 async def _contents(sid: str, stream: Stream, it: AsyncIterator) -> AsyncIterator[bytes]:

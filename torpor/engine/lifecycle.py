@@ -99,8 +99,12 @@ class Lifecycle:
         return lk
 
     def open_streams(self, sid: str) -> int:
+        """Streams that keep the sandbox busy: all but `passive` ones (file watches, which
+        wait on the sandbox rather than use it, and outlive its standby and hibernation)."""
         chan = self.channels.get(sid)
-        return len(chan.streams) if chan is not None else 0
+        if chan is None:
+            return 0
+        return sum(1 for st in chan.streams.values() if not getattr(st, "passive", False))
 
     async def channel(self, sid: str) -> Channel:
         """The agent channel of a sandbox, resumed first if it is in standby or hibernated.
@@ -381,7 +385,8 @@ class Lifecycle:
             await asyncio.sleep(0.01)
         if n:
             chan = self.channels.get(sid)
-            names = sorted(st.what for st in chan.streams.values()) if chan else []
+            names = sorted(st.what for st in chan.streams.values()
+                           if not getattr(st, "passive", False)) if chan else []
             shown = "; ".join(names[:5]) + ("; ..." if len(names) > 5 else "")
             raise Conflict(f"sandbox {sid} has {n} open streams ({shown}): command output, "
                            "follows, transfers, egress or preview connections; close them "

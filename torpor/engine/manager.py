@@ -25,6 +25,7 @@ from torpor.config import Settings
 from torpor.engine.build_records import BuildRecords
 from torpor.engine.builds import Builds
 from torpor.engine.builtins import Builtins
+from torpor.engine.code import Code
 from torpor.engine.files import Files
 from torpor.engine.keys import KeyStore
 from torpor.engine.lifecycle import Lifecycle
@@ -54,6 +55,7 @@ from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
 from torpor.templates import BASE, Template, TemplateStore
 
+FORK_PARALLEL = int(os.environ.get("TORPOR_FORK_PARALLEL_EXPERIMENT", "2"))
 log = logging.getLogger("torpor.engine")
 
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -94,7 +96,9 @@ class Engine:
                                    defaults_of=self._exec_defaults)
         self.terminals = Terminals(self.client, defaults_of=self._exec_defaults)
         self._defaults: dict[str, tuple[str, str | None]] = {}
-        self.files = Files(self.client)
+        self.files = Files(self.client, await_running=self._await_running)
+        # the code interpreter of code-interpreter sandboxes, through a port tunnel
+        self.code = Code(self.connect)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
                              write_file=self._write_as_root, built=self.pool.wake,
@@ -368,7 +372,9 @@ class Engine:
             raise Invalid(f"count must be between 1 and {MAX_FORKS}", field="count")
         self.records.get(sid)  # 404 first
         snap_id = new_snapshot_id()
+        t0 = time.monotonic()
         tpl, figures = await self.snapshots.capture(sid, snap_id, True)
+        t1 = time.monotonic()
         rows: list[SandboxRow] = []
         try:
             src = self.records.get(sid)
@@ -386,8 +392,12 @@ class Engine:
                                  ports=dict(src.ports or {}), **policy)
                 self.records.add(row)
                 rows.append(row)
-            results = await asyncio.gather(*(self.lifecycle.boot(r, boot_env) for r in rows),
-                                           return_exceptions=True)
+            gate = asyncio.Semaphore(FORK_PARALLEL)
+
+            async def boot(r: SandboxRow) -> None:
+                async with gate:
+                    await self.lifecycle.boot(r, boot_env)
+            results = await asyncio.gather(*(boot(r) for r in rows), return_exceptions=True)
             failed = [e for e in results if isinstance(e, BaseException)]
             if failed:
                 for r in rows:
@@ -401,7 +411,9 @@ class Engine:
         for fid in ids:
             self.standby.touch(fid)
         self.records.event(sid, "forked", None, None, "explicit",
-                           {"forks": ids, "pause_ms": figures.get("pause_ms")})
+                           {"forks": ids, "pause_ms": figures.get("pause_ms"),
+                            "capture_ms": round((t1 - t0) * 1000, 1),
+                            "start_ms": round((time.monotonic() - t1) * 1000, 1)})
         return [self.get(fid) for fid in ids]
 
     # --- drives on sandboxes (engine/volumes.py) ------------------------------------------
@@ -543,6 +555,17 @@ class Engine:
             if row is not None:
                 self._defaults[sid] = found
         return found
+
+    async def _await_running(self, sid: str) -> None:
+        """Return once the sandbox runs with a channel, without waking it (a watch
+        waiting out a hibernation); NotFound once it is deleted."""
+        while True:
+            self.records.get(sid)
+            chan = self.lifecycle.channels.get(sid)
+            if (chan is not None and not chan.closed.is_set()
+                    and self.records.states.get(sid) == State.RUNNING):
+                return
+            await asyncio.sleep(0.1)
 
     async def client(self, sid: str) -> AgentClient:
         """The typed agent client of a sandbox, resumed first if parked (see channel)."""

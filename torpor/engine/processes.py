@@ -17,6 +17,7 @@ from torpor.agent import protocol as P
 from torpor.channel import AgentError, ChannelClosed, Stream
 from torpor.channel.client import AgentClient
 from torpor.engine.types import (
+    Chunk,
     Event,
     Exited,
     Failed,
@@ -25,7 +26,7 @@ from torpor.engine.types import (
     Truncated,
     agent_errors,
 )
-from torpor.errors import Timeout, Unavailable, from_agent
+from torpor.errors import Conflict, Timeout, Unavailable, from_agent
 
 ClientOf = Callable[[str], Awaitable[AgentClient]]
 # (sid) -> the user and working directory of the template the sandbox started from
@@ -121,6 +122,33 @@ class Processes:
             stream = client.proc_follow(pid, offset=offset, follow=follow)
         return _events(sid, stream)
 
+    async def attach(self, sid: str, pid: int, offset: int | None = None,
+                     follow: bool = True) -> AsyncIterator[Chunk | Exited | Failed]:
+        """A process's output as bytes with their offsets (Chunk), from byte `offset`
+        (None: the oldest byte still kept), then Exited (with `follow`, once it exited;
+        without, only if it has). Reading again from the offset after the last Chunk's
+        bytes gives every byte once, in order, whatever happened in between (the client
+        went away, the sandbox was parked, the server restarted): the agent keeps the
+        output, on the sandbox's disk past its in-memory log, up to its bound. An offset
+        no longer kept (or not reached yet) is a Conflict naming the range that is; output
+        dropped while this reader lagged ends the iteration with a Failed saying so."""
+        info = await self.info(sid, pid)
+        start, end = info.get("output_start", 0), info["output_bytes"]
+        if offset is None:
+            offset = start
+        if not start <= offset <= end:
+            raise Conflict(f"sandbox {sid}: process {pid}: output offset {offset} is not kept; "
+                           f"bytes {start}..{end} are (older output was dropped past the "
+                           "sandbox's output bound)" if offset < start else
+                           f"sandbox {sid}: process {pid}: output offset {offset} is past the "
+                           f"end of its output ({end} bytes so far; kept from {start})",
+                           sandbox_id=sid, pid=pid, field="offset", output_start=start,
+                           output_end=end)
+        client = await self.client_of(sid)
+        with agent_errors(sid, None):
+            stream = client.proc_follow(pid, offset=offset, follow=follow)
+        return _chunks(sid, pid, stream, offset, follow)
+
     async def stdin(self, sid: str, pid: int, data: str, eof: bool = False) -> dict:
         """Write text to a background process's stdin; `eof` closes it after."""
         client = await self.client_of(sid)
@@ -148,6 +176,34 @@ class Processes:
             return info
         raise Timeout(f"sandbox {sid}: process {pid} still running after {timeout}s; wait "
                       "again, or signal it", sandbox_id=sid, pid=pid)
+
+
+async def _chunks(sid: str, pid: int, stream: Stream, pos: int,
+                  follow: bool) -> AsyncIterator[Chunk | Exited | Failed]:
+    try:
+        async for ev in stream:
+            if ev.kind == "msg":
+                if ev.msg.get("event") == "truncated":
+                    lost = ev.msg["lost"]
+                    yield Failed(Conflict(
+                        f"sandbox {sid}: process {pid}: output bytes {pos}..{pos + lost} were "
+                        "dropped (past the sandbox's output bound) before they were read; "
+                        f"attach again from offset {pos + lost} or later", sandbox_id=sid,
+                        pid=pid, field="offset", output_start=pos + lost))
+                    return
+                continue
+            if ev.kind in ("stdout", "stderr"):
+                yield Chunk(ev.kind, ev.data, pos)
+                pos += len(ev.data)
+        try:
+            info = await stream.finish()
+        except AgentError as e:
+            yield Failed(from_agent(sid, e))
+            return
+        if not info.get("running"):
+            yield Exited(info["exit_code"], info["signal"], info["timed_out"], info["pid"])
+    finally:
+        stream.abandon()
 
 
 async def _events(sid: str, stream: Stream) -> AsyncIterator[Event]:

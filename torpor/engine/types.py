@@ -57,6 +57,30 @@ class Failed:
     error: TorporError
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Output as bytes, with the offset of its first byte in the process's output (stdout
+    and stderr share one count): what `Processes.attach` gives, so a reader can come back
+    from exactly where it stopped."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
+class FsEvent:
+    """A change under a watched directory (`Files.watch`): `type` is create, write,
+    remove, rename (from `old_path`), chmod, overflow (events were lost) or gone (the
+    watched directory itself went; the last event); `path` is relative to the watched
+    directory ("" is the directory itself)."""
+
+    type: str
+    path: str
+    dir: bool = False
+    old_path: str | None = None
+
+
 Event = Started | Output | Truncated | Exited | Failed
 
 
