@@ -1,12 +1,16 @@
 """Snapshots of live sandboxes, with real runsc: memory (a counter in a Python process) is
-the same in the source after a snapshot, in a sandbox created from it, in each fork (which
-then diverge), after a restore in place; filesystem-only snapshots; refusals; 404 and 409;
-a snapshot surviving a server restart (REST)."""
+the same in the source after a snapshot, in a sandbox created from it (also after it
+hibernated and resumed), in each fork (which then diverge), after a restore in place; a
+fork's copies of the source's egress connections are reset, the source's work on;
+filesystem-only snapshots; refusals; 404 and 409; a snapshot surviving a server restart
+(REST)."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import threading
 
 import pytest
 from conftest import make_data_dir
@@ -69,8 +73,11 @@ def engine_run():
 
     def go(body):
         async def main():
+            # the operator allows loopback (the test's upstream) and names it up.test
             engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
-                                     memory_watermark=0, egress_log_days=0))
+                                     memory_watermark=0, egress_log_days=0,
+                                     egress_allow_cidr=["127.0.0.0/8"],
+                                     egress_resolve=["up.test=127.0.0.1"]))
             await engine.start()
             try:
                 await body(engine)
@@ -111,6 +118,13 @@ def test_memory_snapshot_create_fork_restore(engine_run):
         assert 0 < c_new <= at_snap + 5, (c_new, at_snap)
         assert (await sh(engine, new, "cat /root/file"))[1] == "before\n"
         assert engine.get(new).template == snap.id
+        # it hibernates and resumes with its memory, as any sandbox
+        c_hib = await count(engine, new)
+        assert (await engine.hibernate(new)).state == "hibernated"
+        assert (await engine.resume(new)).state == "running"
+        c_res = await count(engine, new)
+        assert c_hib <= c_res <= c_hib + 200, (c_hib, c_res)
+        assert (await sh(engine, new, "cat /root/file"))[1] == "before\n"
         # the snapshot is in use: 409, then forced
         with pytest.raises(Conflict):
             engine.delete_snapshot(snap.id)
@@ -149,6 +163,102 @@ def test_memory_snapshot_create_fork_restore(engine_run):
             engine.get_snapshot(snap.id)
 
     go(body)
+
+
+# a process holding one CONNECT tunnel through the sandbox's egress proxy (the agent's
+# 127.0.0.1:3128) to the test's upstream; for each /tmp/goN it sends "ping N" on it and
+# writes what came back (or what went wrong) to /tmp/resN
+TUNNEL = """
+import os, socket, sys, time
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(b"CONNECT up.test:%d HTTP/1.1\\r\\nHost: up.test:%d\\r\\n\\r\\n" % (port, port))
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    chunk = s.recv(4096)
+    if not chunk:
+        raise SystemExit("the proxy closed: %r" % head)
+    head += chunk
+if b" 200 " not in head.split(b"\\r\\n")[0]:
+    raise SystemExit("refused: %r" % head)
+s.settimeout(10)
+n = 0
+while True:
+    n += 1
+    while not os.path.exists("/tmp/go%d" % n):
+        time.sleep(0.02)
+    try:
+        s.sendall(b"ping %d\\n" % n)
+        data = s.recv(100)
+        res = "ok " + data.decode().strip() if data else "closed"
+    except OSError as e:
+        res = "error " + type(e).__name__
+    with open("/tmp/res.tmp", "w") as f:
+        f.write(res)
+    os.replace("/tmp/res.tmp", "/tmp/res%d" % n)
+"""
+
+
+class LineEcho:
+    """A loopback TCP server answering each line with itself; it keeps what each
+    connection sent."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[list[str]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            lines: list[str] = []
+            self.conns.append(lines)
+            threading.Thread(target=self._serve, args=(c, lines), daemon=True).start()
+
+    def _serve(self, c: socket.socket, lines: list[str]) -> None:
+        with c, c.makefile("rb") as f:
+            for line in f:
+                lines.append(line.decode().strip())
+                c.sendall(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def tunnel_result(engine: Engine, sid: str, n: int) -> str:
+    code, out = await sh(engine, sid, f"touch /tmp/go{n}; for i in $(seq 750); do "
+                                      f"[ -e /tmp/res{n} ] && break; sleep 0.02; done; "
+                                      f"cat /tmp/res{n}")
+    assert code == 0, out
+    return out
+
+
+def test_fork_resets_egress_connections(engine_run):
+    go, _ = engine_run
+    up = LineEcho()
+
+    async def body(engine: Engine):
+        src = (await engine.create(standby_after=0, hibernate_after=0)).id
+        await sh(engine, src, f"cat > /root/tunnel.py <<'EOF'\n{TUNNEL}\nEOF")
+        await engine.processes.start(src, ["python3", "/root/tunnel.py", str(up.port)],
+                                     user="root")
+        assert await tunnel_result(engine, src, 1) == "ok ping 1"
+        [fork] = await engine.fork(src, count=1)
+        # the fork's copy of the connection is reset: nothing it sends reaches the upstream
+        res = await tunnel_result(engine, fork.id, 2)
+        assert res == "closed" or (res.startswith("error ") and "Timeout" not in res), res
+        # the source's connection works on, and is the only one the upstream ever saw
+        assert await tunnel_result(engine, src, 2) == "ok ping 2"
+        assert up.conns == [["ping 1", "ping 2"]], up.conns
+
+    try:
+        go(body)
+    finally:
+        up.close()
 
 
 def test_filesystem_snapshot_and_refusals(engine_run):
