@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from conftest import CLI, wait_for
+from conftest import CLI, run, wait_for
 
 from torpor.sdk import Sandbox
 from torpor.sdk.errors import AuthError, InvalidRequestError, NotFoundError
@@ -181,41 +181,57 @@ def _pane(tm) -> str:
     return tm("capture-pane", "-p", "-J", "-t", tm.name)
 
 
-def test_torpor_shell_in_tmux(tmux, sandbox):
+def _until_pane(tm, keys: str, expect: str, tries: int = 4) -> None:
+    """Type `keys` + Enter and wait for `expect` on the pane; type again if it did not come
+    (a program that just quit may have flushed what was typed ahead, as readline does)."""
+    for _ in range(tries):
+        tm("send-keys", "-t", tm.name, keys, "Enter")
+        try:
+            wait_for(lambda: expect in _pane(tm), timeout=4, every=0.1)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"{expect!r} never showed; the pane:\n{_pane(tm)}")
+
+
+def test_torpor_shell_in_tmux(api, tmux, sandbox):
+    has = run(api, sandbox, "command -v top vim || true")["stdout"]
     status = f"/tmp/{tmux.name}.status"
     cmd = " ".join(shlex.quote(a) for a in [*CLI, "shell", sandbox])
     tmux("new-session", "-d", "-s", tmux.name, "-x", "100", "-y", "30",
          f"{cmd}; echo torpor-exit=$? > {status}; sleep 30")
     try:
         wait_for(lambda: "$" in _pane(tmux), timeout=30)
-        tmux("send-keys", "-t", tmux.name, "echo hi-$((40+2))", "Enter")
-        wait_for(lambda: "hi-42" in _pane(tmux), timeout=15)
+        _until_pane(tmux, "echo hi-$((40+2))", "hi-42")
         # the window's size reached the sandbox, and follows a resize
-        tmux("send-keys", "-t", tmux.name, "stty size", "Enter")
-        wait_for(lambda: "30 100" in _pane(tmux), timeout=15)
+        _until_pane(tmux, "stty size", "30 100")
         tmux("resize-window", "-t", tmux.name, "-x", "90", "-y", "25")
-        time.sleep(0.5)
-        tmux("send-keys", "-t", tmux.name, "clear; stty size", "Enter")
-        wait_for(lambda: "25 90" in _pane(tmux), timeout=15)
+        time.sleep(0.3)
+        _until_pane(tmux, "clear; stty size", "25 90")
         # Ctrl-C goes to the sandbox: it stops `sleep`, not `torpor shell`
         tmux("send-keys", "-t", tmux.name, "sleep 30; echo not-inter''rupted", "Enter")
         time.sleep(0.5)
         tmux("send-keys", "-t", tmux.name, "C-c")
-        tmux("send-keys", "-t", tmux.name, "echo still-$((5*5))", "Enter")
-        wait_for(lambda: "still-25" in _pane(tmux), timeout=15)
+        _until_pane(tmux, "echo still-$((5*5))", "still-25")
         assert "not-interrupted" not in _pane(tmux)
-        # a full-screen program: python3's REPL, then `top` when the template has it
-        tmux("send-keys", "-t", tmux.name, "python3 -q", "Enter")
-        wait_for(lambda: ">>>" in _pane(tmux), timeout=15)
-        tmux("send-keys", "-t", tmux.name, "print(6*7*1000)", "Enter")
-        wait_for(lambda: "42000" in _pane(tmux), timeout=15)
+        # full-screen programs: python3's REPL, and top / vim where the template has them
+        _until_pane(tmux, "clear; python3 -q", ">>>")
+        _until_pane(tmux, "print(6*7*1000)", "42000")
         tmux("send-keys", "-t", tmux.name, "exit()", "Enter")
-        tmux("send-keys", "-t", tmux.name, "command -v top && top -d 0.2", "Enter")
-        time.sleep(1.5)
-        if "load average" in _pane(tmux):
+        _until_pane(tmux, "clear; echo py-$((2+2))", "py-4")
+        if "/top" in has:
+            _until_pane(tmux, "top -d 0.3", "load average")
             tmux("send-keys", "-t", tmux.name, "q")
-        tmux("send-keys", "-t", tmux.name, "clear; exit 4", "Enter")
-        wait_for(lambda: os.path.exists(status), timeout=15)
+            _until_pane(tmux, "clear; echo top-$((3+3))", "top-6")
+        if "/vim" in has:
+            _until_pane(tmux, "vim -u NONE /tmp/note", "/tmp/note")
+            tmux("send-keys", "-t", tmux.name, "ihello from vim", "Escape", ":wq", "Enter")
+            _until_pane(tmux, "clear; cat /tmp/note", "hello from vim")
+        tmux("send-keys", "-t", tmux.name, "exit 4", "Enter")
+        try:
+            wait_for(lambda: os.path.exists(status), timeout=15)
+        except AssertionError:
+            raise AssertionError("torpor shell did not exit; the pane:\n" + _pane(tmux)) from None
         with open(status) as f:
             assert f.read().strip() == "torpor-exit=4"
     finally:
