@@ -8,13 +8,18 @@ built it is a template like any other (`torpor template list`, `rm`, rebuilt by 
 
 - `code-interpreter`: `base` (the host's Debian Python 3.11) with ipykernel,
   jupyter_client, numpy, pandas and matplotlib from the package index, `MPLBACKEND=Agg`,
-  and a Python kernel running (and ready) in its boot snapshot.
+  and the code interpreter's server (`torpor/interpreter/server.py`, copied in from the
+  context the built-in provides) running on port 49999 in its boot snapshot, its default
+  Python kernel warm.
 """
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The kernel's connection file (ports and HMAC key; mode 0600, the kernel writes it) and
 # ports. The file is written when the build starts the kernel, so every sandbox restored
@@ -47,13 +52,42 @@ CODE_INTERPRETER_LOCK = [
 ]
 
 
+# The code interpreter's HTTP server (torpor/interpreter/server.py, E2B's protocol), where
+# the template has it and the port it listens on inside the sandbox.
+INTERPRETER_DIR = "/opt/torpor/interpreter"
+INTERPRETER_PORT = 49999
+_INTERPRETER_SOURCE = Path(__file__).parent / "interpreter" / "server.py"
+
+
 def kernel_command() -> str:
-    """The start command: an IPython kernel on fixed loopback ports that writes its
-    connection file on start. (A later version replaces it with the code interpreter's
-    HTTP kernel server.)"""
+    """The start command of earlier versions: a bare IPython kernel on fixed loopback
+    ports writing its connection file. (Kept for the tests of kernels without the server.)"""
     ports = " ".join(f"--{name}={port}" for name, port in KERNEL_PORTS.items())
     return (f"exec python3 -m ipykernel_launcher --ip=127.0.0.1 {ports} "
             f"-f {KERNEL_CONNECTION_FILE}")
+
+
+def interpreter_command() -> str:
+    """The start command: the code interpreter's server, which starts the default Python
+    context (an IPython kernel) and runs a first cell before it listens, so the boot
+    snapshot holds a warm kernel."""
+    return f"exec python3 {INTERPRETER_DIR}/server.py {INTERPRETER_PORT}"
+
+
+def interpreter_context() -> bytes:
+    """The build context of `code-interpreter`: a tar holding `interpreter/server.py`,
+    with fixed metadata (owner, mode, time) so its layer's key changes only with the
+    file's contents."""
+    data = _INTERPRETER_SOURCE.read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        d = tarfile.TarInfo("interpreter")
+        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(d)
+        f = tarfile.TarInfo("interpreter/server.py")
+        f.size, f.mode = len(data), 0o644
+        tar.addfile(f, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def code_interpreter() -> list[dict]:
@@ -62,9 +96,10 @@ def code_interpreter() -> list[dict]:
         {"type": "from_template", "template": "base"},
         {"type": "pip_install", "packages": CODE_INTERPRETER_PACKAGES + CODE_INTERPRETER_LOCK},
         {"type": "env", "env": {"MPLBACKEND": "Agg"}},
+        {"type": "copy", "src": "interpreter", "dst": INTERPRETER_DIR, "user": "root"},
         # importing IPython, numpy's and matplotlib's first use under ptrace takes a while
-        {"type": "start_cmd", "cmd": kernel_command(),
-         "ready": {"port": KERNEL_PORTS["shell"]}, "timeout": 180},
+        {"type": "start_cmd", "cmd": interpreter_command(),
+         "ready": {"port": INTERPRETER_PORT}, "timeout": 180},
     ]
 
 
@@ -74,13 +109,15 @@ class Builtin:
     description: str
     steps: Callable[[], list[dict]]
     resources: dict = field(default_factory=dict)  # template defaults (cpu, memory_mb, ...)
+    context: Callable[[], bytes] | None = None  # the build context its copy steps read
 
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("code-interpreter",
-            "Python 3.11 with ipykernel, numpy, pandas and matplotlib; a Python kernel runs "
-            f"from the start (connection file {KERNEL_CONNECTION_FILE})",
-            code_interpreter),
+            "Python 3.11 with ipykernel, numpy, pandas and matplotlib; the code "
+            f"interpreter (E2B's protocol) listens on port {INTERPRETER_PORT} from the start, "
+            "a Python kernel warm",
+            code_interpreter, context=interpreter_context),
 ]}
 
 

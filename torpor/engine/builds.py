@@ -200,6 +200,8 @@ class Builds:
         if not steps and builtin(name) is not None:
             b = builtin(name)
             steps = b.steps()
+            if context is None and b.context is not None:
+                context = b.context()
             resources = {"description": b.description, **b.resources,
                          **{k: v for k, v in resources.items() if v is not None}}
         steps = list(steps or [])
