@@ -44,6 +44,9 @@ class Settings:
     # hibernation images: "none" (memory as it is: faster deep resume, as much disk as the
     # sandbox's memory in use) or "flate" (compressed: less disk, slower resume)
     image_compression: str = os.environ.get("TORPOR_IMAGE_COMPRESSION", "none")
+    # MiB of process output each sandbox keeps on its own disk past the agent's in-memory
+    # log (all its processes together; the oldest goes first; 0: none, the oldest is dropped)
+    output_spill_mb: int = int(os.environ.get("TORPOR_OUTPUT_SPILL_MB", "256"))
     # a graceful stop hibernates sandboxes for at most this long, then exits
     shutdown_timeout: float = float(os.environ.get("TORPOR_SHUTDOWN_TIMEOUT", "60"))
     log_level: str = os.environ.get("TORPOR_LOG_LEVEL", "info")

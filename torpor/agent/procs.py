@@ -353,6 +353,7 @@ class Proc:
             self.spill.finished()
 
     def info(self) -> dict:
+        self._kept()  # the spill may have dropped this one's oldest for another's output
         return {
             "pid": self.pid,
             "argv": self.argv,

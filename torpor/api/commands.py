@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,7 +22,7 @@ from torpor.api.schemas import (
     StdinIn,
 )
 from torpor.engine.manager import Engine
-from torpor.engine.types import Event, Exited, Failed, Output, Started, Truncated
+from torpor.engine.types import Chunk, Event, Exited, Failed, Output, Started, Truncated
 from torpor.errors import TorporError, Unavailable
 
 router = APIRouter(tags=["commands"])
@@ -43,14 +44,23 @@ def event_body(ev: Event) -> dict:
     return {"type": "error", "error": ev.error.to_dict(), "status": ev.error.status}
 
 
-def stream_response(accept: str, events: AsyncIterator[Event]) -> StreamingResponse:
+def chunk_body(ev: Chunk | Exited | Failed) -> dict:
+    """An event of an attach (`encoding=base64`): output as base64 with its byte offset."""
+    if isinstance(ev, Chunk):
+        return {"type": ev.stream, "data": base64.b64encode(ev.data).decode(),
+                "offset": ev.offset}
+    return event_body(ev)
+
+
+def stream_response(accept: str, events: AsyncIterator[Event],
+                    body_of=event_body) -> StreamingResponse:
     """The events as NDJSON, or as server-sent events if `accept` (the request's Accept
     header) asks for text/event-stream."""
     sse = "text/event-stream" in accept
 
     async def body():
         async for ev in events:
-            obj = event_body(ev)
+            obj = body_of(ev)
             line = json.dumps(obj, separators=(",", ":"))
             yield f"event: {obj['type']}\ndata: {line}\n\n" if sse else line + "\n"
 
@@ -197,9 +207,16 @@ async def process_info(sid: str, pid: Pid, request: Request):
                              "content": {"application/x-ndjson": {"schema": {"type": "string"}},
                                          "text/event-stream": {"schema": {"type": "string"}}}}})
 async def process_output(sid: str, pid: Pid, request: Request, follow: bool = False,
-                         offset: int | None = Query(None, ge=0, le=2**63 - 1)):
+                         offset: int | None = Query(None, ge=0, le=2**63 - 1),
+                         encoding: Literal["utf-8", "base64"] = "utf-8"):
+    # base64: the bytes exactly, each event with its offset, from `offset` strictly (409
+    # naming the range kept if it is not): what a reader that comes back needs
+    accept = request.headers.get("accept", "")
+    if encoding == "base64":
+        chunks = await engine_of(request).processes.attach(sid, pid, offset, follow)
+        return stream_response(accept, chunks, chunk_body)
     events = await engine_of(request).processes.follow(sid, pid, offset, follow)
-    return stream_response(request.headers.get("accept", ""), events)
+    return stream_response(accept, events)
 
 
 @router.post("/sandboxes/{sid}/processes/{pid}/stdin")

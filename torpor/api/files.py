@@ -3,6 +3,7 @@ at most a flow-control window of any file, whatever its size."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -10,7 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from torpor.api.deps import engine_of
 from torpor.api.schemas import NO_NUL, USER_PATTERN, EntryOut, MkdirIn, RenameIn
-from torpor.errors import Invalid
+from torpor.engine.types import FsEvent
+from torpor.errors import Invalid, TorporError
 
 router = APIRouter(tags=["files"])
 FilePath = Annotated[str, Query(min_length=1, max_length=4096, pattern=NO_NUL)]
@@ -72,3 +74,43 @@ async def remove(sid: str, path: FilePath, request: Request, recursive: bool = F
                  user: User = "user"):
     await engine_of(request).files.remove(sid, path, recursive, user)
     return Response(status_code=204)
+
+
+def _watch_body(ev: FsEvent) -> dict:
+    body = {"type": ev.type, "path": ev.path, "dir": ev.dir}
+    if ev.old_path is not None:
+        body["old_path"] = ev.old_path
+    return body
+
+
+@router.get("/sandboxes/{sid}/files/watch", response_class=StreamingResponse,
+            responses={200: {"description": "Changes under the directory, as NDJSON lines, "
+                             "or as server-sent events when Accept asks for "
+                             "text/event-stream: first {type: watching, path}, then {type: "
+                             "create|write|remove|rename|chmod|overflow|gone, path, dir, "
+                             "old_path?}",
+                             "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                         "text/event-stream": {"schema": {"type": "string"}}}}})
+async def watch(sid: str, path: FilePath, request: Request, recursive: bool = True,
+                user: User = "user"):
+    # the engine answers once the watch is in place (or with the error: 404, 409)
+    events = await engine_of(request).files.watch(sid, path, recursive, user)
+    sse = "text/event-stream" in request.headers.get("accept", "")
+
+    def line(obj: dict) -> str:
+        text = json.dumps(obj, separators=(",", ":"))
+        return f"event: {obj['type']}\ndata: {text}\n\n" if sse else text + "\n"
+
+    async def body():
+        yield line({"type": "watching", "path": path})
+        try:
+            async for ev in events:
+                yield line(_watch_body(ev))
+        except TorporError as e:
+            yield line({"type": "error", "error": e.to_dict(), "status": e.status})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream" if sse
+                             else "application/x-ndjson",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -507,7 +507,8 @@ class ProcessOut(BaseModel):
     exit_code: int | None = None
     signal: str | None = None
     timed_out: bool = False
-    output_bytes: int = 0
+    output_bytes: int = 0  # bytes of output so far: the offset where the next one goes
+    output_start: int = 0  # offset of the oldest byte still kept (older ones were dropped)
 
 
 class CommandResultOut(BaseModel):

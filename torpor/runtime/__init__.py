@@ -23,7 +23,8 @@ def driver_for(settings: Settings) -> Driver:
 
         return GVisorDriver(settings.data_dir, runsc=settings.runsc,
                             platform=settings.platform,
-                            image_compression=settings.image_compression)
+                            image_compression=settings.image_compression,
+                            output_spill_mb=settings.output_spill_mb)
     if settings.driver == "fake":
         from torpor.runtime.fake import FakeDriver
 

@@ -27,7 +27,7 @@ from torpor.channel import Channel, ChannelClosed
 from torpor.runtime.base import DriverError, Limits, Load, SandboxSpec, Usage
 from torpor.runtime.cgroups import Cgroup, favor_dynmods
 from torpor.runtime.layers import DiskStock, Layer, StorageError, copy_sparse
-from torpor.runtime.snapshot import live_snapshot
+from torpor.runtime.snapshot import live_snapshot, stage_dir, staged_bytes
 from torpor.runtime.volumes import (
     VolumeImages,
     attach_drive,
@@ -205,8 +205,11 @@ class GVisorDriver:
     name = "gvisor"
 
     def __init__(self, data_dir: Path, runsc: str | None = None, platform: str = "ptrace",
-                 start_timeout: float = 30.0, image_compression: str = "none"):
+                 start_timeout: float = 30.0, image_compression: str = "none",
+                 output_spill_mb: int = 256):
         self.data_dir = Path(data_dir)
+        # what a sandbox's agent keeps of its processes' output on the sandbox's disk
+        self.output_spill_mb = output_spill_mb
         self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
         if not os.path.exists(self.runsc):
             raise DriverError("runsc is not installed: run `apt-get install runsc` "
@@ -294,7 +297,7 @@ class GVisorDriver:
                 "env": ["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHONHOME=/.torpor/usr",
                         "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1",
                         # listen for egress inside: the sandbox's loopback is its own
-                        "TORPOR_EGRESS=1"],
+                        "TORPOR_EGRESS=1", f"TORPOR_OUTPUT_SPILL_MB={self.output_spill_mb}"],
                 "cwd": "/",
                 "capabilities": {k: CAPS for k in
                                  ("bounding", "effective", "inheritable", "permitted")},
@@ -848,7 +851,9 @@ class GVisorDriver:
         return Load(tasks=cg.tasks(), memory_charged=cg.memory_charged())
 
     def memory_in_use(self, spec: SandboxSpec) -> int | None:
-        return self.cgroup(spec.id).memory_bytes()
+        used = self.cgroup(spec.id).memory_bytes()
+        # a snapshot's image on the tmpfs is charged to it for a moment (runtime/snapshot.py)
+        return None if used is None else max(used - staged_bytes(spec.id), 0)
 
     def memory_alert(self, spec: SandboxSpec, threshold: int) -> int | None:
         return self.cgroup(spec.id).memory_alert(threshold)
@@ -960,4 +965,7 @@ def purge(data_dir: Path, runsc: str = "runsc") -> list[str]:
         Cgroup(f"/torpor/{sdir.name}").remove()
     # blank disk images made ahead (DiskStock): plain files, not worth reporting
     shutil.rmtree(data_dir / "disks", ignore_errors=True)
+    if stage_dir(data_dir).exists():  # snapshot images on the tmpfs (memory)
+        shutil.rmtree(stage_dir(data_dir), ignore_errors=True)
+        done.append(f"snapshot images in {stage_dir(data_dir)}")
     return done

@@ -342,6 +342,16 @@ def process_output(sid: str, pid: int, follow: bool, offset: int | None,
                 headers={"Accept": NDJSON}, timeout=timeout, sandbox_id=sid)
 
 
+def attach_output(sid: str, pid: int, follow: bool, offset: int | None) -> Call[None]:
+    """GET .../output?encoding=base64: the output's exact bytes with their offsets, from
+    `offset` strictly (409 naming the range kept when it is not); reads wait for ever."""
+    timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None, write=None, pool=None)
+    return Call(f"attach to process {pid}", "GET", _sbx(sid, f"/processes/{pid}/output"),
+                _nothing, params={"follow": _bool(follow), "offset": offset,
+                                  "encoding": "base64"},
+                headers={"Accept": NDJSON}, timeout=timeout, sandbox_id=sid)
+
+
 def send_stdin(sid: str, pid: int, data: str | bytes, eof: bool) -> Call[None]:
     if isinstance(data, bytes):
         data = data.decode()
@@ -402,6 +412,14 @@ def rename(sid: str, src: str, dst: str, overwrite: bool, user: str | None) -> C
         body["user"] = user
     return Call(f"rename {src} to {dst}", "POST", _sbx(sid, "/files/rename"), _key("path"),
                 json=body, sandbox_id=sid)
+
+
+def watch_dir(sid: str, path: str, recursive: bool, user: str | None) -> Call[None]:
+    """GET .../files/watch: NDJSON change events for as long as it is read."""
+    timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None, write=None, pool=None)
+    return Call(f"watch {path}", "GET", _sbx(sid, "/files/watch"), _nothing,
+                params={"path": path, "recursive": _bool(recursive), "user": user},
+                headers={"Accept": NDJSON}, timeout=timeout, sandbox_id=sid)
 
 
 def remove(sid: str, path: str, recursive: bool, user: str | None) -> Call[None]:

@@ -18,6 +18,7 @@ from torpor.sdk._http import AsyncSession, SyncSession
 from torpor.sdk._streams import CHUNK, async_body, sync_body
 from torpor.sdk.errors import TorporError
 from torpor.sdk.models import EntryInfo, WriteInfo
+from torpor.sdk.watch import AsyncWatchHandle, FsEvent, WatchHandle
 
 Progress = Callable[[int], Any]  # called with the number of bytes just moved
 ReadFormat = Literal["text", "bytes", "stream"]
@@ -151,6 +152,15 @@ class Files:
     def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
         self._s.call(_api.remove(self._sid, path, recursive, user))
 
+    def watch(self, path: str, *, recursive: bool = True,
+              on_event: Callable[[FsEvent], Any] | None = None,
+              user: str | None = None) -> WatchHandle:
+        """Watch directory `path` for changes; returns once the watch is in place.
+        `on_event(FsEvent)` is called from a reader thread; without it, iterate the handle
+        (or `get(timeout)`). `stop()` ends it. NotFoundError if `path` does not exist,
+        ConflictError if it is not a directory. See torpor.sdk.watch for what it outlives."""
+        return WatchHandle(self._s, self._sid, path, recursive, user, on_event)
+
 
 class AsyncFileStream:
     """The async twin of FileStream: `async for chunk in stream`."""
@@ -252,3 +262,10 @@ class AsyncFiles:
     async def remove(self, path: str, *, recursive: bool = False,
                      user: str | None = None) -> None:
         await self._s.call(_api.remove(self._sid, path, recursive, user))
+
+    async def watch(self, path: str, *, recursive: bool = True,
+                    on_event: Callable[[FsEvent], Any] | None = None,
+                    user: str | None = None) -> AsyncWatchHandle:
+        """As Files.watch; `on_event` may be async; `async for ev in handle` without it."""
+        return await AsyncWatchHandle(self._s, self._sid, path, recursive, user,
+                                      on_event)._start()

@@ -153,7 +153,8 @@ class ProcessInfo(_Model):
     exit_code: int | None = None
     signal: str | None = None
     timed_out: bool = False
-    output_bytes: int = 0
+    output_bytes: int = 0  # output so far, in bytes: the offset the next byte will have
+    output_start: int = 0  # offset of the oldest byte still kept (commands.connect)
 
 
 class EntryInfo(_Model):
@@ -231,6 +232,7 @@ class OutputEvent(_Model):
     timed_out: bool = False
     error: dict[str, Any] | None = None
     status: int | None = None
+    offset: int | None = None  # of the first byte of `data` (base64 attach streams)
 
 
 def _signal_number(sig: Any) -> int | None:
