@@ -237,3 +237,45 @@ def test_torpor_shell_in_tmux(api, tmux, sandbox):
     finally:
         if os.path.exists(status):
             os.unlink(status)
+
+
+def test_async_twin_and_hibernation(server, sandbox, sbx):
+    """AsyncSandbox.pty, and a shell that outlives a hibernation: its variables, its screen
+    replayed on reattach, the same pid."""
+    import asyncio
+
+    from torpor.sdk import AsyncSandbox
+
+    async def first() -> tuple[int, int]:
+        a = AsyncSandbox(sandbox, url=server.url, api_key=server.key)
+        try:
+            chunks: list[bytes] = []
+
+            async def collect(b: bytes) -> None:
+                chunks.append(b)
+
+            term = await a.pty.create(cols=90, rows=20, on_data=collect)
+            await term.send_input(b"KEPT=kept-$((7*6)); stty size\n")
+            for _ in range(200):
+                if b"20 90" in b"".join(chunks):
+                    break
+                await asyncio.sleep(0.05)
+            assert b"20 90\r\n" in b"".join(chunks) == term.output
+            offset = term.offset
+            await term.disconnect()
+            return term.pid, offset
+        finally:
+            await a.close()  # (leaving `async with` would delete the sandbox)
+
+    pid, offset = asyncio.run(first())
+    assert sbx.hibernate().state == "hibernated"
+    term = sbx.pty.connect(pid, offset=0)  # wakes the sandbox
+    try:
+        _until(term, b"20 90")  # the screen from before, replayed
+        assert len(term.output) >= offset
+        term.send_input(b"echo $KEPT\n")
+        _until(term, b"kept-42\r\n")
+        term.send_input(b"exit 9\n")
+        assert term.wait(timeout=15) == 9
+    finally:
+        term.disconnect()
