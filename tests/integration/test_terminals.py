@@ -173,8 +173,9 @@ def tmux(server):
     tm.name = name  # type: ignore[attr-defined]
     yield tm
     tm("kill-server", check=False)
-    if os.path.exists(sock):
-        os.unlink(sock)
+    for path in (sock, f"/tmp/{name}.status"):  # the status a test's shell writes at its end
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _pane(tm) -> str:
@@ -235,8 +236,7 @@ def test_torpor_shell_in_tmux(api, tmux, sandbox):
         with open(status) as f:
             assert f.read().strip() == "torpor-exit=4"
     finally:
-        if os.path.exists(status):
-            os.unlink(status)
+        tmux("kill-server", check=False)  # before the fixture removes the status file
 
 
 def test_async_twin_and_hibernation(server, sandbox, sbx):
