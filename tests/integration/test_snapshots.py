@@ -261,6 +261,40 @@ def test_fork_resets_egress_connections(engine_run):
         up.close()
 
 
+def test_snapshot_of_a_sandbox_near_its_memory_limit(engine_run):
+    """The image passes through a tmpfs, charged to the sandbox for a moment: its hard
+    limit is raised meanwhile (else the host kills the sentry: 200 MiB in use plus a
+    200 MiB image is past 1.25 * 256 + 96 MiB) and the watchdog does not count it (else it
+    kills the largest process); afterwards the limit is as it was and nothing is left."""
+    go, data_dir = engine_run
+    from torpor.runtime.snapshot import stage_dir
+
+    async def body(engine: Engine):
+        sid = (await engine.create(memory_mb=256, standby_after=0, hibernate_after=0)).id
+        await engine.processes.start(sid, ["python3", "-c", (
+            "import time; b = b'\\x01' * (200 << 20); open('/tmp/held', 'w').close(); "
+            "time.sleep(600)")], user="root")
+        for _ in range(200):
+            if (await sh(engine, sid, "test -e /tmp/held"))[0] == 0:
+                break
+            await asyncio.sleep(0.05)
+        cg = engine.driver.cgroup(sid)
+        limit = cg.memory_limit()
+        snap = await engine.snapshot(sid)
+        assert snap.bytes > 200 << 20
+        await asyncio.sleep(0.5)  # the watchdog's next passes
+        assert (await sh(engine, sid, "pgrep -f 'slee[p].600'"))[0] == 0
+        kinds = [e.kind for e in engine.events(sid)]
+        assert "oom_kill" not in kinds and engine.get(sid).state == "running", kinds
+        assert cg.memory_limit() == limit
+        assert not list(stage_dir(data_dir).glob("*"))
+        # the copy holds the 200 MiB too
+        new = (await engine.create(snapshot=snap.id)).id
+        assert (await sh(engine, new, "pgrep -f 'slee[p].600'"))[0] == 0
+
+    go(body)
+
+
 def test_filesystem_snapshot_and_refusals(engine_run):
     go, _ = engine_run
 

@@ -55,7 +55,9 @@ from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
 from torpor.templates import BASE, Template, TemplateStore
 
-FORK_PARALLEL = int(os.environ.get("TORPOR_FORK_PARALLEL_EXPERIMENT", "2"))
+# a fork's copies restore this many at a time: a restore is CPU-bound (an image of 256 MiB
+# loaded into memory), and ten at once on two cores were not faster than two by two
+FORK_PARALLEL = max(os.cpu_count() or 2, 2)
 log = logging.getLogger("torpor.engine")
 
 _ALPHABET = string.ascii_lowercase + string.digits

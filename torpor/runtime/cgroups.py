@@ -86,6 +86,17 @@ class Cgroup:
         return self._read_int("memory", "memory.current" if self.v2
                               else "memory.usage_in_bytes")
 
+    def memory_limit(self) -> int | None:
+        """The hard memory limit in bytes (None: none, or no cgroup)."""
+        return self._read_int("memory", "memory.max" if self.v2
+                              else "memory.limit_in_bytes")
+
+    def set_memory_limit(self, limit: int) -> None:
+        """Set the hard memory limit (bytes); below the usage, the kernel reclaims first
+        and refuses (OSError EBUSY) what it cannot reclaim."""
+        (self._path("memory") / ("memory.max" if self.v2 else "memory.limit_in_bytes")
+         ).write_text(str(limit))
+
     def memory_alert(self, threshold: int) -> int | None:
         """An eventfd the kernel signals when the memory charged crosses `threshold` bytes
         (either way), or None where there is no such notification (cgroup v2 has none for

@@ -11,6 +11,17 @@ has the layout of a template's boot snapshot (`disk.img`, `image/`, `config.json
 `snapshot.json`), so a sandbox starts from it as from a boot snapshot
 (`GVisorDriver.start_from_snapshot`).
 
+The image is written to a tmpfs (`/dev/shm/torpor-<key of the data dir>/`, root-only) when
+the host has the memory for it, and copied to the store after the sandbox resumed: writing
+256 MiB into the page cache of the host's disk took 130 ms at best but up to 1.9 s while
+other work wrote to the same disk (dirty-page throttling and the file system's journal),
+the tmpfs 140-270 ms (measured: bench/snapshots.py, docs/snapshots.md). The sentry writes
+the image, so its tmpfs pages are charged to the sandbox's memory cgroup: its hard limit is
+raised by the image's bound while they exist, and `staged_bytes` tells the driver's
+`memory_in_use` (the watchdog, metering) to leave them out. Where the host lacks the memory,
+the image goes to the disk as before and is then written out and dropped from the page
+cache (`_uncharge`).
+
 Without memory, nothing is checkpointed: the sandbox is paused for the disk copy alone,
 and what it changed on its disk (the upper directories of its overlays) becomes a template
 layer (`dest/root`, `dest/usr`), read from the copy after the sandbox runs again.
@@ -19,6 +30,7 @@ layer (`dest/root`, `dest/usr`), read from the copy after the sandbox runs again
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +50,84 @@ log = logging.getLogger("torpor.runtime")
 _libc = ctypes.CDLL(None, use_errno=True)
 HEADROOM = 64 << 20  # bytes of disk kept free beyond what a snapshot needs
 RUNSC_TIMEOUT = 300.0  # seconds a pause, checkpoint or resume may take
+SHM = Path("/dev/shm")
+HOST_MEMORY_SPARE = 512 << 20  # host memory left available beyond a staged image
+STAGE_SLACK = 64 << 20  # beyond the memory charged: what an image may take more
+_staged: dict[str, int] = {}  # sandbox id -> bytes of its image on the tmpfs right now
+
+
+def staged_bytes(sid: str) -> int:
+    """Bytes of a snapshot image of this sandbox on the tmpfs, charged to its memory
+    cgroup for a moment: not memory the sandbox uses."""
+    return _staged.get(sid, 0)
+
+
+def stage_dir(data_dir: Path) -> Path:
+    """This data dir's directory on the tmpfs (another server's data dir has another)."""
+    key = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    return SHM / f"torpor-{key}"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _stage(drv: GVisorDriver, spec: SandboxSpec, cg) -> tuple[Path, int, int] | None:
+    """A tmpfs directory for the image and the raised memory limit, or None (then the
+    image goes to the disk): no tmpfs, too little host memory, or a cgroup without a
+    limit to raise. Returns (directory, the old limit, the bytes staged)."""
+    bound = (cg.memory_charged() or 0) + STAGE_SLACK
+    limit = cg.memory_limit()
+    if limit is None or not SHM.is_dir():
+        return None
+    try:
+        if (_available_memory() < bound + HOST_MEMORY_SPARE
+                or shutil.disk_usage(SHM).free < bound + HOST_MEMORY_SPARE):
+            return None
+        root = stage_dir(drv.data_dir)
+        root.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(root, 0o700)
+        for old in root.iterdir():  # what a killed server left
+            if old.name.split(".")[0] not in _staged:
+                shutil.rmtree(old, ignore_errors=True)
+        d = root / f"{spec.id}.{time.monotonic_ns()}"
+        d.mkdir(mode=0o700)
+        cg.set_memory_limit(limit + bound)
+    except OSError as e:
+        log.warning("sandbox %s: snapshot image to the disk, not the tmpfs: %s", spec.id, e)
+        return None
+    _staged[spec.id] = bound
+    return d, limit, bound
+
+
+def _unstage(spec: SandboxSpec, cg, staged: tuple[Path, int, int]) -> None:
+    """Remove the tmpfs copy (its pages leave the sandbox's charge), then the limit as it
+    was (retried: the sandbox may have grown into the room for a moment)."""
+    d, limit, _ = staged
+    shutil.rmtree(d, ignore_errors=True)
+    _staged.pop(spec.id, None)
+    for attempt in range(20):
+        try:
+            cg.set_memory_limit(limit)
+            return
+        except OSError as e:
+            if attempt == 19:
+                log.warning("sandbox %s: its memory limit stays raised after a snapshot: "
+                            "%s", spec.id, e)
+            time.sleep(0.05)
+
+
+def _copy_image(src: Path, dest: Path) -> None:
+    dest.mkdir()
+    for f in src.iterdir():
+        shutil.copyfile(f, dest / f.name)
 
 
 def _syncfs(path: Path) -> None:
@@ -94,6 +184,9 @@ def live_snapshot(drv: GVisorDriver, spec: SandboxSpec, dest: Path, memory: bool
     work.mkdir(parents=True)
     was_frozen = drv.is_frozen(spec)
     figures: dict = {}
+    staged = _stage(drv, spec, cg) if memory else None
+    image = staged[0] / "image" if staged else dest / "image"
+    figures["staged"] = staged is not None
     try:
         if was_frozen:
             drv.freeze(spec, False)  # runsc pauses it itself; a frozen sentry cannot answer
@@ -106,7 +199,7 @@ def live_snapshot(drv: GVisorDriver, spec: SandboxSpec, dest: Path, memory: bool
                 from torpor.runtime.gvisor import root_flags
                 t1 = time.monotonic()
                 _runsc(drv, *root_flags(config), "checkpoint", *drv.checkpoint_flags,
-                       "--leave-running", "--image-path", str(dest / "image"), spec.id)
+                       "--leave-running", "--image-path", str(image), spec.id)
                 figures["checkpoint_ms"] = round((time.monotonic() - t1) * 1000, 1)
             t2 = time.monotonic()
             _syncfs(layer.disk)
@@ -120,6 +213,10 @@ def live_snapshot(drv: GVisorDriver, spec: SandboxSpec, dest: Path, memory: bool
                             spec.id, e)
                 _runsc(drv, "resume", spec.id)
             figures["pause_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        if staged:
+            t3 = time.monotonic()
+            _copy_image(image, dest / "image")
+            figures["copy_ms"] = round((time.monotonic() - t3) * 1000, 1)
     except (DriverError, OSError, subprocess.CalledProcessError) as e:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(dest, ignore_errors=True)
@@ -128,6 +225,8 @@ def live_snapshot(drv: GVisorDriver, spec: SandboxSpec, dest: Path, memory: bool
         raise DriverError(f"sandbox {spec.id}: snapshot failed (the sandbox runs on): "
                           f"{msg[-500:]}") from None
     finally:
+        if staged:
+            _unstage(spec, cg, staged)
         try:
             if memory:
                 cg.set_cpu_limit(spec.cpu)
@@ -137,7 +236,8 @@ def live_snapshot(drv: GVisorDriver, spec: SandboxSpec, dest: Path, memory: bool
             log.warning("sandbox %s: after its snapshot: %s", spec.id, e)
     try:
         if memory:
-            _uncharge(dest / "image")
+            if not staged:
+                _uncharge(dest / "image")
             (dest / "snapshot.json").write_text(json.dumps({"id": spec.id}))
             shutil.copy2(d / "config.json", dest / "config.json")
         else:
