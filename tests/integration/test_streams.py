@@ -60,7 +60,7 @@ def test_output_survives_disconnects_parking_and_a_server_sigkill(srv):
     try:
         sbx.files.write("/tmp/counter.py", COUNTER)
         proc = sbx.commands.run("python3 /tmp/counter.py", background=True)
-        listed = [p for p in sbx.commands.list() if p.pid == proc.pid][0]
+        listed = next(p for p in sbx.commands.list() if p.pid == proc.pid)
         assert listed.argv[-1] == "python3 /tmp/counter.py" and listed.running
         assert listed.started_at is not None and listed.output_bytes == 0
 
