@@ -55,9 +55,6 @@ from torpor.store.db import open_db
 from torpor.store.models import EventRow, SandboxRow
 from torpor.templates import BASE, Template, TemplateStore
 
-# a fork's copies restore this many at a time: a restore is CPU-bound (an image of 256 MiB
-# loaded into memory), and ten at once on two cores were not faster than two by two
-FORK_PARALLEL = max(os.cpu_count() or 2, 2)
 log = logging.getLogger("torpor.engine")
 
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -394,12 +391,9 @@ class Engine:
                                  ports=dict(src.ports or {}), **policy)
                 self.records.add(row)
                 rows.append(row)
-            gate = asyncio.Semaphore(FORK_PARALLEL)
-
-            async def boot(r: SandboxRow) -> None:
-                async with gate:
-                    await self.lifecycle.boot(r, boot_env)
-            results = await asyncio.gather(*(boot(r) for r in rows), return_exceptions=True)
+            # all at once: two at a time (the cores here) was not faster (bench/snapshots.py)
+            results = await asyncio.gather(*(self.lifecycle.boot(r, boot_env) for r in rows),
+                                           return_exceptions=True)
             failed = [e for e in results if isinstance(e, BaseException)]
             if failed:
                 for r in rows:

@@ -163,7 +163,9 @@ class Snapshots:
                                       "disk_mb": tpl.disk_mb,
                                       "pause_ms": figures.get("pause_ms"),
                                       "checkpoint_ms": figures.get("checkpoint_ms"),
-                                      "disk_ms": figures.get("disk_ms")})
+                                      "disk_ms": figures.get("disk_ms"),
+                                      "copy_ms": figures.get("copy_ms"),
+                                      "staged": figures.get("staged")})
             with self.sessions.begin() as s:
                 s.add(row)
         finally:
