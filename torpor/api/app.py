@@ -179,6 +179,7 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
         return {"ok": True, "version": __version__, "runsc": engine.describe().get("version")}
 
     from torpor.api import (
+        code,
         commands,
         files,
         keys,
@@ -194,7 +195,8 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
 
     deps = [Depends(require_key)]
     for module, responses in ((sandboxes, ON_SANDBOX), (keys, ADMIN_ONLY),
-                              (commands, ON_SANDBOX), (files, ON_SANDBOX),
+                              (commands, ON_SANDBOX), (code, ON_SANDBOX),
+                              (files, ON_SANDBOX),
                               (lifecycle, ON_SANDBOX), (secrets, ADMIN_ONLY),
                               (network, ON_SANDBOX), (templates, COMMON),
                               (snapshots, ON_SANDBOX), (volumes, ON_SANDBOX),

@@ -20,6 +20,7 @@ from torpor.cli import (
     volume,
 )
 from torpor.cli._common import App, fail
+from torpor.cli.code import run_code_command
 from torpor.cli.exec import exec_command
 from torpor.cli.shell import shell_command
 
@@ -35,6 +36,7 @@ app.add_typer(secret.app, name="secret")
 app.add_typer(network.domains, name="domain")  # (network also adds `sandbox` verbs)
 # options after the sandbox id belong to the command: `torpor exec ID ls -la`
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
+app.command("run-code")(run_code_command)
 app.command("shell", context_settings={"allow_interspersed_args": False})(shell_command)
 
 

@@ -9,6 +9,7 @@ See docs/sdk.md.
 """
 
 from torpor.sdk.admin import AsyncDomains, AsyncKeys, AsyncTemplates, Domains, Keys, Templates
+from torpor.sdk.code import CodeContext, Execution, ExecutionError, Logs, Result
 from torpor.sdk.commands import AsyncCommandHandle, AsyncCommands, CommandHandle, Commands
 from torpor.sdk.errors import (
     AuthError,
@@ -80,6 +81,7 @@ __all__ = [
     "AsyncVolume",
     "AuthError",
     "BuildInfo",
+    "CodeContext",
     "CommandExitError",
     "CommandHandle",
     "CommandResult",
@@ -92,10 +94,13 @@ __all__ = [
     "EgressEntry",
     "EntryInfo",
     "Event",
+    "Execution",
+    "ExecutionError",
     "FileStream",
     "Files",
     "InvalidRequestError",
     "Keys",
+    "Logs",
     "NotFoundError",
     "OutputEvent",
     "PayloadTooLargeError",
@@ -103,6 +108,7 @@ __all__ = [
     "PreviewUrl",
     "ProcessInfo",
     "ProcessOutput",
+    "Result",
     "Sandbox",
     "SandboxInfo",
     "Secret",

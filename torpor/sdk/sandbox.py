@@ -7,16 +7,18 @@ leaving a `with` block deletes the sandbox too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, Self
 
 import httpx
 
 from torpor.sdk import _api
+from torpor.sdk import code as _code
 from torpor.sdk import snapshots as _snapshots
 from torpor.sdk import volumes as _volumes
 from torpor.sdk._http import AsyncSession, SyncSession
+from torpor.sdk.code import CodeContext, Execution
 from torpor.sdk.commands import AsyncCommands, Commands
 from torpor.sdk.config import DEFAULT_REQUEST_TIMEOUT, ClientConfig
 from torpor.sdk.errors import NotFoundError, TorporError
@@ -154,6 +156,37 @@ class Sandbox:
     def resume(self) -> SandboxInfo:
         """Wake it from standby or hibernation (any request does; this only does that)."""
         return self._session.call(_api.resume(self.id))
+
+    # --- code interpreter (torpor/sdk/code.py; the code-interpreter template) --------------
+    def run_code(self, code: str, *, context: CodeContext | str | None = None,
+                 language: str | None = None, env: Mapping[str, str] | None = None,
+                 timeout: float | None = None, on_stdout: Callable | None = None,
+                 on_stderr: Callable | None = None, on_result: Callable | None = None,
+                 on_error: Callable | None = None) -> Execution:
+        """Run `code` in the sandbox's code interpreter (template `code-interpreter`): in
+        `context`, else the default context of `language` (python, or bash). Returns the
+        Execution (results, logs.stdout/stderr, error, execution_count); an error the code
+        raised is `ex.error`, not an exception. Callbacks get stdout and stderr text,
+        Results and the ExecutionError as they come. Past `timeout` seconds the kernel is
+        interrupted (`ex.error.name == "TimeoutError"`) and the context keeps its state.
+        ConflictError if the sandbox runs no code interpreter."""
+        return _code.run_sync(self._session, self.id, code, context, language, env, timeout,
+                              (on_stdout, on_stderr, on_result, on_error))
+
+    def create_code_context(self, language: str = "python", *,
+                            cwd: str | None = None) -> CodeContext:
+        """A new context, its own kernel: python or bash; `cwd` is made if missing."""
+        return self._session.call(_code.create_context_call(self.id, language, cwd))
+
+    def list_code_contexts(self) -> list[CodeContext]:
+        return self._session.call(_code.list_contexts_call(self.id))
+
+    def restart_code_context(self, context: CodeContext | str) -> CodeContext:
+        """A fresh kernel for the context (same id and cwd); its state is lost."""
+        return self._session.call(_code.restart_context_call(self.id, context))
+
+    def delete_code_context(self, context: CodeContext | str) -> None:
+        self._session.call(_code.delete_context_call(self.id, context))
 
     # --- snapshots, restore in place, fork (torpor/sdk/snapshots.py) ----------------------
 
@@ -366,6 +399,29 @@ class AsyncSandbox:
 
     async def hibernate(self) -> SandboxInfo:
         return await self._session.call(_api.hibernate(self.id))
+
+    # --- code interpreter (torpor/sdk/code.py) ------------------------------------------
+    async def run_code(self, code: str, *, context: CodeContext | str | None = None,
+                       language: str | None = None, env: Mapping[str, str] | None = None,
+                       timeout: float | None = None, on_stdout: Callable | None = None,
+                       on_stderr: Callable | None = None, on_result: Callable | None = None,
+                       on_error: Callable | None = None) -> Execution:
+        """As Sandbox.run_code; callbacks may be coroutine functions."""
+        return await _code.run_async(self._session, self.id, code, context, language, env,
+                                     timeout, (on_stdout, on_stderr, on_result, on_error))
+
+    async def create_code_context(self, language: str = "python", *,
+                                  cwd: str | None = None) -> CodeContext:
+        return await self._session.call(_code.create_context_call(self.id, language, cwd))
+
+    async def list_code_contexts(self) -> list[CodeContext]:
+        return await self._session.call(_code.list_contexts_call(self.id))
+
+    async def restart_code_context(self, context: CodeContext | str) -> CodeContext:
+        return await self._session.call(_code.restart_context_call(self.id, context))
+
+    async def delete_code_context(self, context: CodeContext | str) -> None:
+        await self._session.call(_code.delete_context_call(self.id, context))
 
     async def snapshot(self, name: str | None = None, memory: bool = True) -> SnapshotInfo:
         return await self._session.call(_snapshots.create_snapshot(self.id, name, memory))
