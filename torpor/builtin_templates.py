@@ -21,13 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The kernel's connection file (ports and HMAC key; mode 0600, the kernel writes it) and
-# ports. The file is written when the build starts the kernel, so every sandbox restored
-# from the boot snapshot has the same key: the ports listen on the sandbox's own loopback
-# only, where everything runs as the sandbox's owner anyway.
-KERNEL_CONNECTION_FILE = "/home/user/.torpor/kernel.json"
-KERNEL_PORTS = {"shell": 49000, "iopub": 49001, "stdin": 49002, "control": 49003, "hb": 49004}
-
 # What code-interpreter asks for, with versions that have wheels for CPython 3.11 on
 # x86_64 (nothing compiles in the build) ...
 CODE_INTERPRETER_PACKAGES = [
@@ -57,14 +50,6 @@ CODE_INTERPRETER_LOCK = [
 INTERPRETER_DIR = "/opt/torpor/interpreter"
 INTERPRETER_PORT = 49999
 _INTERPRETER_SOURCE = Path(__file__).parent / "interpreter" / "server.py"
-
-
-def kernel_command() -> str:
-    """The start command of earlier versions: a bare IPython kernel on fixed loopback
-    ports writing its connection file. (Kept for the tests of kernels without the server.)"""
-    ports = " ".join(f"--{name}={port}" for name, port in KERNEL_PORTS.items())
-    return (f"exec python3 -m ipykernel_launcher --ip=127.0.0.1 {ports} "
-            f"-f {KERNEL_CONNECTION_FILE}")
 
 
 def interpreter_command() -> str:

@@ -17,7 +17,7 @@ import pytest
 from conftest import make_data_dir
 
 from torpor import builtin_templates
-from torpor.builtin_templates import KERNEL_CONNECTION_FILE, KERNEL_PORTS, Builtin
+from torpor.builtin_templates import INTERPRETER_PORT, Builtin
 from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
@@ -198,19 +198,19 @@ def test_rest_builds_the_builtin_of_a_name_without_steps_under_the_narrowed_poli
 
 
 @pytest.mark.slow
-def test_code_interpreter_builds_from_the_index_and_starts_with_its_kernel_running(
+def test_code_interpreter_builds_from_the_index_and_starts_with_its_server_running(
         engine_run):
     """The package-index build through the proxy (about a minute here), by a create's first
-    use; the kernel runs in the restored sandbox and executes code."""
+    use; the code interpreter's server runs in the restored sandbox and executes code."""
     async def body(engine: Engine) -> None:
         t0 = time.monotonic()
         first, second = await asyncio.gather(engine.create(template="code-interpreter"),
                                              engine.create(template="code-interpreter"))
         built_in = time.monotonic() - t0
         print(f"code-interpreter: built and two sandboxes created in {built_in:.1f}s")
-        # one build: its pip step's sandbox and its boot snapshot's
+        # one build: its pip and copy steps' sandboxes and its boot snapshot's
         sandboxes = build_sandboxes(engine, "code-interpreter")
-        assert len(sandboxes) == 2
+        assert len(sandboxes) == 3
         hosts = {(e.host, e.allowed) for sid in sandboxes
                  for e in engine.traffic.egress_log(sid)}
         assert ("pypi.org", True) in hosts and ("files.pythonhosted.org", True) in hosts
@@ -224,29 +224,24 @@ def test_code_interpreter_builds_from_the_index_and_starts_with_its_kernel_runni
             # the kernel was running before anything ran here: restored, not started
             procs = await engine.processes.list(sid)
             assert any(p["tag"] == "start_cmd" and p["running"]
-                       and "ipykernel_launcher" in " ".join(p["argv"]) for p in procs)
+                       and "interpreter/server.py" in " ".join(p["argv"]) for p in procs)
         sid = first.id
         code, out = await run(engine, sid, [
             "python3", "-c", ("import numpy, pandas, matplotlib; print(numpy.__version__, "
                               "pandas.__version__, matplotlib.get_backend())")])
         assert code == 0 and out.split()[2].lower() == "agg", out
         assert out.split()[:2] == ["2.4.6", "3.1.2"]
-        code, out = await run(engine, sid, ["cat", KERNEL_CONNECTION_FILE])
-        conn = json.loads(out)
-        assert conn["shell_port"] == KERNEL_PORTS["shell"] and len(conn["key"]) >= 32
+        # the code interpreter's server answers inside the sandbox, its kernel warm
         client = f"""
-from jupyter_client import BlockingKernelClient
-kc = BlockingKernelClient(connection_file={KERNEL_CONNECTION_FILE!r})
-kc.load_connection_file()
-kc.start_channels()
-kc.wait_for_ready(timeout=60)
-results = []
-reply = kc.execute_interactive("1+1", timeout=60, output_hook=results.append)
-print(reply["content"]["status"], [m["content"]["data"]["text/plain"] for m in results
-                                   if m["msg_type"] == "execute_result"])
+import json, urllib.request
+req = urllib.request.Request("http://127.0.0.1:{INTERPRETER_PORT}/execute",
+                             data=json.dumps({{"code": "1+1"}}).encode())
+lines = [json.loads(x) for x in urllib.request.urlopen(req, timeout=60).read().splitlines()]
+print([x.get("text") for x in lines if x["type"] == "result"], lines[-1]["type"])
 """
         for s in (first.id, second.id):
-            assert await run(engine, s, ["python3", "-c", client]) == (0, "ok ['2']\n")
+            assert await run(engine, s, ["python3", "-c", client]) == (
+                0, "['2'] end_of_execution\n")
 
         # built on purpose again, nothing changed: every step cached, no sandbox booted
         t0 = time.monotonic()
@@ -255,7 +250,7 @@ print(reply["content"]["status"], [m["content"]["data"]["text/plain"] for m in r
         assert [e["cached"] for e in events if e["type"] == "step"
                 and e["step"]["type"] in ("pip_install", "start_cmd")] == [True, True]
         assert events[-1]["template"]["digest"] == tpl.digest
-        assert len(build_sandboxes(engine, "code-interpreter")) == 2
+        assert len(build_sandboxes(engine, "code-interpreter")) == 3
         print(f"code-interpreter: cached rebuild in {time.monotonic() - t0:.2f}s")
 
     engine_run(body, **INDEX_ACCESS)

@@ -3,11 +3,15 @@ built-in templates' step lists."""
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
+from pathlib import Path
 
 import pytest
 
-from torpor.builtin_templates import BUILTINS, KERNEL_PORTS, builtin
+from torpor import builtin_templates
+from torpor.builtin_templates import BUILTINS, INTERPRETER_DIR, INTERPRETER_PORT, builtin
 from torpor.network.policy import EgressPolicy, PolicyError, covers, narrow, parse_entry
 
 
@@ -76,7 +80,7 @@ def test_a_bad_request_policy_is_refused_with_its_field():
     assert e.value.field == "network.deny"
 
 
-def test_code_interpreter_is_pinned_and_ends_with_its_kernel_ready():
+def test_code_interpreter_is_pinned_and_ends_with_its_server_ready():
     b = builtin("code-interpreter")
     assert b is BUILTINS["code-interpreter"] and builtin("nosuch") is None
     steps = b.steps()
@@ -91,9 +95,17 @@ def test_code_interpreter_is_pinned_and_ends_with_its_kernel_ready():
     assert len(names) == len(packages)
     assert {"type": "env", "env": {"MPLBACKEND": "Agg"}} in steps
     start = steps[-1]
-    assert start["ready"] == {"port": KERNEL_PORTS["shell"]}
-    assert all(49000 <= p <= 49010 for p in KERNEL_PORTS.values())
-    assert len(set(KERNEL_PORTS.values())) == len(KERNEL_PORTS)
-    assert "/home/user/.torpor/kernel.json" in start["cmd"]
-    # the same steps every time: the cached layers and the boot snapshot are found again
-    assert b.steps() == steps
+    # the code interpreter's server, copied in from the context the built-in provides
+    assert start["ready"] == {"port": INTERPRETER_PORT} and INTERPRETER_PORT == 49999
+    assert f"{INTERPRETER_DIR}/server.py" in start["cmd"]
+    [copy] = [s for s in steps if s["type"] == "copy"]
+    assert copy["dst"] == INTERPRETER_DIR and copy["user"] == "root"
+    with tarfile.open(fileobj=io.BytesIO(b.context())) as tar:
+        member = tar.getmember(f"{copy['src']}/server.py")
+        assert (member.uid, member.mtime) == (0, 0)  # nothing but the contents in the key
+        source = tar.extractfile(member).read()
+    assert source == (Path(builtin_templates.__file__).parent / "interpreter"
+                      / "server.py").read_bytes()
+    # the same steps and context every time: the cached layers and the boot snapshot are
+    # found again
+    assert b.steps() == steps and b.context() == b.context()

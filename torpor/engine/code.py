@@ -184,9 +184,12 @@ class Code:
     def __init__(self, connect: Callable[[str, int], Awaitable[Stream]]):
         self.connect = connect
 
-    async def _tunnel(self, sid: str) -> _Tunnel:
+    async def _tunnel(self, sid: str, method: str, path: str, body: dict | None) -> _Tunnel:
+        """A tunnel with the request sent: sent at once, before the agent says the port
+        accepted (it queues a stream's bytes until then), which saves a round trip."""
         t = _Tunnel(await self.connect(sid, PORT), sid)
         try:
+            await t.send(method, path, body)
             await t.open()
         except BaseException:
             t.close()
@@ -194,10 +197,9 @@ class Code:
         return t
 
     async def _call(self, sid: str, method: str, path: str, body: dict | None = None):
-        t = await self._tunnel(sid)
+        t = await self._tunnel(sid, method, path, body)
         try:
             async with asyncio.timeout(CALL_WAIT):
-                await t.send(method, path, body)
                 status, data = 0, b""
                 async for ev in t.events():
                     if isinstance(ev, h11.Response):
@@ -254,9 +256,8 @@ class Code:
             body["env_vars"] = dict(env)
         if timeout is not None:
             body["timeout"] = timeout
-        t = await self._tunnel(sid)
+        t = await self._tunnel(sid, "POST", "/execute", body)
         try:
-            await t.send("POST", "/execute", body)
             it = t.events()
             status, data = 0, b""
             async for ev in it:  # the head, and the whole body of an error

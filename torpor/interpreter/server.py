@@ -71,21 +71,42 @@ def now() -> str:
 
 
 class Execution:
-    """One execution's output going to its client: lines, bounds, disconnect."""
+    """One execution's output going to its client: lines, bounds, disconnect.
 
-    def __init__(self, send, gone: asyncio.Event):
-        self._send = send
+    Lines are chunks of the chunked response, gathered until `flush` (the contexts flush
+    whenever they would wait for their kernel), so a cell's last lines and the response's
+    end leave in one write."""
+
+    def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event):
+        self.writer = writer
         self.gone = gone  # the client disconnected
         self.sizes = {"stdout": 0, "stderr": 0}
         self.truncated: set[str] = set()
         self.last = time.monotonic()
+        self.pending: list[bytes] = []
+        self.pending_size = 0
 
     async def line(self, obj: dict) -> None:
         if self.gone.is_set():
             return
         self.last = time.monotonic()
+        data = json.dumps(obj).encode() + b"\n"
+        self.pending.append(b"%x\r\n%s\r\n" % (len(data), data))
+        self.pending_size += len(data)
+        if self.pending_size > 1 << 16:
+            await self.flush()
+
+    async def flush(self, end: bool = False) -> None:
+        """Send what is gathered (and the end of the response if `end`)."""
+        if end:
+            self.pending.append(b"0\r\n\r\n")
+        if not self.pending or self.gone.is_set():
+            return
+        data = b"".join(self.pending)
+        self.pending, self.pending_size = [], 0
         try:
-            await self._send(obj)
+            self.writer.write(data)
+            await self.writer.drain()
         except (ConnectionError, OSError):
             self.gone.set()
 
@@ -159,8 +180,18 @@ class PythonContext(Context):
         # figures show as images (the template's MPLBACKEND=Agg is for scripts)
         env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
-        self.km = AsyncKernelManager(kernel_name="python3")
-        await self.km.start_kernel(cwd=self.cwd, env=env)
+        # Unix sockets: a third faster than loopback TCP under gVisor (measured in a
+        # sandbox: 22 vs 32 ms per `1+1` under load), and no ports to collide
+        transport = os.environ.get("TORPOR_KERNEL_TRANSPORT", "ipc")
+        kw = {}
+        self.kdir = None
+        if transport == "ipc":
+            self.kdir = tempfile.mkdtemp(prefix=f"kernel-{self.id[:8]}-")
+            kw = {"transport": "ipc", "ip": os.path.join(self.kdir, "k")}
+        self.km = AsyncKernelManager(kernel_name="python3", **kw)
+        # no history database (SQLite writes on every cell): history stays in memory
+        await self.km.start_kernel(cwd=self.cwd, env=env,
+                                   extra_arguments=["--HistoryManager.enabled=False"])
         self.kc = self.km.client()
         self.kc.start_channels()
         await self.kc.wait_for_ready(timeout=120)
@@ -171,6 +202,8 @@ class PythonContext(Context):
             self.kc.stop_channels()
         with contextlib.suppress(Exception):
             await self.km.shutdown_kernel(now=True)
+        if self.kdir:
+            shutil.rmtree(self.kdir, ignore_errors=True)
 
     async def restart(self) -> None:
         await self.stop()
@@ -215,6 +248,8 @@ class PythonContext(Context):
         count = None
         interrupted_at = None
         while True:
+            if out.pending and not await self.kc.iopub_channel.msg_ready():
+                await out.flush()
             try:
                 msg = await self.kc.get_iopub_msg(timeout=POLL)
             except queue.Empty:
@@ -241,6 +276,7 @@ class PythonContext(Context):
                                     "its interrupt; restart the context if it never ends")
                     return
                 await out.keepalive()
+                await out.flush()
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -279,8 +315,8 @@ class PythonContext(Context):
 class BashContext(Context):
     """One `bash` process (no bash kernel is installed in the template): each cell is
     written to a file and sourced, then a marker with a per-cell token gives its exit
-    status on stdout and ends its stderr. SIGINT to the process group interrupts the cell;
-    bash itself traps it and lives on."""
+    status on stdout and ends its stderr. SIGINT to the process group interrupts the cell:
+    its command dies, bash's trap returns from the sourced cell, and bash lives on."""
 
     language = "bash"
 
@@ -290,7 +326,7 @@ class BashContext(Context):
             "bash", "--noprofile", "--norc", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=self.cwd,
             start_new_session=True, limit=1 << 20)
-        self.proc.stdin.write(b"trap ':' INT\n")
+        self.proc.stdin.write(b"trap 'return 130 2>/dev/null' INT\n")
         await self.proc.stdin.drain()
         self.count = 0
         self.dead = None
@@ -360,6 +396,7 @@ class BashContext(Context):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     await self.proc.wait()
                 await out.keepalive()
+                await out.flush()
         finally:
             for r in readers:
                 r.cancel()
@@ -410,6 +447,7 @@ class BashContext(Context):
                 text = decoder.decode(buf[:cut])
                 buf = buf[cut:]
                 await out.stream(name, text)
+                await out.flush()
 
 
 def _sh(s: str) -> str:
@@ -604,25 +642,16 @@ class Server:
 
     async def execute(self, conn: Conn, body: dict) -> bool:
         ctx, code, env_vars, timeout = await self.interp.prepare(body)
-        w = conn.writer
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
-
-        async def send(obj: dict) -> None:
-            line = json.dumps(obj).encode() + b"\n"
-            w.write(b"%x\r\n%s\r\n" % (len(line), line))
-            await w.drain()
-
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n")
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(conn.watch_gone(gone))
-        out = Execution(send, gone)
+        out = Execution(conn.writer, gone)
         try:
             async with ctx.lock:
                 await ctx.execute(code, env_vars, timeout, out)
             await out.line({"type": "end_of_execution"})
-            if not gone.is_set():
-                w.write(b"0\r\n\r\n")
-                await w.drain()
+            await out.flush(end=True)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
