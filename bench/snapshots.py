@@ -3,7 +3,7 @@ created from the snapshot, and a fork of ten, each beside what plain `runsc` doe
 same sandbox or image in the same run.
 
 Starts its own `torpor serve --pool-size 0` (fresh data dir under /tmp) and drives it over
-HTTP. The source sandbox has memory_mb 512, cpu 2 (the host's cores: no quota, so the raw
+HTTP. The source sandbox has memory_mb 1024, cpu 2 (the host's cores: no quota, so the raw
 runsc calls on it run as the driver's do, which lifts the quota while it checkpoints) and a
 Python process holding 256 MiB (written, not zero pages). Sections (`--only`):
 
@@ -75,6 +75,10 @@ TARGETS = {  # reported beside the figures, never asserted
 }
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
 HOLD_MIB = 256
+# room for the raw checkpoints' images too: written by the sentry, they are charged to the
+# sandbox (page cache, or shmem on the tmpfs), and with 512 MiB the watchdog stopped the
+# holder during the raw tmpfs variant (the driver leaves its own staged image out)
+MEMORY_MB = 1024
 FORKS = 10
 # 256 MiB of ones (not zero pages, which a checkpoint may leave out), held for ever
 HOLDER = (f"import time; b = b'\\x01' * ({HOLD_MIB} << 20); open('/tmp/held', 'w').close(); "
@@ -220,7 +224,7 @@ class Bench:
         say("starting torpor serve --pool-size 0")
         self.srv = Server(self.base + "a", 0).start()
         self.http = http_of(self.srv)
-        r = self.http.post("/v1/sandboxes", json={"memory_mb": 512, "cpu": 2,
+        r = self.http.post("/v1/sandboxes", json={"memory_mb": MEMORY_MB, "cpu": 2,
                                                  "standby_after": 0, "hibernate_after": 0})
         r.raise_for_status()
         self.src = r.json()["id"]
@@ -233,6 +237,14 @@ class Bench:
                 raise RuntimeError("the 256 MiB holder did not start in 60 s")
             time.sleep(0.2)
         return self.src
+
+    def check_holder(self) -> None:
+        """The 256 MiB are still held (else every figure after is of a small image)."""
+        out = self.http.post(f"/v1/sandboxes/{self.src}/commands", json={
+            "cmd": "pgrep -f 'slee[p].1e9' >/dev/null && echo alive"}).json()["stdout"]
+        if out != "alive\n":
+            events = self.http.get(f"/v1/sandboxes/{self.src}/events").json()
+            raise RuntimeError(f"the {HOLD_MIB} MiB holder is gone: {events[-3:]}")
 
     def runsc(self, *a: str) -> list[str]:
         return [RUNSC, "--root", self.srv.runsc_root, "--platform", "ptrace",
@@ -292,6 +304,7 @@ class Bench:
                 for k, (flags, pause, where) in variants.items():
                     raws[k].append(self.raw_checkpoint(flags, pause, where))
             assert ok(http, sid) == "ok\n"  # it ran on
+            self.check_holder()
         finally:
             shutil.rmtree(shm, ignore_errors=True)
         return {
@@ -315,6 +328,7 @@ class Bench:
     def snapshot_of_source(self) -> dict:
         if self.snap is None:
             sid = self.source()
+            self.check_holder()
             r = self.http.post(f"/v1/sandboxes/{sid}/snapshots",
                                json={"memory": True, "name": "bench"})
             r.raise_for_status()
@@ -356,6 +370,7 @@ class Bench:
         runs = []
         for _ in range(rounds):
             runs.append(self.fork_once(sid))
+        self.check_holder()
         raws = [self.raw.many(FORKS) for _ in range(rounds)]
         best = min(runs, key=lambda r: r["all_answering_ms"])
         last = runs[-1]
@@ -539,7 +554,7 @@ def main() -> int:
     stop_on_sigterm()
     report = {"bench": "snapshots", "machine": machine(RUNSC),
               "settings": {"sections": only, "quick": args.quick, "iterations": n,
-                           "fork_rounds": rounds, "hold_mib": HOLD_MIB, "memory_mb": 512,
+                           "fork_rounds": rounds, "hold_mib": HOLD_MIB, "memory_mb": MEMORY_MB,
                            "cpu": 2},
               "reproduce": reproduce_cmd("bench/snapshots.py"), "results": {}, "errors": {}}
     b = Bench(args)

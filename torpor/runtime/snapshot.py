@@ -53,13 +53,22 @@ RUNSC_TIMEOUT = 300.0  # seconds a pause, checkpoint or resume may take
 SHM = Path("/dev/shm")
 HOST_MEMORY_SPARE = 512 << 20  # host memory left available beyond a staged image
 STAGE_SLACK = 64 << 20  # beyond the memory charged: what an image may take more
-_staged: dict[str, int] = {}  # sandbox id -> bytes of its image on the tmpfs right now
+_staged: dict[str, Path] = {}  # sandbox id -> the tmpfs directory of its image, if any
 
 
 def staged_bytes(sid: str) -> int:
     """Bytes of a snapshot image of this sandbox on the tmpfs, charged to its memory
-    cgroup for a moment: not memory the sandbox uses."""
-    return _staged.get(sid, 0)
+    cgroup for a moment: not memory the sandbox uses (a stat of its one or two files)."""
+    d = _staged.get(sid)
+    if d is None:
+        return 0
+    total = 0
+    try:
+        for f in os.scandir(d / "image"):
+            total += f.stat(follow_symlinks=False).st_blocks * 512
+    except OSError:  # not written yet, or gone
+        pass
+    return total
 
 
 def stage_dir(data_dir: Path) -> Path:
@@ -94,16 +103,17 @@ def _stage(drv: GVisorDriver, spec: SandboxSpec, cg) -> tuple[Path, int, int] | 
         root = stage_dir(drv.data_dir)
         root.mkdir(mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
+        d = root / f"{spec.id}.{time.monotonic_ns()}"
+        _staged[spec.id] = d  # first: another snapshot's clean-up keeps its directory
         for old in root.iterdir():  # what a killed server left
             if old.name.split(".")[0] not in _staged:
                 shutil.rmtree(old, ignore_errors=True)
-        d = root / f"{spec.id}.{time.monotonic_ns()}"
         d.mkdir(mode=0o700)
         cg.set_memory_limit(limit + bound)
     except OSError as e:
+        _staged.pop(spec.id, None)
         log.warning("sandbox %s: snapshot image to the disk, not the tmpfs: %s", spec.id, e)
         return None
-    _staged[spec.id] = bound
     return d, limit, bound
 
 
