@@ -405,6 +405,10 @@ class Bench:
         work = Path(self.base + "img")
         layout = make_image(work)
         context = image_context(layout)
+        data = srv.data_dir
+        # what the server held before (the other sections' templates): not these ten's
+        layers0 = du(data / "images" / "layers")
+        configs0 = du(data / "images" / "templates")
         times = []
         with http_of(srv) as http:
             for i in range(k):
@@ -422,10 +426,9 @@ class Bench:
             finally:
                 http.delete(f"/v1/sandboxes/{sid}").raise_for_status()
         shutil.rmtree(work, ignore_errors=True)
-        data = srv.data_dir
         sources = du(data / "images" / "sources")
-        layers = du(data / "images" / "layers")
-        configs = du(data / "images" / "templates")
+        layers = du(data / "images" / "layers") - layers0
+        configs = du(data / "images" / "templates") - configs0
         one = du(next((data / "images" / "sources").iterdir()))
         return {"templates": k, "source": f"OCI image layout in the build context: {IMAGE}",
                 "context_bytes": len(context),
@@ -436,7 +439,9 @@ class Bench:
                 "total_bytes": sources + layers + configs,
                 "if_each_copied_bytes": one * k + layers + configs,
                 "build_s": stats(times), "template_env": tpl.get("env"),
-                "a_template_runs": out.get("stdout", "").split()}
+                "a_template_runs": {"stdout": out.get("stdout", "").split(),
+                                    "stderr": out.get("stderr", ""),
+                                    "exit_code": out.get("exit_code")}}
 
     def close(self, keep_logs: bool) -> list[str]:
         gone = []
