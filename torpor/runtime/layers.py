@@ -260,6 +260,14 @@ class DiskStock:
             try:
                 if isinstance(want, tuple):
                     copy_sparse(want[1], tmp)
+                    # written back now: attaching a loop device to a file with dirty pages
+                    # writes them first (measured 4-5 ms of the start, 0.6 once synced;
+                    # mkfs syncs its own)
+                    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
                 else:
                     format_disk(tmp, want)
                 tmp.rename(tmp.with_suffix(".img"))
