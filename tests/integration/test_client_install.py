@@ -1,6 +1,6 @@
 """The client installs light: a fresh venv with `pip install torpor` (no extra) gets the SDK
-and the CLI with httpx, pydantic, typer, rich and dockerfile-parse only, and runs the README's quickstart
-against a server. The server's packages come with the `server` extra."""
+and the CLI with httpx, pydantic, typer, rich, dockerfile-parse and wsproto only, and runs
+the README's quickstart against a server. The server's packages come with the `server` extra."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "cryptography", "dns", "wsproto")
+SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "cryptography", "dns")
 
 QUICKSTART = textwrap.dedent("""
     import sys

@@ -7,6 +7,7 @@ next request to that sandbox woke the relay.)"""
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 
@@ -57,3 +58,29 @@ def test_frames_meeting_a_full_socket_leave_once_it_drains():
         h.sel.close()
         server_end.close()
         holder_end.close()
+
+
+def test_events_of_a_connection_dropped_in_the_same_batch_are_ignored():
+    """A server SIGKILLed while output streams: relaying the agent's output meets the dead
+    socket and drops it; the same select() batch still holds that socket's own event. The
+    holder must skip it, not die (the sandbox dies with it)."""
+    server_end, holder_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    to_agent_r, to_agent_w = os.pipe()
+    h = Holder({})
+    try:
+        h.in_w = to_agent_w
+        holder_end.setblocking(False)
+        h.conn = holder_end
+        h.sel.register(holder_end, selectors.EVENT_READ, "conn")
+        server_end.close()  # the server died
+        h.to_server += P.frame(P.OUT, 7, b"output on its way")
+        h.flush_server()  # the send fails: the connection is dropped
+        assert h.conn is None
+        h.on_conn(holder_end, selectors.EVENT_READ | selectors.EVENT_WRITE)  # stale event
+        assert h.conn is None
+        assert os.read(to_agent_r, 100) == P.frame(P.RESET, 0)  # the agent was told
+    finally:
+        h.sel.close()
+        holder_end.close()
+        os.close(to_agent_r)
+        os.close(to_agent_w)

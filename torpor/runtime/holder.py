@@ -149,10 +149,7 @@ class Holder:
                 elif what == "agent_w":
                     self.flush_agent()
                 elif what == "conn":
-                    if events & selectors.EVENT_READ:
-                        self.read_conn()
-                    if self.conn is not None and events & selectors.EVENT_WRITE:
-                        self.flush_server()
+                    self.on_conn(key.fileobj, events)
 
     # --- server side ------------------------------------------------------------------
     def accept(self) -> None:
@@ -179,6 +176,19 @@ class Holder:
         self.queue_agent(P.frame(P.RESET, 0))
         self.to_server.clear()
         self.update_agent_reading()
+
+    def on_conn(self, sock: socket.socket, events: int) -> None:
+        """The server's socket is ready. It may be one dropped earlier in the same batch of
+        events (a send to a server that died, while the agent's output was relayed): that
+        one is gone, and `self.conn` is None or a newer connection. (Handling it anyway
+        killed the holder, and with it the sandbox, when a server was SIGKILLed while
+        output streamed.)"""
+        if sock is not self.conn:
+            return
+        if events & selectors.EVENT_READ:
+            self.read_conn()
+        if self.conn is not None and events & selectors.EVENT_WRITE:
+            self.flush_server()
 
     def read_conn(self) -> None:
         try:
