@@ -163,6 +163,48 @@ def run(api, sid: str, cmd: str, **kw) -> dict:
     return r.json()
 
 
+class EngineRun:
+    """`engine_run(body, **settings)`: run `async body(engine)` on an Engine in this process,
+    over the fixture's own data dir (real runsc), with the server's defaults for tests (no
+    warm pool, no previews, no memory watermark) under `settings`; every sandbox is deleted
+    and the engine stopped after it, the data dir purged when the test ends."""
+
+    def __init__(self):
+        self.data_dir = make_data_dir()
+
+    def __call__(self, body, **settings) -> None:
+        import asyncio
+
+        from torpor.config import Settings
+        from torpor.engine.manager import Engine
+
+        settings = {"pool_size": 0, "preview_port": 0, "memory_watermark": 0,
+                    "egress_log_days": 0, **settings}
+
+        async def main():
+            engine = Engine(Settings(data_dir=self.data_dir, **settings))
+            await engine.start()
+            try:
+                await body(engine)
+            finally:
+                for info in engine.list():
+                    await engine.delete(info.id)
+                await engine.stop(hibernate=False)
+        asyncio.run(main())
+
+
+@pytest.fixture
+def engine_run():
+    from torpor.runtime.gvisor import purge
+
+    run = EngineRun()
+    try:
+        yield run
+    finally:
+        purge(run.data_dir)
+        shutil.rmtree(run.data_dir, ignore_errors=True)
+
+
 KINDS = ("unit", "integration", "security")
 
 

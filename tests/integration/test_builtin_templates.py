@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 
 import pytest
-from conftest import make_data_dir
 
 from torpor import builtin_templates
 from torpor.builtin_templates import INTERPRETER_PORT, Builtin
-from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
 from torpor.errors import Invalid, NotFound, TorporError
-from torpor.runtime.gvisor import purge
 
 INDEX_RANGE = "203.0.113.0/24"
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
@@ -30,34 +26,6 @@ INDEX_ACCESS = {"egress_allow_cidr": [INDEX_RANGE], "egress_upstream_ca": [SYSTE
 # one small package nothing here has installed; pip gives up at once instead of retrying
 SMALL = [{"type": "env", "env": {"PIP_RETRIES": "0", "PIP_TIMEOUT": "10"}},
          {"type": "pip_install", "packages": ["iniconfig==2.0.0"]}]
-
-
-@pytest.fixture
-def engine_run():
-    dirs = []
-
-    def go(body, **settings):
-        data_dir = make_data_dir()
-        dirs.append(data_dir)
-
-        async def main():
-            engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
-                                     memory_watermark=0, egress_log_days=0, **settings))
-            await engine.start()
-            try:
-                await body(engine)
-            finally:
-                for info in engine.list():
-                    await engine.delete(info.id)
-                await engine.stop(hibernate=False)
-        asyncio.run(main())
-
-    try:
-        yield go
-    finally:
-        for d in dirs:
-            purge(d)
-            shutil.rmtree(d, ignore_errors=True)
 
 
 async def last_event(events) -> dict:

@@ -8,6 +8,7 @@ filesystem-only snapshots; refusals; 404 and 409; a snapshot surviving a server 
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import socket
 import threading
@@ -15,11 +16,9 @@ import threading
 import pytest
 from conftest import make_data_dir
 
-from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
 from torpor.errors import Conflict, Invalid, NotFound, Unavailable
-from torpor.runtime.gvisor import purge
 
 # a process that counts in memory only; SIGUSR1 makes it write the count to /tmp/count
 COUNTER = """
@@ -67,31 +66,14 @@ async def start_counter(engine: Engine, sid: str) -> None:
     raise AssertionError("the counter did not start")
 
 
+# the operator allows loopback (the test's upstream) and names it up.test
+LOOPBACK = {"egress_allow_cidr": ["127.0.0.0/8"], "egress_resolve": ["up.test=127.0.0.1"]}
+
+
 @pytest.fixture
-def engine_run():
-    data_dir = make_data_dir()
-
-    def go(body):
-        async def main():
-            # the operator allows loopback (the test's upstream) and names it up.test
-            engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
-                                     memory_watermark=0, egress_log_days=0,
-                                     egress_allow_cidr=["127.0.0.0/8"],
-                                     egress_resolve=["up.test=127.0.0.1"]))
-            await engine.start()
-            try:
-                await body(engine)
-            finally:
-                for info in engine.list():
-                    await engine.delete(info.id)
-                await engine.stop(hibernate=False)
-        asyncio.run(main())
-
-    try:
-        yield go, data_dir
-    finally:
-        purge(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+def engine_run(engine_run):
+    """(run, data_dir): conftest's engine_run under LOOPBACK."""
+    return functools.partial(engine_run, **LOOPBACK), engine_run.data_dir
 
 
 def test_memory_snapshot_create_fork_restore(engine_run):

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import tarfile
 import time
 
 import pytest
-from conftest import make_data_dir
 
-from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
 from torpor.errors import Conflict, Invalid, NotFound
-from torpor.runtime.gvisor import purge
 
 
 def context_of(files: dict[str, bytes]) -> bytes:
@@ -43,30 +39,6 @@ async def run(engine: Engine, sid: str, cmd: str) -> tuple[int | None, str]:
         elif isinstance(ev, Exited):
             code = ev.exit_code
     return code, "".join(out)
-
-
-@pytest.fixture
-def engine_run():
-    data_dir = make_data_dir()
-
-    def go(body, pool_size: int = 0):
-        async def main():
-            engine = Engine(Settings(data_dir=data_dir, pool_size=pool_size, preview_port=0,
-                                     memory_watermark=0, egress_log_days=0))
-            await engine.start()
-            try:
-                await body(engine)
-            finally:
-                for info in engine.list():
-                    await engine.delete(info.id)
-                await engine.stop(hibernate=False)
-        asyncio.run(main())
-
-    try:
-        yield go
-    finally:
-        purge(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 STEPS = [

@@ -26,13 +26,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import make_data_dir
 
-from torpor.config import Settings
 from torpor.engine.manager import Engine
 from torpor.engine.types import Exited, Output
 from torpor.errors import Invalid, NotFound
-from torpor.runtime.gvisor import purge
 from torpor.sources import DiskFull, Sources
 from torpor.templates import TemplateStore
 
@@ -147,30 +144,6 @@ def image():
         if proc is not None:
             stop(proc)
         shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture
-def engine_run():
-    data_dir = make_data_dir()
-
-    def go(body, **settings):
-        async def main():
-            engine = Engine(Settings(data_dir=data_dir, pool_size=0, preview_port=0,
-                                     memory_watermark=0, egress_log_days=0, **settings))
-            await engine.start()
-            try:
-                await body(engine)
-            finally:
-                for info in engine.list():
-                    await engine.delete(info.id)
-                await engine.stop(hibernate=False)
-        asyncio.run(main())
-
-    try:
-        yield go
-    finally:
-        purge(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def build(engine: Engine, name: str, steps: list[dict], context: bytes | None = None
