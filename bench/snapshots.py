@@ -61,7 +61,7 @@ from common import (
     stats,
     stop_on_sigterm,
 )
-from templates import Raw
+from templates import Raw, create_to_first_output
 
 from torpor.agent import protocol as P
 from torpor.runtime.layers import Layer
@@ -339,10 +339,14 @@ class Bench:
     def create(self, n: int) -> dict:
         snap = self.snapshot_of_source()
         ours, raws = [], []
-        create_first_output(self.http, snap["id"], self.srv.data_dir)  # warm-up
+        def ours_once() -> dict:
+            return create_to_first_output(self.http, snap["id"], self.srv.data_dir,
+                                          snapshot=True)
+
+        ours_once()  # warm-up
         self.raw.once()
         for _ in range(n):
-            ours.append(create_first_output(self.http, snap["id"], self.srv.data_dir))
+            ours.append(ours_once())
             raws.append(self.raw.once())
         p50 = stats([r["first_output_ms"] for r in ours])["p50"]
         raw50 = stats([r["first_answer_ms"] for r in raws])["p50"]
@@ -459,37 +463,6 @@ class Bench:
             gone += self.srv.stop(keep_log=keep_logs)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return gone
-
-
-def create_first_output(http: httpx.Client, snap_id: str, data_dir: Path) -> dict:
-    """bench/templates.py's create_to_first_output, for a snapshot (its web server check
-    does not apply: the source runs none)."""
-    out = {}
-    t0 = time.perf_counter()
-    resp = http.post("/v1/sandboxes", json={"snapshot": snap_id})
-    resp.raise_for_status()
-    sid = resp.json()["id"]
-    out["create_ms"] = ms_since(t0)
-    try:
-        first = None
-        with http.stream("POST", f"/v1/sandboxes/{sid}/commands",
-                         json={"cmd": "echo ok", "stream": True}) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                ev = json.loads(line) if line else {}
-                if ev.get("type") == "stdout" and first is None:
-                    first = ms_since(t0)
-        out["first_output_ms"] = first if first is not None else float("nan")
-        events = http.get(f"/v1/sandboxes/{sid}/events").json()
-        out["from_snapshot"] = any(e["kind"] == "state" and (e.get("detail") or {}).get(
-            "boot_snapshot") for e in events)
-        try:
-            out["spans"] = json.loads((data_dir / "sandboxes" / sid / "start.json").read_text())
-        except (OSError, ValueError):
-            out["spans"] = {}
-    finally:
-        http.delete(f"/v1/sandboxes/{sid}").raise_for_status()
-    return out
 
 
 def table(report: dict) -> str:
