@@ -93,7 +93,7 @@ class Engine:
                                connect=self.connect)
         self.processes = Processes(self.client, self.standby.hold_process,
                                    defaults_of=self._exec_defaults)
-        self.terminals = Terminals(self.client, defaults_of=self._exec_defaults)
+        self.terminals = Terminals(self.processes)
         self._defaults: dict[str, tuple[str, str | None]] = {}
         self.files = Files(self.client, await_running=self._await_running)
         # the code interpreter of code-interpreter sandboxes, through a port tunnel

@@ -47,8 +47,9 @@ class Processes:
         self.hold_process = hold_process
         self.defaults_of = defaults_of
 
-    def _who(self, sid: str, user: str | int | None,
-             cwd: str | None) -> tuple[str | int, str | None]:
+    def who(self, sid: str, user: str | int | None,
+            cwd: str | None) -> tuple[str | int, str | None]:
+        """The user a command runs as, and its cwd: as given, else the template's."""
         if user is not None:
             return user, cwd
         if self.defaults_of is None:
@@ -66,7 +67,7 @@ class Processes:
         (no such sandbox, not running) raise here; once started, a failure is a Failed
         event. Leaving the iteration early (or closing it) lets the command run on."""
         client = await self.client_of(sid)
-        user, cwd = self._who(sid, user, cwd)
+        user, cwd = self.who(sid, user, cwd)
         with agent_errors(sid, None):
             stream = client.exec(argv, env=env, cwd=cwd, user=user, stdin=stdin is not None,
                                  timeout=timeout, tag=tag)
@@ -85,7 +86,7 @@ class Processes:
         """Start a background process; its info. It keeps a stdin pipe (`stdin` is written
         to it and closed at once, if given) and runs until it exits or is signalled."""
         client = await self.client_of(sid)
-        user, cwd = self._who(sid, user, cwd)
+        user, cwd = self.who(sid, user, cwd)
         with agent_errors(sid, P.Op.EXEC):
             try:
                 info = await client.exec_background(argv, env=env, cwd=cwd, user=user,

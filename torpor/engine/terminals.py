@@ -11,16 +11,14 @@ An attached terminal is an open stream, so its sandbox stays out of standby mean
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from torpor.agent import protocol as P
 from torpor.channel import AgentError, ChannelClosed, Stream
-from torpor.channel.client import AgentClient
+from torpor.engine.processes import Processes
 from torpor.engine.types import agent_errors
 from torpor.errors import Invalid, NotFound, Timeout, Unavailable, from_agent
 
-ClientOf = Callable[[str], Awaitable[AgentClient]]
-DefaultsOf = Callable[[str], tuple[str, str | None]]
 MAX_SIZE = 4096  # columns or rows (the agent's bound too)
 REPLAY = 64 * 1024  # bytes of recent output an attach without an offset replays
 
@@ -71,9 +69,12 @@ class Attached:
 
 
 class Terminals:
-    def __init__(self, client_of: ClientOf, defaults_of: DefaultsOf | None = None):
-        self.client_of = client_of
-        self.defaults_of = defaults_of
+    """Over the sandbox's processes (a terminal is one): their way to the agent, the
+    template's user and cwd for a terminal that names none, their signals."""
+
+    def __init__(self, processes: Processes):
+        self.processes = processes
+        self.client_of = processes.client_of
 
     async def create(self, sid: str, cols: int = 80, rows: int = 24,
                      cmd: list[str] | None = None, env: dict | None = None,
@@ -86,20 +87,15 @@ class Terminals:
         if cmd is not None and (not isinstance(cmd, list) or not cmd):
             raise Invalid("cmd must be a non-empty list of strings (None: a login shell)",
                           field="cmd")
-        if user is None and self.defaults_of is not None:
-            user, t_cwd = self.defaults_of(sid)
-            cwd = cwd if cwd is not None else t_cwd
+        user, cwd = self.processes.who(sid, user, cwd)
         client = await self.client_of(sid)
         with agent_errors(sid, P.Op.PTY_CREATE):
-            return await client.pty_create(cols, rows, cmd=cmd, env=env, cwd=cwd,
-                                           user=user if user is not None else "user",
+            return await client.pty_create(cols, rows, cmd=cmd, env=env, cwd=cwd, user=user,
                                            tag=tag)
 
     async def info(self, sid: str, pid: int) -> dict:
         """NotFound unless `pid` is a terminal of the sandbox (running or recently exited)."""
-        client = await self.client_of(sid)
-        with agent_errors(sid, P.Op.PROC_INFO):
-            info = await client.proc_info(pid)
+        info = await self.processes.info(sid, pid)
         if "pty" not in info:
             raise NotFound(f"sandbox {sid}: process {pid} is not a terminal",
                            sandbox_id=sid, pid=pid)
@@ -144,9 +140,7 @@ class Terminals:
     async def kill(self, sid: str, pid: int, signal: str = "SIGKILL") -> dict:
         """Signal the terminal's session (its shell and what runs in it)."""
         await self.info(sid, pid)
-        client = await self.client_of(sid)
-        with agent_errors(sid, P.Op.PROC_SIGNAL):
-            return await client.proc_signal(pid, signal)
+        return await self.processes.signal(sid, pid, signal)
 
     async def wait(self, sid: str, pid: int, timeout: float) -> dict:
         """Its info once it has exited; Timeout if it still runs after `timeout` s."""
