@@ -406,3 +406,21 @@ def test_a_failed_checkpoint_leaves_a_standby_sandbox_frozen(run):
         assert fake(engine).leftovers(sid) == running_agent(sid, frozen=True)
 
     run(body)
+
+
+def test_a_doors_state_is_kept_per_door_merged_and_survives_a_restart(run):
+    async def body(engine: Engine) -> None:
+        sid = (await engine.create()).id
+        assert engine.door_state(sid, "e2b") == {}
+        engine.set_door_state(sid, "e2b", token="t1", paused=True)
+        engine.set_door_state(sid, "mcp", session="s")
+        assert engine.set_door_state(sid, "e2b", paused=None, auto_resume=False) == {
+            "token": "t1", "auto_resume": False}
+        assert engine.door_state(sid, "mcp") == {"session": "s"}
+        # a fresh record layer reads it back from the database
+        engine.records.forget(sid)
+        assert engine.door_state(sid, "e2b") == {"token": "t1", "auto_resume": False}
+        with pytest.raises(NotFound):
+            engine.door_state("nosuchsandbox", "e2b")
+
+    run(body)

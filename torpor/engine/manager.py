@@ -469,6 +469,20 @@ class Engine:
             self.standby.touch(sid)
         return self.get(sid)
 
+    def door_state(self, sid: str, door: str) -> dict:
+        """What the front door `door` keeps of the sandbox (an empty dict at first); 404
+        for a sandbox that never was."""
+        return dict((self.records.get(sid).doors or {}).get(door) or {})
+
+    def set_door_state(self, sid: str, door: str, **fields) -> dict:
+        """Merge `fields` into what `door` keeps of the sandbox (a None value removes its
+        key) and return the result. The engine stores it and never reads it."""
+        doors = dict(self.records.get(sid).doors or {})
+        state = {**(doors.get(door) or {}), **fields}
+        doors[door] = {k: v for k, v in state.items() if v is not None}
+        self.records.update(sid, doors=doors)
+        return dict(doors[door])
+
     def update_network(self, sid: str, network: dict) -> SandboxInfo:
         """Change a sandbox's egress policy; its open egress connections close."""
         self.records.get(sid)

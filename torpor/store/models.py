@@ -86,6 +86,8 @@ class SandboxRow(Base):
     network: Mapped[dict] = mapped_column(JSON, default=dict)
     secrets: Mapped[dict] = mapped_column(JSON, default=dict)
     ports: Mapped[dict] = mapped_column(JSON, default=dict)
+    # what each front door keeps of the sandbox ({"e2b": {...}}), set through the engine
+    doors: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class EventRow(Base):
