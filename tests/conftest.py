@@ -125,6 +125,29 @@ def server():
     teardown_data_dir(srv)
 
 
+# the package index: the registries resolve to a documentation range here, so a server that
+# builds from it allows that range and trusts the system CA bundle upstream
+INDEX = ["--egress-allow-cidr", "203.0.113.0/24",
+         "--egress-upstream-ca", "/etc/ssl/certs/ca-certificates.crt"]
+
+
+@pytest.fixture(scope="session")
+def ci_server():
+    """A server of its own with the built-in `code-interpreter` template built (about a
+    minute, from the package index: see INDEX), once for the whole run: every module that
+    runs code in a kernel shares it."""
+    srv = Server(make_data_dir(), pool_size=0, args=INDEX).start()
+    try:
+        with srv.client(timeout=600) as c:
+            # the first create of the built-in builds it
+            r = c.post("/v1/sandboxes", json={"template": "code-interpreter"})
+            assert r.status_code == 201, r.text
+            c.delete(f"/v1/sandboxes/{r.json()['id']}")
+        yield srv
+    finally:
+        teardown_data_dir(srv)
+
+
 @pytest.fixture(scope="session")
 def api(server):
     with server.client() as c:

@@ -13,30 +13,14 @@ import time
 
 import httpx
 import pytest
-from conftest import Server, cli, make_data_dir, teardown_data_dir
+from conftest import cli
 
 from torpor.sdk import Sandbox
 from torpor.sdk.errors import ConflictError, InvalidRequestError, NotFoundError
 
 pytestmark = pytest.mark.slow
 
-INDEX = ["--egress-allow-cidr", "203.0.113.0/24",
-         "--egress-upstream-ca", "/etc/ssl/certs/ca-certificates.crt"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def ci_server():
-    srv = Server(make_data_dir(), pool_size=0, args=INDEX).start()
-    try:
-        with srv.client(timeout=600) as c:
-            # the first create of the built-in builds it (once for the whole module)
-            r = c.post("/v1/sandboxes", json={"template": "code-interpreter"})
-            assert r.status_code == 201, r.text
-            c.delete(f"/v1/sandboxes/{r.json()['id']}")
-        yield srv
-    finally:
-        teardown_data_dir(srv)
 
 
 @pytest.fixture(scope="module")
