@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "cryptography", "dns")
+SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "cryptography", "dns", "mcp")
 
 QUICKSTART = textwrap.dedent("""
     import sys
@@ -79,3 +79,7 @@ def test_the_readme_quickstart_runs_from_the_client_alone(client_venv, server):
     p = subprocess.run([torpor, "serve", "--port", "1"], env=env, capture_output=True,
                        text=True, timeout=120, check=False)
     assert p.returncode != 0 and "torpor[server]" in p.stderr, p.stderr
+    # nor is the MCP library, and `torpor mcp` says how to get it
+    p = subprocess.run([torpor, "mcp"], env=env, capture_output=True, text=True,
+                       timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert p.returncode != 0 and "pip install 'torpor[mcp]'" in p.stderr, p.stderr

@@ -25,6 +25,8 @@ RULES = [
      "the state store knows records, not what uses them"),
     ("torpor.api", ("torpor.runtime", "torpor.channel", "torpor.store"),
      "a front door speaks to the engine only: engine methods, engine types, engine errors"),
+    ("torpor.mcp", ("torpor.runtime", "torpor.channel", "torpor.store", "torpor.agent"),
+     "a front door speaks to the engine only: engine methods, engine types, engine errors"),
     ("torpor.channel", ("torpor.engine", "torpor.api", "torpor.cli", "torpor.runtime",
                         "torpor.store", "torpor.sdk"),
      "the channel is the host end of the agent's protocol, for any driver: nothing above"),

@@ -28,6 +28,7 @@ from torpor.api.deps import (
 from torpor.api.schemas import BUILD_BODY_MAX, PATTERN_WORDS
 from torpor.engine.manager import Engine
 from torpor.errors import TooLarge, TorporError
+from torpor.mcp.server import McpDoor, McpMount
 
 log = logging.getLogger("torpor.api")
 
@@ -119,11 +120,14 @@ class PortProxy:
 
 
 def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
+    mcp = McpDoor(engine)  # the MCP door at /mcp: its sessions live within the lifespan
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if own_engine:
             await engine.start()
-        yield
+        async with mcp.running():
+            yield
         if own_engine:
             await engine.stop()
 
@@ -206,7 +210,8 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     app.include_router(terminals.ws_router)  # a WebSocket checks the key itself
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
-    app.add_middleware(PortProxy, engine=engine)  # outermost: before body limits
+    app.add_middleware(PortProxy, engine=engine)  # before body limits
+    app.add_middleware(McpMount, door=mcp)  # outermost: MCP has its own body limit
     return app
 
 

@@ -22,6 +22,7 @@ from torpor.cli import (
 from torpor.cli._common import App, fail
 from torpor.cli.code import run_code_command
 from torpor.cli.exec import exec_command
+from torpor.cli.mcp import mcp_command
 from torpor.cli.shell import shell_command
 
 app = App(help="Torpor: perpetual sandboxes for AI agents.")
@@ -38,6 +39,7 @@ app.add_typer(network.domains, name="domain")  # (network also adds `sandbox` ve
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
 app.command("run-code")(run_code_command)
 app.command("shell", context_settings={"allow_interspersed_args": False})(shell_command)
+app.command("mcp")(mcp_command)
 
 
 @app.callback()
