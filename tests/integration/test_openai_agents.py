@@ -155,8 +155,9 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
 
 def test_runner_runs_tools_in_the_sandbox_and_resumes_it(server, api, tmp_path):
     """A SandboxAgent under Runner with a scripted model: its exec_command tool runs in a
-    Torpor sandbox; a second run resumes the same sandbox from the first run's state; a
-    third, after the sandbox was deleted, gets a new one holding the workspace snapshot."""
+    Torpor sandbox, hibernated when the run ends (on_exit); a second run resumes the same
+    sandbox from the first run's state; a third, after the sandbox was deleted, gets a new
+    one holding the workspace snapshot the second run left."""
 
     def agent(*steps) -> SandboxAgent:
         return SandboxAgent(name="worker", instructions="work", capabilities=[Shell()],
@@ -178,10 +179,10 @@ def test_runner_runs_tools_in_the_sandbox_and_resumes_it(server, api, tmp_path):
 
     out, payload = asyncio.run(run(
         agent(call("echo made-by-the-agent > note.txt && cat note.txt && whoami", 1)),
-        options=TorporSandboxClientOptions(metadata={"suite": SUITE})))
+        options=TorporSandboxClientOptions(metadata={"suite": SUITE}, on_exit="hibernate")))
     assert "made-by-the-agent" in out and "user" in out and "exited with code 0" in out
     sid = payload["sandbox_id"]
-    assert state_of(api, sid) in ("running", "standby")
+    assert state_of(api, sid) == "hibernated"  # on_exit: checkpointed when the run ended
 
     out, payload = asyncio.run(run(agent(call("cat note.txt; echo $$", 2)),
                                    session_state=client.deserialize_session_state(payload)))
