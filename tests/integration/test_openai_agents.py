@@ -31,6 +31,7 @@ from torpor.integrations.openai_agents import (
     TorporSandboxClient,
     TorporSandboxClientOptions,
     TorporSandboxSessionState,
+    torpor_sandbox,
 )
 
 pytestmark = pytest.mark.integration
@@ -70,6 +71,8 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
         client = TorporSandboxClient(url=server.url, api_key=server.key)
         session = await client.create(options=opts)
         sid = session.state.sandbox_id
+        info = await torpor_sandbox(session).info()  # the Torpor SDK's handle
+        assert (info.id, info.template, info.metadata) == (sid, "base", {"suite": SUITE})
         async with session:  # start: the workspace root; leaving: on_exit="keep"
             r = await session.exec("echo $GREETING; pwd; echo oops >&2; exit 3")
             assert (r.exit_code, r.stdout, r.stderr) == (

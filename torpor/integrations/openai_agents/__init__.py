@@ -27,6 +27,7 @@ from torpor.integrations.openai_agents._client import (
     DEFAULT_WORKSPACE_ROOT,
     TorporSandboxClient,
     TorporSandboxClientOptions,
+    torpor_sandbox,
 )
 from torpor.integrations.openai_agents._session import (
     TorporSandboxSession,
@@ -39,4 +40,5 @@ __all__ = [
     "TorporSandboxClientOptions",
     "TorporSandboxSession",
     "TorporSandboxSessionState",
+    "torpor_sandbox",
 ]

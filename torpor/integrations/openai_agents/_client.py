@@ -235,8 +235,15 @@ class TorporSandboxClient(BaseSandboxClient[TorporSandboxClientOptions]):
         return self._deserialize_session_state_payload(payload, TorporSandboxSessionState)
 
 
-def _inner(session: SandboxSession) -> TorporSandboxSession:
-    inner = getattr(session, "_inner", session)
+def torpor_sandbox(session: SandboxSession | TorporSandboxSession) -> AsyncSandbox:
+    """The Torpor SDK's `AsyncSandbox` behind a session this client made, for what the
+    Agents SDK has no word for: `snapshot()`, `fork()`, `hibernate()`, `keep_alive()`,
+    `update_network()`, `preview_url()`, `run_code()`."""
+    return _inner(session).sandbox
+
+
+def _inner(session: SandboxSession | TorporSandboxSession) -> TorporSandboxSession:
+    inner = getattr(session, "_inner", session)  # the SDK's wrapper holds ours
     if not isinstance(inner, TorporSandboxSession):
         raise TypeError("TorporSandboxClient expects a session it made (TorporSandboxSession)")
     return inner
