@@ -10,6 +10,7 @@ import base64
 import binascii
 import codecs
 import json
+import re
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,7 @@ FilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00
 # what one tool answer carries of a file or a command's output: the client is an LLM
 FILE_MAX = 8 << 20
 OUTPUT_MAX = RESULT_CAP
+COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def sandbox_out(info) -> dict:
@@ -445,8 +447,9 @@ def execution_content(ex: CodeExecution) -> list[TextContent | ImageContent]:
         blocks.append(TextContent(type="text", text="[output cut at the interpreter's "
                                   f"bound: {', '.join(ex.truncated)}]"))
     if ex.error is not None:
+        # IPython colours its tracebacks with terminal escapes, noise to a model
         blocks.append(TextContent(type="text", text=f"{ex.error.name}: {ex.error.value}\n"
-                                  f"{ex.error.traceback}"))
+                                  f"{COLOURS.sub('', ex.error.traceback)}"))
     return blocks
 
 
