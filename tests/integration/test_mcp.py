@@ -34,11 +34,11 @@ async def over_http(server: Server, key: str | None = None, header: str = "autho
         yield c
 
 
-def over_stdio(server: Server) -> Client:
+def over_stdio(server: Server, **kw) -> Client:
     env = {"PATH": os.environ["PATH"], "TORPOR_URL": server.url,
            "TORPOR_API_KEY": server.key}
     return Client(StdioServerParameters(command=CLI[0], args=[*CLI[1:], "mcp"], env=env,
-                                        cwd=str(ROOT)))
+                                        cwd=str(ROOT)), **kw)
 
 
 def text(result) -> str:
@@ -174,6 +174,24 @@ def test_stdio_through_torpor_mcp(server, api):
     async def main():
         async with over_stdio(server) as client:
             await the_basics(client, api)
+        # most desktop clients still speak the 2025 protocol (an initialize handshake and
+        # a session): the relay carries that too, progress included
+        async with over_stdio(server, mode="legacy") as client:
+            sid = (await call(client, "create_sandbox", {}))["id"]
+            try:
+                seen = []
+
+                async def progress(value, total, message):
+                    seen.append(message)
+
+                out = await call(client, "run_command", {
+                    "sandbox_id": sid, "command": "echo one; sleep 0.3; echo two"},
+                    progress_callback=progress)
+                assert out["stdout"] == "one\ntwo\n" and seen[1:] == ["one\n", "two\n"]
+                missing = await client.call_tool("get_sandbox", {"sandbox_id": "sbx_nope"})
+                assert missing.is_error and text(missing).startswith("not_found: ")
+            finally:
+                await call(client, "delete_sandbox", {"sandbox_id": sid})
 
     asyncio.run(main())
 
