@@ -132,13 +132,16 @@ class McpDoor:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.server = build_server(engine)
+        self.server: MCPServer | None = None
         self._manager = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Serve sessions while inside (the app's lifespan): a manager per run, as the
-        library's manager runs once."""
+        """Serve sessions while inside (the app's lifespan): a server and its session
+        manager per run, as the library's manager runs once. Made here, not before: the
+        library's constructor sets up the root logger if nothing has (logging.basicConfig),
+        and `torpor serve` has by its lifespan."""
+        self.server = build_server(self.engine)
         self.server.streamable_http_app(
             streamable_http_path=PATH,
             # the Host/Origin allowlist guards unauthenticated local servers from DNS
