@@ -119,6 +119,10 @@ def test_http_basics_progress_and_bad_input(server, api):
                                                              "command": "true",
                                                              "timeout": -1})
                 assert bad.is_error and "timeout" in text(bad)
+                bad = await client.call_tool("run_command", {"sandbox_id": sid,
+                                                             "command": "true",
+                                                             "env": {"A=B": "x"}})
+                assert bad.is_error and "env.A=B: an environment variable name" in text(bad)
                 check = await call(client, "run_command", {
                     "sandbox_id": sid, "command": "test -e /tmp/ran"})
                 assert check["exit_code"] == 1

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from torpor._version import __version__
 from torpor.api.deps import presented_key
+from torpor.api.schemas import PATTERN_WORDS
 from torpor.engine.manager import Engine
 from torpor.errors import Invalid, TorporError
 from torpor.mcp.tools import CodeFailed, SandboxTools
@@ -59,10 +60,14 @@ def error_result(e: TorporError) -> CallToolResult:
 
 
 def _say(err: dict) -> str:
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    msg = err.get("msg", "invalid")
+    """A pydantic error as `field: what is wrong`, in the REST door's words for patterns
+    (it never quotes the input)."""
+    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "[key]")
+    msg, ctx = err.get("msg", "invalid"), err.get("ctx") or {}
     if err.get("type") == "value_error":
-        msg = str((err.get("ctx") or {}).get("error") or msg)
+        msg = str(ctx.get("error") or msg)
+    elif err.get("type") == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_WORDS:
+        msg = PATTERN_WORDS[ctx["pattern"]]
     return f"{loc}: {msg}" if loc else msg
 
 
