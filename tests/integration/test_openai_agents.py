@@ -22,6 +22,7 @@ from agents.sandbox.errors import (
     ExecTransportError,
     InvalidManifestPathError,
     PtySessionNotFoundError,
+    WorkspaceArchiveWriteError,
     WorkspaceReadNotFoundError,
     WorkspaceStartError,
 )
@@ -90,6 +91,12 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
             with pytest.raises(ExecTimeoutError):
                 await session.exec("sleep 30", timeout=0.5)
             assert (await session.exec("whoami", user="root")).stdout == b"root\n"
+            # the SDK's path helper, removed behind its back, is put back on the next use
+            await session.exec("rm -rf /tmp/openai-agents")
+            assert (await session.read("data/blob.bin")).read() == blob
+            await session.mkdir("data/sub/deeper", parents=True)
+            with pytest.raises(WorkspaceArchiveWriteError):  # exists, without parents
+                await session.mkdir("data/sub")
 
             # a terminal: type into it, its exit code comes back
             up = await session.pty_exec_start(

@@ -111,7 +111,9 @@ def test_read_of_a_directory_and_a_failing_hibernate(caplog):
     def respond(request):
         if request.url.path.endswith("/hibernate"):
             return error(409, "conflict", f"sandbox {SID}: streams are open")
-        if request.url.path.endswith("/commands"):  # the SDK's path helper: accept
+        if request.method == "PUT":  # the SDK's path helper installed: accept
+            return httpx.Response(200, json={"path": request.url.params["path"], "size": 1})
+        if request.url.path.endswith("/commands"):  # ... and run: the path is fine
             return httpx.Response(200, json={"stdout": "/home/user/workspace/d\n",
                                              "stderr": "", "exit_code": 0})
         return error(409, "conflict", f"sandbox {SID}: /home/user/workspace/d is a "

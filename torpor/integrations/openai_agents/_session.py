@@ -12,7 +12,7 @@ import io
 import logging
 import shlex
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -133,12 +133,70 @@ class TorporSandboxSession(BaseSandboxSession):
         super()._mark_workspace_root_ready_from_probe()
         self._root_ready = True
 
+    async def _ensure_runtime_helper_installed(self, helper: RuntimeHelperScript) -> PurePath:
+        """As the SDK's own (cached per sandbox, looked for before each use, installed when
+        missing), with the files API instead of processes: a stat instead of `test -x`,
+        one write instead of a heredoc through sh (~3 ms each under gVisor, not 15-100)."""
+        self._sync_runtime_helper_install_cache()
+        installed = self._runtime_helpers_installed
+        if installed is None:
+            installed = self._runtime_helpers_installed = set()
+        path = helper.install_path
+        if path in installed:
+            try:
+                info = await self.sandbox.files.stat(str(path))
+                if info.type == "file" and info.mode & 0o111:
+                    return path
+            except NotFoundError as e:
+                if _errors.sandbox_gone(e):
+                    raise _errors.exec_error(e, helper.present_command(), None) from e
+            except TorporError as e:
+                raise _errors.exec_error(e, helper.present_command(), None) from e
+            installed.discard(path)
+        try:
+            await self.sandbox.files.write(str(path), helper.content + "\n", mode=0o555)
+        except TorporError as e:
+            raise _errors.exec_error(e, ("install_runtime_helper", str(path)), None) from e
+        installed.add(path)
+        return path
+
+    async def mkdir(self, path: Path | str, *, parents: bool = False,
+                    user: str | User | None = None) -> None:
+        """As the SDK's (the path checked first; an existing directory is an error without
+        `parents`), made by the files API instead of a `mkdir` process."""
+        if user is not None:
+            path = await self._check_mkdir_with_exec(path, parents=parents, user=user)
+        else:
+            path = await self._validate_path_access(path, for_write=True)
+        try:
+            made = await self.sandbox.files.make_dir(sandbox_path_str(path), parents=parents,
+                                                     user=user_name(user))
+        except TorporError as e:
+            raise WorkspaceArchiveWriteError(
+                path=path, context=_errors.context(e, reason="mkdir_failed"), cause=e,
+                retryable=_errors.retryable(e)) from e
+        if not made and not parents:
+            raise WorkspaceArchiveWriteError(
+                path=path, context={"backend": _errors.BACKEND, "reason": "exists"},
+                message=f"cannot create directory {path}: it exists")
+
     async def _prepare_backend_workspace(self) -> None:
         if self._workspace_state_preserved_on_start() and self._root_ready:
             return
         root = self._workspace_root_path().as_posix()
-        # as the template's user first (a root in its home needs nothing more); a root it
-        # may not create (the SDK's default, /workspace) is made by root and given to it
+        # as the template's user, through the files API (no process: ~3 ms, not ~35); a
+        # root it may not create (the SDK's default, /workspace) is made by root and given
+        # to it
+        try:
+            await self.sandbox.files.make_dir(root, parents=True)
+            self._root_ready = True
+            return
+        except NotFoundError as e:
+            if _errors.sandbox_gone(e):
+                raise WorkspaceStartError(path=Path(root), context=_errors.context(e),
+                                          cause=e, retryable=False) from e
+        except TorporError:
+            pass  # not the user's to make: root does it below, and says why if it cannot
         script = 'mkdir -p -- "$1" 2>/dev/null && exit 0; echo "$(id -u):$(id -g)"; exit 3'
         first = await self._run(["sh", "-c", script, "sh", root], cwd="/", timeout=FAST_OP_S)
         result = first
