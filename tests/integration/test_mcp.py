@@ -13,7 +13,7 @@ import sys
 from contextlib import asynccontextmanager
 
 import pytest
-from conftest import CLI, ROOT, Server
+from conftest import CLI, ROOT, Server, make_data_dir, teardown_data_dir
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -198,6 +198,28 @@ def test_stdio_through_torpor_mcp(server, api):
                 await call(client, "delete_sandbox", {"sandbox_id": sid})
 
     asyncio.run(main())
+
+
+def test_stdio_session_outlives_a_server_restart():
+    # a 2025 session lives in the server's memory: torpor mcp opens a new one, replays the
+    # handshake and the unanswered request; the sandbox came back with its files
+    srv = Server(make_data_dir(), pool_size=0).start()
+    try:
+        async def main():
+            async with over_stdio(srv, mode="legacy") as client:
+                sid = (await call(client, "create_sandbox", {}))["id"]
+                await call(client, "write_file", {"sandbox_id": sid, "path": "kept",
+                                                  "content": "still here\n"})
+                srv.stop()  # SIGTERM: the sandbox is hibernated
+                srv.start()
+                out = await call(client, "run_command", {"sandbox_id": sid,
+                                                         "command": "cat kept"})
+                assert out["stdout"] == "still here\n"
+                await call(client, "delete_sandbox", {"sandbox_id": sid})
+
+        asyncio.run(main())
+    finally:
+        teardown_data_dir(srv)
 
 
 def test_stdio_without_the_server_says_why():

@@ -115,38 +115,130 @@ def _reachable(url: str):
 
 async def relay(url: str, key: str | None) -> None:
     """Move messages between stdio and `url` until stdin closes."""
-    import anyio
     import httpx2
-    from mcp.client.streamable_http import streamable_http_client
-    from mcp.server.stdio import stdio_server
-    from mcp.shared.message import ClientMessageMetadata, SessionMessage
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     # no read timeout: a tool call may run (and stream progress) as long as it needs
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=None),
                               transport=_reachable(url))
-    stamper = Stamper()
-    async with (http, stdio_server() as (from_client, to_client),
-                streamable_http_client(url, http_client=http) as (from_server, to_server),
-                anyio.create_task_group() as tg):
+    async with http:
+        await Relay(url, http).run()
 
-        async def up() -> None:
-            async for item in from_client:
-                if isinstance(item, Exception):  # a line that is not JSON-RPC
-                    log.warning("ignored a message from the client: %s", item)
-                    continue
-                extra = stamper.outbound(item.message)
-                meta = ClientMessageMetadata(headers=extra) if extra else None
-                await to_server.send(SessionMessage(item.message, metadata=meta))
-            tg.cancel_scope.cancel()  # the client closed stdin: done
 
-        async def down() -> None:
+# what the server, or the library's transport, says of a 2025 session it no longer has
+LOST = ("Session not found", "Session terminated")
+
+
+class Link:
+    """One session with the server: its write end, once usable."""
+
+    def __init__(self) -> None:
+        import anyio
+
+        self.ready = anyio.Event()
+        self.to_server: Any = None
+
+
+class Relay:
+    """The client's stdio to the server's `/mcp`. A 2025 session lives in the server's
+    memory: when the server lost it (a restart), the relay opens a new one, replays the
+    client's handshake, and sends again the requests not answered yet, so the desktop
+    client does not notice (the 2026 protocol has no session to lose)."""
+
+    def __init__(self, url: str, http: Any):
+        self.url = url
+        self.http = http
+        self.stamper = Stamper()
+        self.pending: dict = {}  # id -> the client's request, sent and not answered yet
+        self.handshake: list = []  # the client's initialize, then its initialized
+        self.link = Link()
+        self.replays = 0
+
+    async def run(self) -> None:
+        import anyio
+        from mcp.server.stdio import stdio_server
+
+        async with (stdio_server() as (from_client, to_client),
+                    anyio.create_task_group() as tg):
+            self.to_client = to_client
+            tg.start_soon(self.up, from_client, tg.cancel_scope)
+            while await self.session():
+                log.warning("the server no longer has this session (it restarted?): "
+                            "opening a new one")
+
+    async def send(self, to_server: Any, message: Any) -> None:
+        from mcp.shared.message import ClientMessageMetadata, SessionMessage
+
+        extra = self.stamper.outbound(message)
+        meta = ClientMessageMetadata(headers=extra) if extra else None
+        await to_server.send(SessionMessage(message, metadata=meta))
+
+    async def up(self, from_client: Any, scope: Any) -> None:
+        import anyio
+        from mcp_types import JSONRPCNotification, JSONRPCRequest
+
+        async for item in from_client:
+            if isinstance(item, Exception):  # a line that is not JSON-RPC
+                log.warning("ignored a message from the client: %s", item)
+                continue
+            msg = item.message
+            link = self.link
+            await link.ready.wait()
+            if isinstance(msg, JSONRPCRequest):
+                self.pending[msg.id] = msg
+                if msg.method == "initialize":
+                    self.handshake = [msg]
+            elif (isinstance(msg, JSONRPCNotification)
+                  and msg.method == "notifications/initialized"):
+                self.handshake.append(msg)
+            try:
+                await self.send(link.to_server, msg)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # that session just went: a request is sent again on the next
+        scope.cancel()  # the client closed stdin: done
+
+    async def session(self) -> bool:
+        """Relay over one server session; True when the server lost it and there is a
+        handshake to replay on a new one."""
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp.shared.message import SessionMessage
+        from mcp_types import JSONRPCError, JSONRPCResponse
+
+        link = self.link
+        async with streamable_http_client(self.url, http_client=self.http) as (
+                from_server, to_server):
+            link.to_server = to_server
+            if self.replays:
+                await self.replay(from_server, to_server)
+            link.ready.set()
             async for item in from_server:
                 if isinstance(item, Exception):
-                    log.warning("%s: %s", url, item)
+                    log.warning("%s: %s", self.url, item)
                     continue
-                stamper.inbound(item.message)
-                await to_client.send(SessionMessage(item.message))
+                msg = item.message
+                if (isinstance(msg, JSONRPCError) and msg.error.message in LOST
+                        and msg.id in self.pending and self.handshake):
+                    self.link = Link()
+                    self.replays += 1
+                    return True
+                if isinstance(msg, JSONRPCResponse | JSONRPCError):
+                    self.pending.pop(msg.id, None)
+                self.stamper.inbound(msg)
+                await self.to_client.send(SessionMessage(msg))
+        return False
 
-        tg.start_soon(up)
-        tg.start_soon(down)
+    async def replay(self, from_server: Any, to_server: Any) -> None:
+        """The client's handshake on a new session (its answer kept from the client, which
+        had one), then the requests still waiting for an answer."""
+        from mcp_types import JSONRPCError, JSONRPCResponse
+
+        init, *rest = self.handshake
+        again = init.model_copy(update={"id": f"torpor-mcp-replay-{self.replays}"})
+        await self.send(to_server, again)
+        async for item in from_server:
+            msg = getattr(item, "message", None)
+            if isinstance(msg, JSONRPCResponse | JSONRPCError) and msg.id == again.id:
+                self.stamper.inbound(msg)
+                break
+        for msg in [*rest, *self.pending.values()]:
+            await self.send(to_server, msg)
