@@ -109,6 +109,13 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
                 await session.pty_write_stdin(session_id=1, chars="x")
             up = await session.pty_exec_start("printf 'a\\nb\\n'; exit 2", yield_time_s=5)
             assert (up.output, up.exit_code) == (b"a\nb\n", 2)
+            up = await session.pty_exec_start("sleep 60", timeout=0.5, yield_time_s=10)
+            assert up.exit_code == 137  # killed at its timeout (SIGKILL: 128 + 9)
+            up = await session.pty_exec_start("sleep 60", tty=True, yield_time_s=0.3)
+            assert up.process_id is not None
+            await session.pty_terminate_all()  # what closing the session does
+            procs = await torpor_sandbox(session).commands.list()
+            assert not [p for p in procs if p.running and "sleep" in " ".join(p.argv)]
 
             # a server that outlives this process: what the resumed session must find
             r = await session.exec("cd data && (nohup python3 -m http.server 8000 "
