@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
-import shlex
 from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Literal
 from urllib.parse import urlsplit
 
-from agents.sandbox.entries import Mount
 from agents.sandbox.errors import (
     ExposedPortUnavailableError,
     WorkspaceArchiveReadError,
@@ -33,9 +31,7 @@ from agents.sandbox.session.runtime_helpers import (
     RuntimeHelperScript,
 )
 from agents.sandbox.session.sandbox_session_state import SandboxSessionState
-from agents.sandbox.session.tar_workspace import shell_tar_exclude_args
 from agents.sandbox.types import ExecResult, ExposedPortEndpoint, User
-from agents.sandbox.util.tar_utils import UnsafeTarMemberError, validate_tar_bytes
 from agents.sandbox.workspace_paths import (
     coerce_posix_path,
     posix_path_as_path,
@@ -43,7 +39,7 @@ from agents.sandbox.workspace_paths import (
 )
 from pydantic import Field
 
-from torpor.integrations.openai_agents import _errors
+from torpor.integrations.openai_agents import _errors, _workspace
 from torpor.integrations.openai_agents._pty import PtyProcesses
 from torpor.sdk import AsyncSandbox
 from torpor.sdk.errors import NotFoundError, TorporError
@@ -351,77 +347,14 @@ class TorporSandboxSession(BaseSandboxSession):
         return ExposedPortEndpoint(host=split.hostname, port=split.port or (443 if tls else 80),
                                    tls=tls, query=split.query)
 
-    # --- the workspace as a tar (the SDK's snapshots) -------------------------------------
+    # --- the workspace as a tar (the SDK's snapshots; _workspace.py) ---------------------
 
     async def persist_workspace(self) -> io.IOBase:
-        root = self._workspace_root_path()
-        tar_path = f"/tmp/openai-agents-persist-{self.state.session_id.hex}.tar"
-        excludes = " ".join(shell_tar_exclude_args(self._persist_workspace_skip_relpaths()))
-        script = (f"tar {excludes} -C {shlex.quote(root.as_posix())} "
-                  f"-cf {shlex.quote(tar_path)} .")
-        torn_down: list[tuple[Mount, Path]] = []
-        try:
-            for mount, mount_path in self.state.manifest.ephemeral_mount_targets():
-                await mount.mount_strategy.teardown_for_snapshot(mount, self, mount_path)
-                torn_down.append((mount, mount_path))
-            result = await self._run(["sh", "-c", script], cwd="/",
-                                     timeout=self.state.workspace_tar_timeout_s)
-            if result.exit_code != 0:
-                raise WorkspaceArchiveReadError(
-                    path=root, context={"backend": _errors.BACKEND, "reason": "tar_failed",
-                                        "exit_code": result.exit_code,
-                                        "stderr": result.stderr[-4096:]}, retryable=False)
-            try:
-                raw = await self.sandbox.files.read(tar_path, "bytes")
-            except TorporError as e:
-                raise WorkspaceArchiveReadError(path=root, context=_errors.context(e),
-                                                cause=e, retryable=_errors.retryable(e)) from e
-        except WorkspaceArchiveReadError:
-            raise
-        except Exception as e:
-            raise WorkspaceArchiveReadError(path=root, cause=e) from e
-        finally:
-            await self._remove_quietly(tar_path)
-            for mount, mount_path in reversed(torn_down):
-                await mount.mount_strategy.restore_after_snapshot(mount, self, mount_path)
-        return io.BytesIO(raw)
+        return await _workspace.persist(self)
 
     async def hydrate_workspace(self, data: io.IOBase) -> None:
-        root = self._workspace_root_path()
-        tar_path = f"/tmp/openai-agents-hydrate-{self.state.session_id.hex}.tar"
-        raw = data.read()
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8")
-        if not isinstance(raw, bytes | bytearray):
-            raise WorkspaceWriteTypeError(path=Path(tar_path), actual_type=type(raw).__name__)
-        try:
-            validate_tar_bytes(bytes(raw), allow_external_symlink_targets=False)
-        except UnsafeTarMemberError as e:
-            raise WorkspaceArchiveWriteError(
-                path=root, context={"reason": "unsafe_or_invalid_tar", "member": e.member,
-                                    "detail": str(e)}, cause=e) from e
-        try:
-            await self.sandbox.files.write(tar_path, bytes(raw))
-            result = await self._run(
-                ["sh", "-c", 'mkdir -p -- "$1" && tar -C "$1" -xf "$2"', "sh",
-                 root.as_posix(), tar_path], cwd="/", timeout=self.state.workspace_tar_timeout_s)
-        except TorporError as e:
-            raise WorkspaceArchiveWriteError(path=root, context=_errors.context(e), cause=e,
-                                             retryable=_errors.retryable(e)) from e
-        finally:
-            await self._remove_quietly(tar_path)
-        if result.exit_code != 0:
-            raise WorkspaceArchiveWriteError(
-                path=root, context={"backend": _errors.BACKEND, "reason": "tar_extract_failed",
-                                    "exit_code": result.exit_code,
-                                    "stderr": result.stderr[-4096:]})
+        await _workspace.hydrate(self, data)
         self._root_ready = True
-
-    async def _remove_quietly(self, path: str) -> None:
-        try:
-            await self.sandbox.files.remove(path)
-        except TorporError:
-            pass  # absent already, or the sandbox is gone: nothing to tidy
 
 
 # --- shared with the client ----------------------------------------------------------------
