@@ -62,8 +62,8 @@ def state_of(api, sid: str) -> str:
 
 def test_session_operations_survive_hibernation_and_resume(server, api):
     """Create, exec, files, terminals, a port; serialize -> hibernate -> resume from the
-    JSON in a new client: the same sandbox, its file and its server process; delete, and
-    then the SDK's errors."""
+    JSON in a new client: the same sandbox, its file and its server process; a session
+    from a Torpor snapshot of it; delete, and then the SDK's errors."""
     opts = TorporSandboxClientOptions(template="base", env={"GREETING": "hello"},
                                       metadata={"suite": SUITE},
                                       exposed_ports=(8000,))
@@ -149,6 +149,19 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
                 got = await web.get(f"http://{end.host}:{end.port}/blob.bin?{end.query}")
             assert got.status_code == 200 and got.content == blob
 
+            # a Torpor snapshot with memory: a new session's sandbox starts as a copy,
+            # the server process running in it
+            snap = await torpor_sandbox(session).snapshot()
+            snapshots.append(snap.id)
+            copy = await client.create(options=TorporSandboxClientOptions(
+                from_snapshot=snap.id, metadata={"suite": SUITE}, on_exit="delete"))
+            async with copy:
+                assert copy.state.sandbox_id != sid
+                r = await copy.exec(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+                assert "http.server" in r.stdout.decode()
+                assert (await copy.read("data/blob.bin")).read() == blob
+            assert state_of(api, copy.state.sandbox_id) == "404"  # on_exit="delete"
+
             await client.delete_sandbox(session)
             assert state_of(api, sid) == "404"
             with pytest.raises(ExecTransportError) as err:
@@ -167,7 +180,12 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
             await client.create(options=TorporSandboxClientOptions(template="no-such"))
         assert "no-such" in str(err.value)
 
-    asyncio.run(second_life())
+    snapshots: list[str] = []
+    try:
+        asyncio.run(second_life())
+    finally:
+        for snap_id in snapshots:
+            api.delete(f"/v1/snapshots/{snap_id}", params={"force": "true"})
 
 
 def test_runner_runs_tools_in_the_sandbox_and_resumes_it(server, api, tmp_path):

@@ -38,7 +38,7 @@ DEFAULT_WORKSPACE_ROOT = "/home/user/workspace"
 # what a new sandbox is made with: the options' fields that the state keeps for a remake
 _SANDBOX_FIELDS = ("template", "env", "metadata", "cpu", "memory_mb", "disk_mb",
                    "standby_after", "hibernate_after", "ttl", "idle_ttl", "expire_action",
-                   "network", "secrets")
+                   "network", "secrets", "volumes", "from_snapshot")
 
 
 class TorporSandboxClientOptions(BaseSandboxClientOptions):
@@ -47,8 +47,11 @@ class TorporSandboxClientOptions(BaseSandboxClientOptions):
 
     - `template`, `env`, `metadata`, `cpu`, `memory_mb`, `disk_mb`, the timers
       (`standby_after`, `hibernate_after`, `ttl`, `idle_ttl`, `expire_action`), `network`
-      (egress policy) and `secrets` (`{"ENV_VAR": "secret-name"}`): as for
+      (egress policy), `secrets` (`{"ENV_VAR": "secret-name"}`) and `volumes`: as for
       `torpor.Sandbox.create`; unset ones are the template's or the server's.
+    - `from_snapshot`: a Torpor snapshot's id (`Sandbox.snapshot()`): the sandbox starts as
+      a copy of it, processes included when it holds memory (then leave `memory_mb` and
+      `disk_mb` out). Not the SDK's `snapshot=`, which is the workspace tar.
     - `on_exit`: what closing the session does to the sandbox. "keep" (default): nothing;
       it falls into standby when idle, then hibernates, and a resume from the session's
       state finds it with its files and processes. "hibernate": checkpoint it now.
@@ -73,6 +76,8 @@ class TorporSandboxClientOptions(BaseSandboxClientOptions):
     expire_action: Literal["delete", "hibernate"] | None = None
     network: dict[str, Any] | None = None
     secrets: dict[str, str] | None = None
+    volumes: dict[str, Any] | None = None
+    from_snapshot: str | None = None
     on_exit: OnExit = "keep"
     exposed_ports: tuple[int, ...] = ()
     public_ports: bool = False
@@ -110,7 +115,8 @@ class TorporSandboxClient(BaseSandboxClient[TorporSandboxClientOptions]):
                 standby_after=spec["standby_after"], hibernate_after=spec["hibernate_after"],
                 ttl=spec["ttl"], idle_ttl=spec["idle_ttl"],
                 expire_action=spec["expire_action"], network=spec["network"],
-                secrets=spec["secrets"], url=self._url, api_key=self._api_key,
+                secrets=spec["secrets"], volumes=spec["volumes"],
+                snapshot=spec["from_snapshot"], url=self._url, api_key=self._api_key,
                 request_timeout=self._request_timeout, transport=self._transport)
         except TorporError as e:
             raise _errors.create_error(e, root) from e

@@ -75,6 +75,8 @@ class TorporSandboxSessionState(SandboxSessionState):
     expire_action: Literal["delete", "hibernate"] | None = None
     network: dict[str, object] | None = None
     secrets: dict[str, str] | None = None
+    volumes: dict[str, object] | None = None
+    from_snapshot: str | None = None
     on_exit: OnExit = "keep"
     public_ports: bool = False
     preview_url_ttl_s: float = 3600
