@@ -43,13 +43,13 @@ SUITE = "openai-agents"
 
 @pytest.fixture(autouse=True)
 def _no_tracing_and_no_leftovers(api):
-    """No trace export (traffic stays on loopback); every sandbox a test made (they carry
-    its metadata, the SDK's remakes too) is deleted after it, also when it failed."""
+    """No trace export (traffic stays on loopback; left off after, which sends nothing);
+    every sandbox a test made (they carry its metadata, the SDK's remakes too) is deleted
+    after it, also when it failed."""
     set_tracing_disabled(True)
     try:
         yield
     finally:
-        set_tracing_disabled(False)
         listed = api.get("/v1/sandboxes", params={"metadata.suite": SUITE})
         for sbx in listed.json() if listed.status_code == 200 else []:
             api.delete(f"/v1/sandboxes/{sbx['id']}")
