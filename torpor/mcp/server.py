@@ -27,7 +27,8 @@ from torpor.api.deps import presented_key
 from torpor.api.schemas import PATTERN_WORDS
 from torpor.engine.manager import Engine
 from torpor.errors import Invalid, TorporError
-from torpor.mcp.tools import CodeFailed, SandboxTools
+from torpor.mcp.content import CodeFailed
+from torpor.mcp.tools import SandboxTools
 
 log = logging.getLogger("torpor.mcp")
 PATH = "/mcp"
