@@ -17,6 +17,7 @@ from agents.sandbox.errors import (
     WorkspaceArchiveReadError,
     WorkspaceStartError,
 )
+from pydantic import ValidationError
 
 from torpor.integrations.openai_agents import (
     TorporSandboxClient,
@@ -130,5 +131,20 @@ def test_read_of_a_directory_and_a_failing_hibernate(caplog):
         with caplog.at_level(logging.WARNING):
             await session.shutdown()  # logged, not raised: it sleeps by itself later
         assert "on_exit=hibernate failed" in caplog.text
+
+    asyncio.run(body())
+
+
+def test_options_as_json_and_a_misspelt_option():
+    client, seen = client_with(lambda request: httpx.Response(404))
+
+    async def body():
+        session = await client.create(options={"template": "base", "cpu": 2})
+        assert json.loads(seen[-1].content) == {"template": "base", "cpu": 2.0}
+        assert session.state.cpu == 2.0
+        with pytest.raises(ValidationError, match="memory_mib"):
+            await client.create(options={"memory_mib": 512})
+        with pytest.raises(TypeError, match="TorporSandboxClientOptions"):
+            await client.create(options=object())
 
     asyncio.run(body())

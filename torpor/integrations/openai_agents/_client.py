@@ -16,6 +16,7 @@ from agents.sandbox.session.dependencies import Dependencies
 from agents.sandbox.session.manager import Instrumentation
 from agents.sandbox.session.sandbox_client import BaseSandboxClient, BaseSandboxClientOptions
 from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
+from pydantic import ConfigDict
 
 from torpor.integrations.openai_agents import _errors
 from torpor.integrations.openai_agents._session import (
@@ -61,6 +62,9 @@ class TorporSandboxClientOptions(BaseSandboxClientOptions):
     - `workspace_tar_timeout_s`: bound on taring or untaring the workspace (the SDK's
       snapshots).
     """
+
+    # a misspelt option is an error naming it, not a default silently kept
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["torpor"] = "torpor"
     template: str = "base"
@@ -127,10 +131,17 @@ class TorporSandboxClient(BaseSandboxClient[TorporSandboxClientOptions]):
 
     async def create(self, *, snapshot: SnapshotSpec | SnapshotBase | None = None,
                      manifest: Manifest | None = None,
-                     options: TorporSandboxClientOptions | None = None) -> SandboxSession:
+                     options: TorporSandboxClientOptions | Mapping[str, Any] | None = None,
+                     ) -> SandboxSession:
         """Create a sandbox and a session on it (enter it, or `await session.start()`,
         to lay out the workspace)."""
-        options = options if options is not None else TorporSandboxClientOptions()
+        if options is None:
+            options = TorporSandboxClientOptions()
+        elif isinstance(options, Mapping):  # e.g. options kept as JSON
+            options = TorporSandboxClientOptions.model_validate(dict(options))
+        elif not isinstance(options, TorporSandboxClientOptions):
+            raise TypeError("TorporSandboxClient.create expects TorporSandboxClientOptions, "
+                            f"not {type(options).__name__}")
         manifest = manifest if manifest is not None else Manifest(root=DEFAULT_WORKSPACE_ROOT)
         self._validate_manifest_for_create(manifest)
         spec = {name: getattr(options, name) for name in _SANDBOX_FIELDS}
