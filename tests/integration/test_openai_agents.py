@@ -24,6 +24,7 @@ from agents.sandbox.errors import (
     PtySessionNotFoundError,
     WorkspaceArchiveWriteError,
     WorkspaceReadNotFoundError,
+    WorkspaceRootNotFoundError,
     WorkspaceStartError,
 )
 from agents.testing import ScriptedModel, assistant_message, function_call
@@ -160,6 +161,9 @@ def test_session_operations_survive_hibernation_and_resume(server, api):
                 r = await copy.exec(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
                 assert "http.server" in r.stdout.decode()
                 assert (await copy.read("data/blob.bin")).read() == blob
+                await copy.exec("rm -rf /home/user/workspace", user="root")
+                with pytest.raises(WorkspaceRootNotFoundError):  # gone from under it
+                    await copy.exec("true")
             assert state_of(api, copy.state.sandbox_id) == "404"  # on_exit="delete"
 
             await client.delete_sandbox(session)

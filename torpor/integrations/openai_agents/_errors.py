@@ -14,6 +14,8 @@ from agents.sandbox.errors import (
     ErrorCode,
     ExecTimeoutError,
     ExecTransportError,
+    SandboxRuntimeError,
+    WorkspaceRootNotFoundError,
     WorkspaceStartError,
 )
 
@@ -60,10 +62,15 @@ def context(error: TorporError, **extra: object) -> dict[str, object]:
     return ctx
 
 
-def exec_error(error: TorporError, command: Sequence[str | Path],
-               timeout: float | None) -> ExecTimeoutError | ExecTransportError:
-    """A failed command call: its timeout, or the transport (the sandbox gone, the server
-    unreachable, a refused request)."""
+def exec_error(error: TorporError, command: Sequence[str | Path], timeout: float | None,
+               workspace_root: str | None = None) -> SandboxRuntimeError:
+    """A failed command call: its timeout, the workspace root gone from under it (when the
+    command ran there), or the transport (the sandbox gone, the server unreachable, a
+    refused request)."""
+    if (workspace_root is not None and isinstance(error, InvalidRequestError)
+            and error.details.get("agent_code") == "bad_cwd"):
+        return WorkspaceRootNotFoundError(path=Path(workspace_root), context=context(error),
+                                          cause=error)
     if isinstance(error, CommandTimeoutError):
         ctx = context(error)
         if error.result is not None:

@@ -244,7 +244,7 @@ class TorporSandboxSession(BaseSandboxSession):
             return await self.sandbox.commands.run(argv, env=env or None, cwd=cwd, user=user,
                                                    timeout=timeout)
         except TorporError as e:
-            raise _errors.exec_error(e, argv, timeout) from e
+            raise _errors.exec_error(e, argv, timeout, cwd) from e
 
     async def _exec_internal(self, *command: str | Path,
                              timeout: float | None = None) -> ExecResult:
@@ -265,14 +265,14 @@ class TorporSandboxSession(BaseSandboxSession):
                              max_output_tokens: int | None = None) -> PtyExecUpdate:
         argv, as_user = split_user(self._prepare_exec_command(*command, shell=shell,
                                                               user=user))
-        env = await self._resolved_env()
+        env, cwd = await self._resolved_env(), self._cwd()
         try:
             return await self._ptys.start(self.sandbox, argv, tty=tty, env=env or None,
-                                          cwd=self._cwd(), user=as_user, timeout=timeout,
+                                          cwd=cwd, user=as_user, timeout=timeout,
                                           yield_time_s=yield_time_s,
                                           max_output_tokens=max_output_tokens)
         except TorporError as e:
-            raise _errors.exec_error(e, argv, timeout) from e
+            raise _errors.exec_error(e, argv, timeout, cwd) from e
 
     async def pty_write_stdin(self, *, session_id: int, chars: str,
                               yield_time_s: float | None = None,
