@@ -14,8 +14,16 @@ import json
 import httpx
 import pytest
 from agents import RunConfig, Runner, set_tracing_disabled
-from agents.sandbox import LocalSnapshotSpec, SandboxAgent, SandboxRunConfig
+from agents.sandbox import (
+    Group,
+    LocalSnapshotSpec,
+    Manifest,
+    SandboxAgent,
+    SandboxRunConfig,
+    User,
+)
 from agents.sandbox.capabilities import Shell
+from agents.sandbox.entries import File
 from agents.sandbox.errors import (
     ConfigurationError,
     ExecTimeoutError,
@@ -216,10 +224,17 @@ def test_runner_runs_tools_in_the_sandbox_and_resumes_it(server, api, tmp_path):
         outputs = [str(i.output) for i in result.new_items if hasattr(i, "output")]
         return "\n".join(outputs), result.to_state().to_json()["sandbox"]["session_state"]
 
+    # the manifest's account and group need root to make: the SDK's admin commands get it
+    alice = User(name="alice")
+    manifest = Manifest(users=[alice], groups=[Group(name="team", users=[alice])],
+                        entries={"hello.txt": File(content=b"from the manifest\n")})
     out, payload = asyncio.run(run(
-        agent(call("echo made-by-the-agent > note.txt && cat note.txt && whoami", 1)),
+        agent(call("echo made-by-the-agent > note.txt && cat note.txt hello.txt && whoami "
+                   "&& id alice", 1)),
+        manifest=manifest,
         options=TorporSandboxClientOptions(metadata={"suite": SUITE}, on_exit="hibernate")))
-    assert "made-by-the-agent" in out and "user" in out and "exited with code 0" in out
+    assert "made-by-the-agent" in out and "from the manifest" in out
+    assert "\nuser\n" in out and "(team)" in out and "exited with code 0" in out
     sid = payload["sandbox_id"]
     assert state_of(api, sid) == "hibernated"  # on_exit: checkpointed when the run ended
 

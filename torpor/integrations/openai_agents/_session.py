@@ -16,6 +16,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from agents.sandbox.errors import (
+    ExecNonZeroError,
     ExposedPortUnavailableError,
     WorkspaceArchiveReadError,
     WorkspaceArchiveWriteError,
@@ -255,6 +256,15 @@ class TorporSandboxSession(BaseSandboxSession):
         # Torpor returns a command's output as text (UTF-8, invalid bytes as U+FFFD)
         return ExecResult(stdout=result.stdout.encode(), stderr=result.stderr.encode(),
                           exit_code=result.exit_code)
+
+    async def _exec_checked_nonzero(self, *command: str | Path) -> ExecResult:
+        """The SDK's administrative commands (accounts for a manifest's users and groups,
+        an entry's group and mode, mounts) need root, which a Docker backend's default
+        user is; here they run as the sandbox's root, not the template's user."""
+        result = await self.exec(*command, shell=False, user="root")
+        if not result.ok():
+            raise ExecNonZeroError(result, command=command)
+        return result
 
     def supports_pty(self) -> bool:
         return True
