@@ -67,6 +67,9 @@ class Settings:
     preview_port: int = int(os.environ.get("TORPOR_PREVIEW_PORT", "7071"))
     preview_domain: str = os.environ.get("TORPOR_PREVIEW_DOMAIN", "localhost")
     preview_max_expiry: float = 7 * 86400.0  # the longest a signed preview URL lives
+    # the E2B-compatible door is on the main port; this serves it on a port of its own
+    # too (E2B only there), 0: not
+    e2b_port: int = int(os.environ.get("TORPOR_E2B_PORT", "0"))
     # template sources (torpor/sources, docs/operations.md): registry mirrors ("REGISTRY=
     # MIRROR", or "MIRROR" for docker.io), registries reached without TLS (host[:port]), a
     # docker/containers auth file and a directory of CA certificates for skopeo, and the

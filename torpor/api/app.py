@@ -26,6 +26,7 @@ from torpor.api.deps import (
     require_key,
 )
 from torpor.api.schemas import BUILD_BODY_MAX, PATTERN_WORDS
+from torpor.compat.e2b.routing import E2BDoor
 from torpor.engine.manager import Engine
 from torpor.errors import TooLarge, TorporError
 from torpor.mcp.server import McpDoor, McpMount
@@ -211,7 +212,10 @@ def create_app(engine: Engine, own_engine: bool = True) -> FastAPI:
     app.add_middleware(commands.FastCommands, engine=engine)  # innermost: after body limits
     app.add_middleware(BodyLimit, limit=engine.settings.max_body_bytes)
     app.add_middleware(PortProxy, engine=engine)  # before body limits
-    app.add_middleware(McpMount, door=mcp)  # outermost: MCP has its own body limit
+    app.add_middleware(McpMount, door=mcp)  # MCP has its own body limit
+    # outermost: E2B's sandbox traffic (by header or Host) and control plane (its own
+    # error shapes and limits); everything else passes on unchanged
+    app.add_middleware(E2BDoor, engine=engine, e2b_port=engine.settings.e2b_port)
     return app
 
 
