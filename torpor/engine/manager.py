@@ -548,6 +548,12 @@ class Engine:
         self.records.get(sid)
         return self.metering.usage(sid)
 
+    def metrics(self, sid: str) -> dict:
+        """The sandbox's use at this moment: cpu_seconds (in all), memory_bytes (in use
+        now), disk_bytes; it does not wake the sandbox."""
+        self.records.get(sid)
+        return self.metering.now(sid)
+
     # --- the agent ----------------------------------------------------------------------
     async def channel(self, sid: str) -> Channel:
         """The agent channel of a sandbox, resumed first if it is in standby or hibernated.

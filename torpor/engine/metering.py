@@ -55,6 +55,16 @@ class Metering:
         self.records.add_usage(sid, cpu_seconds=self._live_cpu(row))
         self.flush(sid)
 
+    def now(self, sid: str) -> dict:
+        """What the sandbox uses at this moment: its CPU seconds so far, memory in use
+        (0 unless its processes are in memory), bytes on its disk."""
+        row = self.records.find(sid)
+        live = self.driver.usage(self.spec_of(row)) if row.state in IN_MEMORY else None
+        return {"cpu_seconds": round(row.cpu_seconds + ((live and live.cpu_seconds) or 0.0), 6),
+                "memory_bytes": (live and live.memory_bytes) or 0,
+                "disk_bytes": self.driver.disk_bytes(self.spec_of(row))
+                if row.state != State.DELETED else 0}
+
     def usage(self, sid: str) -> dict:
         row = self.records.find(sid)
         events = self.records.events(sid, kind="state")

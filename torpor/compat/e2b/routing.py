@@ -17,11 +17,13 @@ else is the control plane. So:
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
 
 from torpor.compat.e2b import sandboxes as sbx
+from torpor.errors import TorporError
 
 log = logging.getLogger("torpor.e2b")
 
@@ -40,6 +42,13 @@ async def send_json(send, status: int, body: bytes, headers=()) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> str:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return ""
 
 
 def target_of(scope) -> tuple[str, int] | None:
@@ -111,7 +120,13 @@ class E2BDoor:
             if not v.door.get("auto_resume"):
                 v = None
             else:
-                sbx.unpause(self.engine, v)  # the request itself wakes it (engine)
+                try:
+                    await self.engine.resume(sid, "e2b_auto_resume")
+                except TorporError as e:
+                    log.warning("sandbox %s: auto-resume failed: %s", sid, e.message)
+                    v = None
+                else:
+                    sbx.unpause(self.engine, v)
         if v is None:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 4502})
@@ -121,5 +136,13 @@ class E2BDoor:
             if app is None:
                 return await send_json(send, 502, not_found_body(sid))
             return await app({**scope, "e2b_sandbox_id": sid}, receive, send)
+        token = v.door.get("traffic_token")
+        if token and not hmac.compare_digest(
+                _header(scope, b"e2b-traffic-access-token").encode(), token.encode()):
+            body = json.dumps({"code": 403, "message": f"sandbox {sid} takes no public "
+                               "traffic: send its E2B-Traffic-Access-Token"}).encode()
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 4403})
+            return await send_json(send, 403, body)
         path = scope.get("path") or "/"
         await self.engine.traffic.gateway.asgi(scope, receive, send, sid, port, path)
