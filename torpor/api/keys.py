@@ -22,7 +22,8 @@ router = APIRouter(dependencies=[Depends(require_admin)], tags=["keys"])
 
 @router.post("/keys", status_code=201, response_model=KeyOut)
 async def create_key(body: CreateKey, request: Request):
-    row, key = engine_of(request).keys.create(body.name, admin=body.scope == "admin")
+    row, key = engine_of(request).keys.create(body.name, admin=body.scope == "admin",
+                                              e2b=body.e2b)
     out = KeyOut.model_validate(row, from_attributes=True)
     out.key = key
     return out

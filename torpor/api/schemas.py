@@ -438,6 +438,8 @@ class BuildOut(BaseModel):
 class CreateKey(Strict):
     name: str = Field(min_length=1, max_length=128)
     scope: Literal["user", "admin"] = "user"
+    # the key in E2B's form (e2b_ and 40 hex digits), for E2B's SDKs (E2B_API_KEY)
+    e2b: bool = False
 
 
 class KeyOut(BaseModel):

@@ -80,6 +80,9 @@ def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. c
            scope: Annotated[str | None, typer.Option(
                help="user (sandboxes, files, commands, network) or admin (that, plus keys "
                     "and secrets) [default: user].")] = None,
+           e2b: Annotated[bool, typer.Option(
+               "--e2b", help="In E2B's form (e2b_ and 40 hex digits), for E2B's SDKs as "
+                             "E2B_API_KEY; it works as any Torpor key too.")] = False,
            offline: Offline = False, data_dir: DataDir = None) -> None:
     """Create an API key and print it (the only time it is shown). Needs an admin key, or
     --offline on the server's host; with no server reachable, it goes offline by itself."""
@@ -90,8 +93,8 @@ def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. c
     if not offline:
         try:
             with Keys(**conn()) as client:
-                key = client.create(name, scope)
-            _created(key.id, key.name, scope, key.key, where="")
+                key = client.create(name, scope, e2b=e2b)
+            _created(key.id, key.name, scope, key.key, where="", e2b=e2b)
             return
         except ServerUnavailableError as e:
             db_path = _db_path(data_dir)
@@ -99,14 +102,15 @@ def create(name: Annotated[str, typer.Argument(help="What the key is for, e.g. c
                 raise
             err.print(f"{e}\nwriting the key into {db_path} directly instead")
     with _offline_keys(data_dir) as (store, db_path):
-        row, secret = store.create(name, admin=scope == "admin")
-    _created(row.id, row.name, scope, secret, where=f" in {db_path}")
+        row, secret = store.create(name, admin=scope == "admin", e2b=e2b)
+    _created(row.id, row.name, scope, secret, where=f" in {db_path}", e2b=e2b)
 
 
-def _created(key_id: str, name: str, scope: str, secret: str | None, where: str) -> None:
+def _created(key_id: str, name: str, scope: str, secret: str | None, where: str,
+             e2b: bool = False) -> None:
     out.print(secret, soft_wrap=True)
     err.print(f"{scope} key {key_id} ({name}){where}: store it now, it is not shown again; "
-              "use it as TORPOR_API_KEY")
+              "use it as " + ("E2B_API_KEY (or TORPOR_API_KEY)" if e2b else "TORPOR_API_KEY"))
 
 
 @keys.command("list")

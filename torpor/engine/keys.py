@@ -19,6 +19,7 @@ from torpor.errors import Conflict, Forbidden, NotFound, Unauthorized
 from torpor.store.models import ApiKeyRow, now
 
 PREFIX = "tpr_"
+E2B_PREFIX = "e2b_"  # E2B's form (e2b_ and 40 hex digits), which E2B's SDKs check for
 ADMIN, USER = "admin", "user"
 SCOPES = (USER, ADMIN)
 
@@ -32,8 +33,11 @@ class KeyStore:
         self.sessions = sessions
         self._cache: dict[str, tuple[str, bool]] = {}  # hash -> (id, admin), valid keys only
 
-    def create(self, name: str, admin: bool = False) -> tuple[ApiKeyRow, str]:
-        key = PREFIX + secrets.token_urlsafe(32)
+    def create(self, name: str, admin: bool = False,
+               e2b: bool = False) -> tuple[ApiKeyRow, str]:
+        """A new key (returned once; only its hash is kept). With `e2b`, in E2B's form
+        (`e2b_` and 40 hex digits) for E2B's SDKs; it works everywhere any key does."""
+        key = (E2B_PREFIX + secrets.token_hex(20)) if e2b else PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(id="key_" + secrets.token_hex(6), name=name, prefix=key[:10],
                         hash=_hash(key), admin=admin)
         with self.sessions.begin() as s:

@@ -275,9 +275,11 @@ def build_logs(build_id: str, follow: bool, offset: int | None) -> Call[Any]:
                 headers={"Accept": NDJSON}, timeout=long_timeout(None))
 
 
-def create_key(name: str, scope: str | None = None) -> Call[ApiKey]:
+def create_key(name: str, scope: str | None = None, e2b: bool = False) -> Call[ApiKey]:
     """POST /v1/keys; without a scope the server makes a user key."""
     body = {"name": name} if scope is None else {"name": name, "scope": scope}
+    if e2b:
+        body["e2b"] = True
     return Call(f"create API key {name!r}", "POST", "/v1/keys", _model(ApiKey), json=body)
 
 

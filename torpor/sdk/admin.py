@@ -53,10 +53,12 @@ class Keys(_Client):
     """API keys: `Keys().create("ci").key` is the secret, shown only then. Managing keys
     needs an admin key (403 AuthError otherwise)."""
 
-    def create(self, name: str, scope: Literal["user", "admin"] | None = None) -> ApiKey:
+    def create(self, name: str, scope: Literal["user", "admin"] | None = None,
+               e2b: bool = False) -> ApiKey:
         """A new key of `scope`: "user" (the default: sandboxes, files, commands, network)
-        or "admin" (that, plus managing keys and secrets)."""
-        return self._s.call(_api.create_key(name, scope))
+        or "admin" (that, plus managing keys and secrets). With `e2b`, in E2B's form
+        (`e2b_` and 40 hex digits), for E2B's SDKs as E2B_API_KEY."""
+        return self._s.call(_api.create_key(name, scope, e2b))
 
     def list(self) -> list[ApiKey]:
         return self._s.call(_api.list_keys())
@@ -84,9 +86,9 @@ class Templates(_Client):
 
 
 class AsyncKeys(_AsyncClient):
-    async def create(self, name: str, scope: Literal["user", "admin"] | None = None
-                     ) -> ApiKey:
-        return await self._s.call(_api.create_key(name, scope))
+    async def create(self, name: str, scope: Literal["user", "admin"] | None = None,
+                     e2b: bool = False) -> ApiKey:
+        return await self._s.call(_api.create_key(name, scope, e2b))
 
     async def list(self) -> list[ApiKey]:
         return await self._s.call(_api.list_keys())
