@@ -43,6 +43,16 @@ def run(settings: Settings) -> None:
     # keep idle connections well past the clients' own expiry (httpx's is 5 s, the same as
     # uvicorn's default): with equal timers the server sometimes closes a connection just as
     # a client sends its next request on it, which the client sees as a reset connection
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=10,
-                timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    opts = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 10,
+            "timeout_keep_alive": KEEP_ALIVE_SECONDS}
+    if not settings.e2b_port:
+        uvicorn.run(app, host=settings.host, port=settings.port, **opts)
+        return
+    # the E2B-compatible door on a port of its own too: one server, one app, two sockets
+    # (the door tells them apart by the port a request came in on)
+    print(f"Torpor: the E2B-compatible API also on http://{settings.host}:"
+          f"{settings.e2b_port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **opts)
+    sockets = [config.bind_socket(),
+               uvicorn.Config(app, host=settings.host, port=settings.e2b_port).bind_socket()]
+    uvicorn.Server(config).run(sockets=sockets)

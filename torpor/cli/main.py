@@ -96,6 +96,9 @@ def serve(
     preview_domain: Annotated[str | None, typer.Option(
         help="Preview URLs are http://PORT-ID.DOMAIN:PREVIEW_PORT/ [default: localhost].")
     ] = None,
+    e2b_port: Annotated[int | None, typer.Option(
+        help="Serve the E2B-compatible API on this port of its own too (it is always on "
+             "the main port); 0: not [env var: TORPOR_E2B_PORT; default: 0].")] = None,
     registry_mirror: Annotated[list[str] | None, typer.Option(
         help="REGISTRY=MIRROR, or MIRROR (of docker.io): where template builds pull images "
              "first. Repeatable [env var: TORPOR_REGISTRY_MIRROR, comma-separated].")
@@ -123,7 +126,8 @@ def serve(
              "egress_upstream_ca": egress_upstream_ca or None, "build_egress": build_egress,
              "build_egress_allow": build_egress_allow or None,
              "build_egress_deny": build_egress_deny or None, "preview_port": preview_port,
-             "preview_domain": preview_domain, "registry_mirror": registry_mirror or None,
+             "preview_domain": preview_domain, "e2b_port": e2b_port,
+             "registry_mirror": registry_mirror or None,
              "registry_insecure": registry_insecure or None,
              "registry_auth_file": registry_auth_file, "registry_cert_dir": registry_cert_dir,
              "debian_mirror": debian_mirror}
