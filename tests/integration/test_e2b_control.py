@@ -124,7 +124,7 @@ def test_error_shapes(server, e2b_api, e2b_env):
     # what Torpor does not support yet is refused by name, before anything starts
     before = len(e2b_api.get("/v2/sandboxes").json())
     for body, field in (({"volumeMounts": [{"name": "v", "path": "/v"}]}, "volumeMounts"),
-                        ({"autoPause": True, "autoPauseMemory": False}, "autoPauseMemory"),
+                        ({"iam": {"tokens": {"aws": {"audience": "a"}}}}, "iam"),
                         ({"network": {"egressProxy": {"address": "p:1080"}}}, "egressProxy"),
                         ({"network": {"allowOut": ["1.1.1.1"], "denyOut": ["10.0.0.0/8"]}},
                          "network.allowOut"),
@@ -249,6 +249,35 @@ def test_pause_and_auto_resume_on_traffic(server, api, made):
     # the same through a {port}-{id}.{domain} host name
     r = httpx.get(server.url + "/index.html", headers={"Host": f"8000-{sid}.localhost"})
     assert r.status_code == 200 and r.text == "served\n"
+
+
+def test_memoryless_pause_cold_boots_with_the_files(api, made):
+    def marks(sid: str) -> str:
+        run(api, sid, "echo kept > /home/user/mark; (sleep 1000 >/dev/null 2>&1 &)")
+        return run(api, sid, "pgrep -x sleep")["stdout"]
+
+    def after(sid: str) -> None:
+        assert run(api, sid, "cat /home/user/mark")["stdout"] == "kept\n"
+        assert run(api, sid, "pgrep -x sleep")["exit_code"] == 1  # a cold boot
+
+    # pause(keep_memory=False): a filesystem-only pause, resumed by connect only
+    sbx = create(made, timeout=120)
+    assert marks(sbx.sandbox_id)
+    assert sbx.pause(keep_memory=False) is True
+    assert sbx.get_info().state == SandboxState.PAUSED
+    assert Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items() == []
+    Sandbox.connect(sbx.sandbox_id)
+    assert sbx.get_info().state == SandboxState.RUNNING
+    after(sbx.sandbox_id)
+    # the timeout's autoPause without memory: the same at its connect
+    sbx = create(made, timeout=2,
+                 lifecycle={"on_timeout": {"action": "pause", "keep_memory": False}})
+    assert marks(sbx.sandbox_id)
+    wait_for(lambda: sbx.get_info().state == SandboxState.PAUSED, timeout=20)
+    sbx.connect()
+    after(sbx.sandbox_id)
+    snaps = api.get("/v1/snapshots").json()
+    assert not any(s["sandbox_id"] == sbx.sandbox_id for s in snaps)  # none left behind
 
 
 def test_metrics(made):

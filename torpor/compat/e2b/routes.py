@@ -26,8 +26,7 @@ from torpor.errors import Conflict, Invalid, NotFound
 DOOR = sbx.DOOR
 V1_CREATE_TIMEOUT = 15  # E2B's defaults when a body leaves timeout out
 V2_TIMEOUT = sbx.DEFAULT_TIMEOUT
-MEMORY_ONLY = ("Torpor's pause keeps the memory (a hibernation); a filesystem-only "
-               "pause and cold boot is not supported yet")
+COLD = "e2b-pause-"  # the name of the filesystem-only snapshot a memory-less pause keeps
 
 
 def add(app: FastAPI, engine, auth: list) -> None:
@@ -48,9 +47,6 @@ def add(app: FastAPI, engine, auth: list) -> None:
         internet = b.get("allow_internet_access", bool)
         auto_pause = b.get("autoPause", bool, False)
         auto_pause_memory = b.get("autoPauseMemory", bool, True)
-        if auto_pause and not auto_pause_memory:
-            raise Invalid(f"autoPauseMemory false is not supported: {MEMORY_ONLY}",
-                          field="autoPauseMemory")
         resume = Body(b.get("autoResume", dict), "autoResume")
         auto_resume = resume.get("enabled", bool, False, field="autoResume.enabled")
         resume.done()
@@ -107,15 +103,14 @@ def add(app: FastAPI, engine, auth: list) -> None:
     async def connect(request: Request, sid: str, v2: bool, resume_only: bool = False):
         b = await read_body(request)
         timeout = wire.timeout_of(b, default=V2_TIMEOUT)
-        if b.get("memory", bool, True) is False:
-            raise Invalid(f"memory false is not supported: {MEMORY_ONLY}", field="memory")
+        memory = b.get("memory", bool, True)
         auto_pause = b.get("autoPause", bool) if resume_only else None
         b.done()
         v = sbx.view(engine, sid)
         if v is None:
             raise NotFound(f"sandbox {sid} not found")
         if v.state == "paused":
-            await engine.resume(sid, "e2b_connect")
+            await wake(v, memory)
             if auto_pause is not None:
                 engine.set_door_state(sid, DOOR, auto_pause=auto_pause)
             sbx.unpause(engine, v, timeout)
@@ -210,8 +205,11 @@ def add(app: FastAPI, engine, auth: list) -> None:
             info = None
         if info is None or info.state == "deleted":
             raise NotFound(f"sandbox {sid} not found")
+        cold = engine.door_state(sid, DOOR).get("cold_snapshot")
         await engine.delete(sid, "e2b_kill")
         samples.forget(sid)
+        if cold:
+            engine.delete_snapshot(cold, force=True)
         return Response(status_code=204)
 
     @app.post("/sandboxes/{sid}/timeout", dependencies=auth)
@@ -250,15 +248,34 @@ def add(app: FastAPI, engine, auth: list) -> None:
     @app.post("/sandboxes/{sid}/pause", dependencies=auth)
     async def pause(sid: str, request: Request):
         b = await read_body(request)
-        if b.get("memory", bool, True) is False:
-            raise Invalid(f"memory false is not supported: {MEMORY_ONLY}", field="memory")
+        memory = b.get("memory", bool, True)
         b.get("requireHealthyGuest", bool)  # a hibernation needs the agent's answer anyway
         b.done()
         v = view_or_404(engine, sid)
         if v.state == "paused":
             raise Conflict(f"sandbox {sid} is already paused")
+        cold = None
+        if not memory:  # its files now; its connect cold-boots from them
+            cold = (await engine.snapshot(sid, COLD + sid, memory=False)).id
         await pause_sandbox(v)
+        if cold:
+            engine.set_door_state(sid, DOOR, cold_snapshot=cold)
         return Response(status_code=204)
+
+    async def wake(v: sbx.View, memory: bool = True) -> None:
+        """Resume a paused sandbox: from memory (a hibernation's resume), or cold-booted
+        from its files (a memory-less pause, autoPauseMemory false, or `memory: false`)."""
+        sid = v.info.id
+        cold = v.door.get("cold_snapshot")
+        if cold is None and (not memory or v.door.get("auto_pause_memory") is False):
+            # hibernated with its memory (the engine's expiry): its files as they are now
+            cold = (await engine.snapshot(sid, COLD + sid, memory=False)).id
+        if cold is None:
+            await engine.resume(sid, "e2b_connect")
+            return
+        await engine.restore(sid, cold)
+        engine.set_door_state(sid, DOOR, cold_snapshot=None)
+        engine.delete_snapshot(cold, force=True)
 
     async def pause_sandbox(v: sbx.View) -> None:
         sid = v.info.id
@@ -294,7 +311,8 @@ def add(app: FastAPI, engine, auth: list) -> None:
     async def snapshots(sandboxID: str | None = None, name: str | None = None,
                         limit: int | None = None, nextToken: str | None = None):
         found = [s for s in engine.list_snapshots(sandboxID)
-                 if name is None or s.name == name]
+                 if (name is None or s.name == name)
+                 and not (s.name or "").startswith(COLD)]  # a pause's own
 
         def key(s):
             return [wire.iso(s.created_at), s.id]

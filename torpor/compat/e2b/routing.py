@@ -117,8 +117,9 @@ class E2BDoor:
     async def to_sandbox(self, scope, receive, send, sid: str, port: int):
         v = sbx.view(self.engine, sid) if port > 0 else None
         if v is not None and v.state == "paused":
-            if not v.door.get("auto_resume"):
-                v = None
+            if not v.door.get("auto_resume") or v.door.get("cold_snapshot") \
+                    or v.door.get("auto_pause_memory") is False:
+                v = None  # (a memory-less pause resumes by connect only, as on E2B)
             else:
                 try:
                     await self.engine.resume(sid, "e2b_auto_resume")

@@ -27,9 +27,11 @@ ENVD_VERSION = "0.6.4"
 DEFAULT_TIMEOUT = 300
 # door-state keys (engine.door_state(sid, "e2b")): access_token, traffic_token, auto_pause,
 # auto_pause_memory, auto_resume, paused, end_at (ISO), timeout (s, for a resume),
-# template_id, alias, envd_version
+# template_id, alias, envd_version, network (E2B's form, for info), cold_snapshot (the
+# filesystem-only snapshot of a memory-less pause, which its connect restores)
 KEYS = ("access_token", "traffic_token", "auto_pause", "auto_pause_memory", "auto_resume",
-        "paused", "end_at", "timeout", "template_id", "alias", "envd_version")
+        "paused", "end_at", "timeout", "template_id", "alias", "envd_version", "network",
+        "cold_snapshot")
 GONE = ("deleted", "failed", "creating")
 
 
