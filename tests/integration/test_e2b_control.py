@@ -365,8 +365,12 @@ def test_v2_paths_as_the_newest_sdk_sends_them(api, made, e2b_api):
     assert detail["lifecycle"] == {"autoResume": False, "onTimeout": "pause"}
     r = e2b_api.post(f"/v2/sandboxes/{sid}/connect", json={})
     assert r.status_code == 200 and r.json()["sandboxID"] == sid
+    # memory false matters to a paused sandbox only (a cold boot); a running one runs on
+    run(api, sid, "(sleep 1000 >/dev/null 2>&1 &)")
     r = e2b_api.post(f"/v2/sandboxes/{sid}/connect", json={"timeout": 60, "memory": False})
-    assert r.status_code == 400 and "memory" in r.json()["message"]
+    assert r.status_code == 200 and run(api, sid, "pgrep -x sleep")["exit_code"] == 0
+    r = e2b_api.post(f"/v2/sandboxes/{sid}/connect", json={"memory": "no"})
+    assert r.status_code == 400 and r.json()["message"] == "memory must be true or false"
     r = e2b_api.post(f"/sandboxes/{sid}/pause", json={"memory": True,
                                                        "requireHealthyGuest": False})
     assert r.status_code == 204
