@@ -70,6 +70,9 @@ class Settings:
     # the E2B-compatible door is on the main port; this serves it on a port of its own
     # too (E2B only there), 0: not
     e2b_port: int = int(os.environ.get("TORPOR_E2B_PORT", "0"))
+    # E2B's debug mode (E2B_DEBUG=true) sends envd traffic for "debug_sandbox_id": the id
+    # of the sandbox that answers it (None: it gets the 502 of an unknown sandbox)
+    e2b_debug_sandbox: str | None = os.environ.get("TORPOR_E2B_DEBUG_SANDBOX") or None
     # template sources (torpor/sources, docs/operations.md): registry mirrors ("REGISTRY=
     # MIRROR", or "MIRROR" for docker.io), registries reached without TLS (host[:port]), a
     # docker/containers auth file and a directory of CA certificates for skopeo, and the

@@ -432,6 +432,18 @@ def test_e2b_port_of_its_own(key):
         assert httpx.get(own + "/healthz").status_code == 404
         assert httpx.get(srv.url + "/v1/sandboxes", headers=h).status_code == 200
         assert httpx.get(srv.url + "/v2/sandboxes", headers=h).status_code == 200
+        # E2B's debug mode names its sandbox debug_sandbox_id: the server maps it onto one
+        with srv.client() as c:
+            run(c, sid, "cd /tmp && echo debug > index.html && "
+                        "(python3 -m http.server 8000 >/dev/null 2>&1 &)")
+            wait_listening(c, sid, 8000)
+        debug = {"E2b-Sandbox-Id": "debug_sandbox_id", "E2b-Sandbox-Port": "8000"}
+        assert httpx.get(own + "/index.html", headers=debug).status_code == 502
+        srv.stop()
+        srv.extra_env["TORPOR_E2B_DEBUG_SANDBOX"] = sid
+        srv.start()
+        r = httpx.get(own + "/index.html", headers=debug)
+        assert r.status_code == 200 and r.text == "debug\n"
         assert httpx.delete(own + f"/sandboxes/{sid}", headers=h).status_code == 204
     finally:
         teardown_data_dir(srv)

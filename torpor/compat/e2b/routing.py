@@ -30,6 +30,7 @@ log = logging.getLogger("torpor.e2b")
 HOST = re.compile(r"^(\d{1,5})-([a-z0-9_]{1,64})\.")
 CONTROL = re.compile(r"^/(sandboxes|snapshots|templates)(/|$)|^/v[23]/")
 PORT_MAX = 65535
+DEBUG_ID = "debug_sandbox_id"  # what E2B's SDK calls the sandbox in debug mode
 
 
 def not_found_body(sid: str) -> bytes:
@@ -115,6 +116,8 @@ class E2BDoor:
         return await self.app(scope, receive, send)
 
     async def to_sandbox(self, scope, receive, send, sid: str, port: int):
+        if sid == DEBUG_ID and self.engine.settings.e2b_debug_sandbox:
+            sid = self.engine.settings.e2b_debug_sandbox
         v = sbx.view(self.engine, sid) if port > 0 else None
         if v is not None and v.state == "paused":
             if not v.door.get("auto_resume") or v.door.get("cold_snapshot") \
