@@ -88,6 +88,7 @@ def _entry(path: str, st: os.stat_result, snap=None) -> dict:
         "mtime": st.st_mtime,
     }
     d["owner"] = users.user_name(st.st_uid, snap)
+    d["group"] = users.group_name(st.st_gid, snap)
     if kind == "symlink":
         try:
             d["target"] = os.readlink(path)
@@ -163,8 +164,12 @@ async def op_mkdir(agent, st, path, parents=True, user="user"):
     return {"created": True, "path": p}
 
 
-async def op_write(agent, st, path, user="user", mode=None, append=False, data=None):
-    """Write the IN bytes of the stream (or `data`, text) to path; parents are created."""
+async def op_write(agent, st, path, user="user", mode=None, append=False, data=None,
+                   in_place=False):
+    """Write the IN bytes of the stream (or `data`, text) to path; parents are created.
+    `in_place` truncates and writes the file itself, owned by the user before the first
+    byte (a watcher sees create or write, chmod, write on that path, as from a program
+    writing it), instead of writing aside and renaming the whole file into place."""
     p = _resolve(path, user)
     pw = _pw(user)
     parent = os.path.dirname(p)
@@ -177,6 +182,9 @@ async def op_write(agent, st, path, user="user", mode=None, append=False, data=N
     try:
         if append:
             fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        elif in_place:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fchown(fd, pw.uid, pw.gid)
         else:
             # not named after the file: a name near NAME_MAX would make it too long
             tmp = os.path.join(parent, f".torpor-{os.urandom(6).hex()}.tmp")
@@ -206,7 +214,7 @@ async def op_write(agent, st, path, user="user", mode=None, append=False, data=N
             tmp = None
         if mode is not None:
             os.chmod(p, int(mode))
-        if not append or os.stat(target).st_uid == 0:
+        if not in_place and (not append or os.stat(target).st_uid == 0):
             _chown(p, pw)
     except OSError as e:
         raise _oserror(e, p) from None

@@ -218,8 +218,8 @@ class Op:
     FS_EXISTS = "fs_exists"  # (path, user="user") -> {exists}
     FS_LIST = "fs_list"  # (path, depth=1, user="user") -> [entry]
     FS_MKDIR = "fs_mkdir"  # (path, parents=True, user="user") -> {created, path}
-    FS_WRITE = "fs_write"  # (path, user="user", mode?, append=False, data?) -> {path, size};
-    # without data, the IN bytes until EOF
+    FS_WRITE = "fs_write"  # (path, user="user", mode?, append=False, data?, in_place=False)
+    # -> {path, size}; without data, the IN bytes until EOF
     FS_READ = "fs_read"  # (path, user="user", offset=0, length?) -> {path, size}
     # [MSG size {size}, OUT bytes]
     FS_RENAME = "fs_rename"  # (src, dst, overwrite=False, user="user") -> {path}

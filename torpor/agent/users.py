@@ -154,3 +154,9 @@ def user_name(uid: int, snap: _Snapshot | None = None) -> str:
             name = str(uid)
         snap.nss_names[uid] = name
     return name
+
+
+def group_name(gid: int, snap: _Snapshot | None = None) -> str:
+    """The name of group gid, or the gid as a string (for listings: never fails)."""
+    snap = snap or snapshot()
+    return snap.group_names.get(gid, str(gid))

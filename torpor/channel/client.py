@@ -162,9 +162,14 @@ class AgentClient:
         """MSG size {size} first (or the error as the stream's result), then OUT bytes."""
         return self.channel.open(P.Op.FS_READ, path=path, user=user)
 
-    def fs_write(self, path: str, user: str | int = "user", mode: int | None = None) -> Stream:
+    def fs_write(self, path: str, user: str | int = "user", mode: int | None = None,
+                 in_place: bool = False) -> Stream:
         """Send the contents as IN bytes, then EOF; the result is {path, size}. The file
-        appears whole at the end (written aside, then renamed), parents are created."""
+        appears whole at the end (written aside, then renamed), parents are created;
+        `in_place`: truncated and written where it is (a watcher sees it as a program's)."""
+        if in_place:
+            return self.channel.open(P.Op.FS_WRITE, path=path, user=user, mode=mode,
+                                     in_place=True)
         return self.channel.open(P.Op.FS_WRITE, path=path, user=user, mode=mode)
 
     def watch(self, path: str, recursive: bool = True, user: str | int = "user") -> Stream:

@@ -47,12 +47,15 @@ class Files:
         return size, _contents(sid, stream, it)
 
     async def write(self, sid: str, path: str, user: str | int, mode: int | None,
-                    chunks: AsyncIterator[bytes]) -> dict:
+                    chunks: AsyncIterator[bytes], in_place: bool = False) -> dict:
         """Write `chunks` to the file, created (with its parents) or replaced whole at the
-        end; `mode` as permission bits (None: the old file's, or 0644). {path, size}."""
+        end; `mode` as permission bits (None: the old file's, or 0644). {path, size}.
+        `in_place`: truncated and written where it is, as a program in the sandbox would
+        (what a watcher sees then is a create or write, a chmod, a write; a failed upload
+        leaves the part written)."""
         client = await self.client_of(sid)
         with agent_errors(sid, None):
-            stream = client.fs_write(path, user, mode)
+            stream = client.fs_write(path, user, mode, in_place=in_place)
         try:
             async for chunk in chunks:
                 if chunk:
