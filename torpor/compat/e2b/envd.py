@@ -1,0 +1,292 @@
+"""envd, E2B's in-sandbox API, over Torpor's engine: `create_envd_app(engine)` is the ASGI
+app `routing.E2BDoor` sends a sandbox's port 49983 to, with `scope["e2b_sandbox_id"]` set.
+
+- `GET /health`: 204 while the sandbox is there, E2B's 502 once it is not;
+- `GET|POST /files`: download and upload (`envd_files.py`), an access token or a signature;
+- `POST /process.Process/<M>` and `/filesystem.Filesystem/<M>`: Connect RPCs with the JSON
+  codec (`connect.py`), served by `envd_process.py` and `envd_fs.py`.
+
+A secure sandbox (an `access_token` in the door state, written by the control plane) needs
+`X-Access-Token` on everything but `/health` and `/files`, as envd's own middleware. A
+stream of a sandbox that goes (killed, paused) is cut at the transport, with no end of
+stream, as E2B's proxy does: the SDK then asks `/health`, gets 502 and says the sandbox was
+killed. A client that goes away stops reading only: processes run on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+
+from torpor.compat.e2b import connect as rpc
+from torpor.compat.e2b import sandboxes as sbx
+from torpor.compat.e2b.envd_files import Files
+from torpor.compat.e2b.envd_fs import Filesystem
+from torpor.compat.e2b.envd_process import Process
+from torpor.errors import TorporError
+
+log = logging.getLogger("torpor.e2b")
+
+UNAUTHORIZED = ("unauthorized access, please provide a valid access token or method "
+                "signing if supported")
+
+
+class SandboxGone(Exception):
+    """The sandbox went under a stream: the stream is cut at the transport."""
+
+
+class Call:
+    """One RPC: the sandbox, the user it acts as (`Authorization: Basic user:`; None: the
+    template's), the client's deadline and keepalive interval."""
+
+    def __init__(self, scope, sid: str):
+        self.scope = scope
+        self.sid = sid
+        self.user = basic_user(rpc.header(scope, b"authorization"))
+        self.timeout = rpc.timeout_of(scope)
+        ka = rpc.header(scope, b"keepalive-ping-interval")
+        self.keepalive = float(ka) if ka and ka.strip().isdigit() and int(ka) > 0 else None
+
+    @property
+    def fs_user(self) -> str:
+        return self.user or "user"
+
+
+def basic_user(value: str | None) -> str | None:
+    if not value or not value.lower().startswith("basic "):
+        return None
+    try:
+        raw = base64.b64decode(value[6:].strip(), validate=True).decode()
+    except ValueError:
+        return None
+    name = raw.split(":", 1)[0]
+    return name or None
+
+
+async def send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+class Envd:
+    def __init__(self, engine):
+        self.engine = engine
+        self.process = Process(engine, SandboxGone)
+        self.filesystem = Filesystem(engine, SandboxGone)
+        self.files = Files(engine)
+        p, f = self.process, self.filesystem
+        self.unary = {
+            "/process.Process/List": p.list, "/process.Process/SendInput": p.send_input,
+            "/process.Process/SendSignal": p.send_signal,
+            "/process.Process/CloseStdin": p.close_stdin, "/process.Process/Update": p.update,
+            "/filesystem.Filesystem/Stat": f.stat, "/filesystem.Filesystem/MakeDir": f.make_dir,
+            "/filesystem.Filesystem/Move": f.move, "/filesystem.Filesystem/ListDir": f.list_dir,
+            "/filesystem.Filesystem/Remove": f.remove,
+            "/filesystem.Filesystem/CreateWatcher": f.create_watcher,
+            "/filesystem.Filesystem/GetWatcherEvents": f.get_watcher_events,
+            "/filesystem.Filesystem/RemoveWatcher": f.remove_watcher,
+        }
+        # server streams: (handler, the keepalive message)
+        self.streams = {
+            "/process.Process/Start": (p.start, {"event": {"keepalive": {}}}),
+            "/process.Process/Connect": (p.connect, {"event": {"keepalive": {}}}),
+            "/filesystem.Filesystem/WatchDir": (f.watch_dir, {"keepalive": {}}),
+        }
+        self.client_streams = {"/process.Process/StreamInput": p.stream_input}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await send({"type": "websocket.close", "code": 4404})
+        sid = scope["e2b_sandbox_id"]
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            if sbx.view(self.engine, sid) is None:
+                return await send_json(send, 502, json.loads(_not_found(sid)))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            return await send({"type": "http.response.body", "body": b""})
+        token = self.engine.door_state(sid, sbx.DOOR).get("access_token")
+        if path == "/files":
+            return await self.files(scope, receive, send, sid, token)
+        if token and not token_matches(rpc.header(scope, b"x-access-token"), token):
+            return await send_json(send, 401, {"code": 401, "message": UNAUTHORIZED})
+        call = Call(scope, sid)
+        if path in self.unary or path in self.streams or path in self.client_streams:
+            if method != "POST":
+                return await send_json(send, 405, {"code": 405,
+                                                   "message": f"{method} {path}: use POST"})
+            if path in self.streams:
+                return await self.server_stream(call, receive, send, *self.streams[path])
+            if path in self.client_streams:
+                return await self.client_stream(call, receive, send,
+                                                self.client_streams[path])
+            return await self.unary_call(call, receive, send, self.unary[path])
+        return await send_json(send, 404, {"code": 404, "message": f"no route {path}"})
+
+    async def unary_call(self, call: Call, receive, send, handler) -> None:
+        try:
+            rpc.check_codec(call.scope)
+            if rpc.is_stream(call.scope):
+                return await self.server_stream(call, receive, send, _once(handler), None)
+            req = rpc.decode(await rpc.read_body(receive))
+            coro = handler(call, req)
+            res = await (asyncio.wait_for(coro, call.timeout) if call.timeout else coro)
+        except TimeoutError:
+            return await rpc.send_unary_error(
+                send, rpc.ConnectError("deadline_exceeded", "the call's deadline passed"))
+        except rpc.ConnectError as e:
+            return await rpc.send_unary_error(send, e)
+        except TorporError as e:
+            return await rpc.send_unary_error(send, rpc.from_engine(e))
+        await rpc.send_unary(send, res)
+
+    async def server_stream(self, call: Call, receive, send, handler, keepalive) -> None:
+        """Run `handler(call, req)` (an async generator of messages) and send each as an
+        envelope, then the end of stream (with the error, if it failed). Keepalive
+        messages go out while it is quiet; the client's deadline ends it with
+        deadline_exceeded; a client that goes away ends it; SandboxGone cuts it."""
+        error = None
+        gen = None
+        started = False
+        try:
+            rpc.check_codec(call.scope)
+            reader = rpc.EnvelopeReader()
+            msgs = reader.feed(await rpc.read_body(receive))
+            if rpc.is_stream(call.scope):
+                if len(msgs) != 1:
+                    raise rpc.ConnectError("invalid_argument",
+                                           f"a stream's request is one message, not {len(msgs)}")
+                req = msgs[0]
+            else:  # a server stream asked for as a unary call
+                raise rpc.ConnectError("unimplemented", "use application/connect+json")
+            await rpc.start_stream(send)
+            started = True
+            gen = handler(call, req)
+            await self._pump(call, receive, send, gen, keepalive)
+        except SandboxGone:
+            # E2B's proxy drops the connection of a sandbox that went: no end of stream
+            raise SandboxGone(f"sandbox {call.sid} went: stream cut") from None
+        except _ClientGone:
+            return
+        except rpc.ConnectError as e:
+            error = e
+        except TorporError as e:
+            error = rpc.from_engine(e)
+        finally:
+            if gen is not None:
+                with contextlib.suppress(BaseException):
+                    await gen.aclose()
+        if not started:
+            await rpc.start_stream(send)
+        await send({"type": "http.response.body", "body": rpc.end_stream(error),
+                    "more_body": False})
+
+    async def _pump(self, call: Call, receive, send, gen, keepalive) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + call.timeout if call.timeout else None
+        gone = asyncio.ensure_future(_disconnect(receive))
+        nxt = None
+        try:
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(anext(gen, _END))
+                wait = call.keepalive if keepalive is not None else None
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise rpc.ConnectError("deadline_exceeded",
+                                               "the stream's deadline passed")
+                    wait = left if wait is None else min(wait, left)
+                done, _ = await asyncio.wait({nxt, gone}, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    raise _ClientGone()
+                if nxt not in done:
+                    if keepalive is not None and call.keepalive is not None:
+                        await send({"type": "http.response.body",
+                                    "body": rpc.envelope(keepalive), "more_body": True})
+                    continue
+                msg, nxt = nxt.result(), None
+                if msg is _END:
+                    return
+                await send({"type": "http.response.body", "body": rpc.envelope(msg),
+                            "more_body": True})
+        finally:
+            for t in (nxt, gone):
+                if t is not None and not t.done():
+                    t.cancel()
+                    with contextlib.suppress(BaseException):
+                        await t
+
+    async def client_stream(self, call: Call, receive, send, handler) -> None:
+        """Requests as envelopes (`handler(call, messages)` reads them as they come), one
+        answer, then the end of stream."""
+        error = None
+        res = None
+        try:
+            rpc.check_codec(call.scope)
+            if not rpc.is_stream(call.scope):
+                raise rpc.ConnectError("unimplemented", "use application/connect+json")
+            res = await handler(call, _messages(receive))
+        except rpc.ConnectError as e:
+            error = e
+        except TorporError as e:
+            error = rpc.from_engine(e)
+        await rpc.start_stream(send)
+        body = (rpc.envelope(res) if res is not None and error is None else b"")
+        await send({"type": "http.response.body", "body": body + rpc.end_stream(error),
+                    "more_body": False})
+
+
+class _ClientGone(Exception):
+    pass
+
+
+_END = object()
+
+
+def _once(handler):
+    async def gen(call, req):
+        yield await handler(call, req)
+    return gen
+
+
+async def _disconnect(receive) -> None:
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect":
+            return
+
+
+async def _messages(receive):
+    reader = rpc.EnvelopeReader()
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect":
+            raise rpc.ConnectError("canceled", "the client went away")
+        for msg in reader.feed(m.get("body", b"")):
+            yield msg
+        if not m.get("more_body"):
+            if reader.leftover():
+                raise rpc.ConnectError("invalid_argument", "the request ended mid-message")
+            return
+
+
+def _not_found(sid: str) -> bytes:
+    from torpor.compat.e2b.routing import not_found_body
+
+    return not_found_body(sid)
+
+
+def create_envd_app(engine) -> Envd:
+    return Envd(engine)
