@@ -229,6 +229,20 @@ def test_auto_pause_timeout_pauses_and_connect_resumes(server, api, made, e2b_ap
     assert sbx.get_info().state == SandboxState.RUNNING
 
 
+def test_timeout_of_a_sandbox_torpor_hibernated_idle(api, made, e2b_api):
+    # Torpor hibernates an idle sandbox before its E2B timeout ends (still running to
+    # E2B); once the timeout has passed, it is paused, and connect wakes it for good
+    sbx = create(made, timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": False})
+    assert api.post(f"/v1/sandboxes/{sbx.sandbox_id}/hibernate").status_code == 200
+    assert sbx.get_info().state == SandboxState.RUNNING
+    wait_for(lambda: sbx.get_info().state == SandboxState.PAUSED, timeout=10)
+    r = e2b_api.post(f"/sandboxes/{sbx.sandbox_id}/connect", json={"timeout": 30})
+    assert r.status_code == 201, r.text
+    time.sleep(1.5)  # the old timeout must not fire again once it runs
+    assert state(api, sbx.sandbox_id) == "running"
+    assert sbx.get_info().state == SandboxState.RUNNING
+
+
 def test_pause_and_auto_resume_on_traffic(server, api, made):
     sbx = create(made, timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": True})
     sid = sbx.sandbox_id

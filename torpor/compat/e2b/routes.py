@@ -266,6 +266,7 @@ def add(app: FastAPI, engine, auth: list) -> None:
         """Resume a paused sandbox: from memory (a hibernation's resume), or cold-booted
         from its files (a memory-less pause, autoPauseMemory false, or `memory: false`)."""
         sid = v.info.id
+        sbx.stop_clock(engine, v)  # its old timeout must not fire while it wakes
         cold = v.door.get("cold_snapshot")
         if cold is None and (not memory or v.door.get("auto_pause_memory") is False):
             # hibernated with its memory (the engine's expiry): its files as they are now
@@ -302,6 +303,7 @@ def add(app: FastAPI, engine, auth: list) -> None:
         memory = b.get("memory", bool, True)
         b.done()
         v = view_or_404(engine, sid)
+        sbx.stop_clock(engine, v)
         snap = await engine.snapshot(sid, name, memory=memory)
         await keep_paused(v)
         return JSONResponse({"snapshotID": snap.id, "names": [snap.name] if snap.name else []},
@@ -350,6 +352,7 @@ def add(app: FastAPI, engine, auth: list) -> None:
         count = b.get("count", int, 1)
         b.done()
         v = view_or_404(engine, sid)
+        sbx.stop_clock(engine, v)
         forks = await engine.fork(sid, count)
         await keep_paused(v)
         src = v.door

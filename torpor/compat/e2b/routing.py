@@ -125,6 +125,7 @@ class E2BDoor:
                 v = None  # (a memory-less pause resumes by connect only, as on E2B)
             else:
                 try:
+                    sbx.stop_clock(self.engine, v)
                     await self.engine.resume(sid, "e2b_auto_resume")
                 except TorporError as e:
                     log.warning("sandbox %s: auto-resume failed: %s", sid, e.message)

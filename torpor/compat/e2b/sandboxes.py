@@ -118,6 +118,14 @@ def extend_timeout(engine, v: View, seconds: float) -> datetime:
     return set_timeout(engine, v.info.id, seconds)
 
 
+def stop_clock(engine, v: View) -> None:
+    """Before a paused sandbox wakes (a resume, or a snapshot or fork of it): its old
+    timeout, which may have passed (Torpor hibernated it idle before it did), must not fire
+    while it runs; `unpause` or the pause that follows sets what comes next."""
+    if v.state == "paused" and v.info.ttl:
+        engine.update(v.info.id, touch=False, ttl=0)
+
+
 def unpause(engine, v: View, seconds: float | None = None) -> None:
     """A paused sandbox is E2B-running again (its resume itself is the engine's: the next
     request to it wakes it): it is no longer paused and its timeout starts anew."""
