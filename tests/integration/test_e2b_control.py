@@ -345,7 +345,7 @@ def test_snapshot_fork_and_templates(api, made, e2b_api):
     assert e2b_api.delete("/templates/base").status_code == 409
 
 
-def test_network_maps_onto_the_egress_policy(api, made, e2b_api):
+def test_network_maps_onto_the_egress_policy(server, api, made, e2b_api):
     sbx = create(made, timeout=60, network={"allow_out": ["1.1.1.1", "*.example.com"],
                                             "deny_out": [ALL_TRAFFIC]})
     policy = api.get(f"/v1/sandboxes/{sbx.sandbox_id}").json()["network"]
@@ -356,6 +356,21 @@ def test_network_maps_onto_the_egress_policy(api, made, e2b_api):
     sbx.update_network({"deny_out": ["203.0.113.0/24"]})
     policy = api.get(f"/v1/sandboxes/{sbx.sandbox_id}").json()["network"]
     assert policy == {"egress": "allow-all", "allow": [], "deny": ["203.0.113.0/24"]}
+    # allowPublicTraffic false: its ports answer only with its traffic token (as on E2B)
+    private = create(made, timeout=60, network={"allow_public_traffic": False})
+    assert private.traffic_access_token
+    run(api, private.sandbox_id, "cd /tmp && echo p > index.html && "
+                                 "(python3 -m http.server 8080 >/dev/null 2>&1 &)")
+    wait_listening(api, private.sandbox_id, 8080)
+    to = {"E2b-Sandbox-Id": private.sandbox_id, "E2b-Sandbox-Port": "8080"}
+    r = httpx.get(server.url + "/index.html", headers=to)
+    assert r.status_code == 403 and r.json()["code"] == 403
+    r = httpx.get(server.url + "/index.html", headers={
+        **to, "E2B-Traffic-Access-Token": "x" * len(private.traffic_access_token)})
+    assert r.status_code == 403
+    r = httpx.get(server.url + "/index.html", headers={
+        **to, "E2B-Traffic-Access-Token": private.traffic_access_token})
+    assert r.status_code == 200 and r.text == "p\n"
     offline = create(made, timeout=60, allow_internet_access=False)
     assert api.get(f"/v1/sandboxes/{offline.sandbox_id}").json()["network"]["egress"] == \
         "deny-all"
