@@ -191,6 +191,23 @@ def test_create_info_list_and_kill(api, made, e2b_api):
     assert sbxs[1].kill() is True
 
 
+def test_a_sandbox_made_through_torpors_api(api, made, e2b_api):
+    r = api.post("/v1/sandboxes", json={"metadata": {"door": "native"}, "ttl": 600,
+                                        "expire_action": "hibernate"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    made.append(sid)
+    info = Sandbox.get_info(sid)
+    assert info.template_id == "base" and info.state == SandboxState.RUNNING
+    assert info.metadata == {"door": "native"} and info.lifecycle["on_timeout"] == "pause"
+    assert 590 < (info.end_at - datetime.now(UTC)).total_seconds() <= 601
+    r = e2b_api.post(f"/sandboxes/{sid}/connect", json={"timeout": 30})
+    assert r.status_code == 200 and "envdAccessToken" not in r.json()  # none was made
+    Sandbox.set_timeout(sid, 900)
+    native = api.get(f"/v1/sandboxes/{sid}").json()
+    assert native["expire_action"] == "hibernate" and native["ttl"] > 890
+
+
 # --- timeout, pause, connect, auto-resume ---------------------------------------------------
 def test_timeout_kills_and_set_timeout_shortens(api, made):
     short = create(made, timeout=2)

@@ -98,8 +98,8 @@ def set_timeout(engine, sid: str, seconds: float, auto_pause: bool | None = None
     with autoPause. Returns the new end."""
     info = engine.get(sid)
     door = engine.door_state(sid, DOOR)
-    if auto_pause is None:
-        auto_pause = bool(door.get("auto_pause"))
+    if auto_pause is None:  # (a sandbox made through Torpor's API: its own expire action)
+        auto_pause = bool(door.get("auto_pause", info.expire_action == "hibernate"))
     now = utcnow()
     age = max((now - _aware(info.created_at)).total_seconds(), 0.0)
     # a ttl of 0 is "none" to the engine: an expiry due now is the age (plus a hair)

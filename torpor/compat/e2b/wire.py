@@ -179,6 +179,7 @@ def detail(v: sbx.View) -> dict:
     if internet is not None:
         out["allowInternetAccess"] = internet
     out["network"] = net
+    pause = door.get("auto_pause", v.info.expire_action == "hibernate")
     out["lifecycle"] = {"autoResume": bool(door.get("auto_resume")),
-                        "onTimeout": "pause" if door.get("auto_pause") else "kill"}
+                        "onTimeout": "pause" if pause else "kill"}
     return out
