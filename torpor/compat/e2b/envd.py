@@ -21,16 +21,21 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import socket
+import stat
+import struct
 
 from torpor.compat.e2b import connect as rpc
 from torpor.compat.e2b import sandboxes as sbx
 from torpor.compat.e2b.envd_files import Files
 from torpor.compat.e2b.envd_fs import Filesystem
 from torpor.compat.e2b.envd_process import Process
-from torpor.errors import TorporError
+from torpor.errors import TorporError, Unavailable
 
 log = logging.getLogger("torpor.e2b")
 
+SETTLE = 3.0  # s a cut stream waits for the sandbox's record to say it went
 UNAUTHORIZED = ("unauthorized access, please provide a valid access token or method "
                 "signing if supported")
 
@@ -54,6 +59,30 @@ class Call:
     @property
     def fs_user(self) -> str:
         return self.user or "user"
+
+
+def reset_on_close(scope) -> None:
+    """Make the close of this request's TCP connection a reset (SO_LINGER 0): ASGI has no
+    word for it, so the connection's socket is found by its two addresses."""
+    server, client = scope.get("server"), scope.get("client")
+    if not server or not client or server[1] is None:
+        return
+    want = {(str(server[0]), int(server[1]), str(client[0]), int(client[1]))}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.stat(f"/proc/self/fd/{name}").st_mode):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                if sock.type != socket.SOCK_STREAM or sock.family not in (
+                        socket.AF_INET, socket.AF_INET6):
+                    continue
+                local, peer = sock.getsockname(), sock.getpeername()
+                if (local[0], local[1], peer[0], peer[1]) in want:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                    return
+        except OSError:
+            continue
 
 
 def basic_user(value: str | None) -> str | None:
@@ -174,13 +203,14 @@ class Envd:
             gen = handler(call, req)
             await self._pump(call, receive, send, gen, keepalive)
         except SandboxGone:
-            # E2B's proxy drops the connection of a sandbox that went: no end of stream
-            raise SandboxGone(f"sandbox {call.sid} went: stream cut") from None
+            return await self.cut(call)
         except _ClientGone:
             return
         except rpc.ConnectError as e:
             error = e
         except TorporError as e:
+            if started and (isinstance(e, Unavailable) or sbx.view(self.engine, call.sid) is None):
+                return await self.cut(call)
             error = rpc.from_engine(e)
         finally:
             if gen is not None:
@@ -190,6 +220,27 @@ class Envd:
             await rpc.start_stream(send)
         await send({"type": "http.response.body", "body": rpc.end_stream(error),
                     "more_body": False})
+
+    async def cut(self, call: Call) -> None:
+        """E2B's proxy drops the connection of a sandbox that went: no end of stream, the
+        connection reset (the SDK takes a reset for a transport failure, asks /health, and
+        says the sandbox was killed; a plain close would be a protocol error to it). The
+        channel closes before the sandbox's record says why (deleted, paused...): wait a
+        moment for it first, so that health check sees it. Returns with the response
+        unfinished: the server closes the connection."""
+        sid = call.sid
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SETTLE
+        while loop.time() < until:
+            v = sbx.view(self.engine, sid)
+            if v is None or v.state == "paused" or v.info.state != "running":
+                break
+            await asyncio.sleep(0.05)
+        if sbx.view(self.engine, sid) is None:
+            self.filesystem.drop(sid)
+        log.info("sandbox %s went under a stream of %s: the connection is reset", sid,
+                 call.scope.get("path"))
+        reset_on_close(call.scope)
 
     async def _pump(self, call: Call, receive, send, gen, keepalive) -> None:
         loop = asyncio.get_running_loop()

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import posixpath
 import secrets
 import stat as _stat
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from torpor.compat.e2b.connect import ConnectError, from_engine
+from torpor.compat.e2b.envd_process import home_relative
 from torpor.errors import NotFound, TorporError
 
 FILE_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY",
               "symlink": "FILE_TYPE_SYMLINK"}
 EVENT_TYPES = {"create": "EVENT_TYPE_CREATE", "write": "EVENT_TYPE_WRITE",
                "remove": "EVENT_TYPE_REMOVE", "chmod": "EVENT_TYPE_CHMOD"}
+MAX_LINKS = 40  # symlinks followed in a chain at most (as Linux's ELOOP)
 MAX_WATCHERS = 64
 MAX_EVENTS = 10_000
 SETTLE = 0.02  # s: how long a fetch of events waits for those still on their way
@@ -38,29 +41,53 @@ def permissions(mode: int, kind: str) -> str:
     return head + _stat.filemode(mode)[1:]
 
 
-def entry_info(e: dict) -> dict:
+def entry_info(e: dict, link: tuple[str, dict | None] | None = None) -> dict:
+    """E2B's EntryInfo of an agent entry. A symlink's (`link`: where it leads, and the
+    entry there, None if nothing is) has, as envd's, the type and permission bits of what
+    it leads to, and that path as its target."""
+    shown = e if link is None else (link[1] or {"type": None, "mode": 0})
     out = {
         "name": e["name"],
-        "type": FILE_TYPES.get(e.get("type"), "FILE_TYPE_UNSPECIFIED"),
+        "type": FILE_TYPES.get(shown.get("type"), "FILE_TYPE_UNSPECIFIED"),
         "path": e["path"],
         "size": str(e.get("size", 0)),
-        "mode": e.get("mode", 0),
+        "mode": shown.get("mode", 0),
         "permissions": permissions(e.get("mode", 0), e.get("type")),
         "owner": e.get("owner", ""),
         "group": e.get("group") or str(e.get("gid", "")),
         "modifiedTime": datetime.fromtimestamp(e.get("mtime", 0), UTC)
         .isoformat().replace("+00:00", "Z"),
     }
-    if e.get("type") == "symlink" and e.get("target") is not None:
-        out["symlinkTarget"] = e["target"]
+    if link is not None:
+        out["symlinkTarget"] = link[0]
     return out
+
+
+async def entry_of(files, sid: str, e: dict, user: str) -> dict:
+    """entry_info, with a symlink followed (as filepath.EvalSymlinks: to the end of the
+    chain, at most MAX_LINKS; a dangling one leads to itself)."""
+    if e.get("type") != "symlink":
+        return entry_info(e)
+    cur, at = e["path"], e
+    for _ in range(MAX_LINKS):
+        target = at.get("target")
+        if target is None:
+            return entry_info(e, (e["path"], None))
+        cur = posixpath.normpath(posixpath.join(posixpath.dirname(cur), target))
+        try:
+            at = await files.stat(sid, cur, user)
+        except TorporError:
+            return entry_info(e, (e["path"], None))
+        if at.get("type") != "symlink":
+            return entry_info(e, (cur, at))
+    return entry_info(e, (e["path"], None))
 
 
 def _path(req: dict, field: str = "path") -> str:
     p = req.get(field)
     if not isinstance(p, str) or not p:
         raise ConnectError("invalid_argument", f"{field} is required")
-    return p
+    return home_relative(p)
 
 
 class Watcher:
@@ -103,7 +130,8 @@ class Filesystem:
         self.watchers: dict[str, dict[str, Watcher]] = {}
 
     async def _stat(self, call, path: str) -> dict:
-        return entry_info(await self.engine.files.stat(call.sid, path, call.fs_user))
+        e = await self.engine.files.stat(call.sid, path, call.fs_user)
+        return await entry_of(self.engine.files, call.sid, e, call.fs_user)
 
     async def stat(self, call, req: dict) -> dict:
         try:
@@ -136,7 +164,8 @@ class Filesystem:
             entries = await self.engine.files.list(call.sid, path, depth, call.fs_user)
         except NotFound:
             raise ConnectError("not_found", f"path {path} does not exist") from None
-        return {"entries": [entry_info(e) for e in entries]}
+        return {"entries": [await entry_of(self.engine.files, call.sid, e, call.fs_user)
+                            for e in entries]}
 
     async def remove(self, call, req: dict) -> dict:
         path = _path(req)
@@ -171,8 +200,9 @@ class Filesystem:
             item = {"name": name, "type": kind}
             if include_entry and kind != "EVENT_TYPE_REMOVE" and kind != "EVENT_TYPE_RENAME":
                 with contextlib.suppress(TorporError):
-                    item["entry"] = entry_info(await self.engine.files.stat(
-                        sid, f"{root}/{name}" if name else root, user))
+                    e = await self.engine.files.stat(sid, f"{root}/{name}" if name else root,
+                                                     user)
+                    item["entry"] = await entry_of(self.engine.files, sid, e, user)
             out.append(item)
         return out
 

@@ -36,6 +36,15 @@ def end_event(exit_code: int | None, signal: str | None) -> dict:
     return {"exitCode": exit_code or 0, "exited": True, "status": f"exit status {exit_code}"}
 
 
+def home_relative(path: str) -> str:
+    """`~` and `~/x` as paths relative to the home (which is where relative paths start)."""
+    if path == "~":
+        return "."
+    if path.startswith("~/"):
+        return path[2:] or "."
+    return path
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -95,6 +104,15 @@ class Process:
             raise ConnectError("not_found", f"process with pid {pid} not found")
         return info
 
+    async def absolute(self, call, cwd: str) -> str:
+        """A relative working directory (or ~) resolved from the user's home, as envd does;
+        one that does not exist is left for the start to refuse."""
+        try:
+            return (await self.engine.files.stat(call.sid, home_relative(cwd),
+                                                 call.fs_user))["path"]
+        except TorporError:
+            return cwd
+
     def remember(self, sid: str, pid: int, config: dict) -> None:
         kept = self.configs.setdefault(sid, {})
         if len(kept) >= MAX_CONFIGS:
@@ -129,6 +147,8 @@ class Process:
         argv = [cmd, *args]
         pty = req.get("pty")
         sid = call.sid
+        if cwd is not None and not cwd.startswith("/"):
+            cwd = await self.absolute(call, cwd)
         att = None
         if pty is not None:
             size = (pty or {}).get("size") or {}

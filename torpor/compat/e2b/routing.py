@@ -9,6 +9,8 @@ else is the control plane. So:
   autoResume, gets E2B's 502; port 49983 goes to envd (`envd.create_envd_app`, with
   `scope["e2b_sandbox_id"]`), any other port through the preview gateway to that port
   inside the sandbox (49999: the code interpreter's server);
+- a signed `/files` URL that names no sandbox (the SDK's download/upload URLs, whose host
+  E2B_SANDBOX_URL replaced) goes to the envd of the secure sandbox whose token signed it;
 - control-plane paths (`/sandboxes...`, `/v2/...`, `/v3/...`, `/snapshots...`,
   `/templates...`) go to the control app (`control.py`);
 - everything else goes on to the native app unchanged, except on the door's own port
@@ -74,6 +76,18 @@ def target_of(scope) -> tuple[str, int] | None:
     return None
 
 
+def signed_target(engine, scope) -> tuple[str, int] | None:
+    """A signed `/files` URL with no sandbox named (the SDK's `download_url` and
+    `upload_url` put the sandbox in the host, which E2B_SANDBOX_URL replaces): the secure
+    sandbox whose access token makes that signature."""
+    if b"signature=" not in scope.get("query_string", b""):
+        return None
+    from torpor.compat.e2b.envd_files import sandbox_of_signature
+
+    sid = sandbox_of_signature(engine, scope)
+    return (sid, sbx.ENVD_PORT) if sid is not None else None
+
+
 class E2BDoor:
     """See the module's docstring. `app` is the native app; `e2b_port` (0: none) is a port
     of the door's own, on which the native app is not reachable."""
@@ -106,6 +120,8 @@ class E2BDoor:
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)  # lifespan
         target = target_of(scope)
+        if target is None and kind == "http" and scope["path"] == "/files":
+            target = signed_target(self.engine, scope)
         if target is not None:
             return await self.to_sandbox(scope, receive, send, *target)
         own_port = self.e2b_port and (scope.get("server") or (None, None))[1] == self.e2b_port
