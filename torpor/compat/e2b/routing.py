@@ -29,7 +29,9 @@ from torpor.errors import TorporError
 
 log = logging.getLogger("torpor.e2b")
 
-HOST = re.compile(r"^(\d{1,5})-([a-z0-9_]{1,64})\.")
+# a Torpor sandbox id (engine's new_id: "sbx" and 13 of [a-z0-9]) in the first label only, so
+# an operator's own host name that happens to start with digits and a dash is not taken
+HOST = re.compile(r"^(\d{1,5})-(sbx[a-z0-9]{13})\.")
 CONTROL = re.compile(r"^/(sandboxes|snapshots|templates)(/|$)|^/v[23]/")
 PORT_MAX = 65535
 DEBUG_ID = "debug_sandbox_id"  # what E2B's SDK calls the sandbox in debug mode
