@@ -30,10 +30,15 @@ MAX_CONFIGS = 4096  # process configs kept per sandbox
 
 
 def end_event(exit_code: int | None, signal: str | None) -> dict:
+    """envd's end: Go's process state (`exit status 3`, `signal: killed`), which is also
+    the error of a process that did not exit 0."""
     if signal:
-        return {"exitCode": -1, "exited": False,
-                "status": f"signal: {GO_SIGNALS.get(signal, signal.lower())}"}
-    return {"exitCode": exit_code or 0, "exited": True, "status": f"exit status {exit_code}"}
+        status = f"signal: {GO_SIGNALS.get(signal, signal.lower())}"
+        return {"exitCode": -1, "exited": False, "status": status, "error": status}
+    end = {"exitCode": exit_code or 0, "exited": True, "status": f"exit status {exit_code}"}
+    if exit_code:
+        end["error"] = end["status"]
+    return end
 
 
 def home_relative(path: str) -> str:
