@@ -395,7 +395,7 @@ def test_network_maps_onto_the_egress_policy(server, api, made, e2b_api):
 
 
 # --- the newest SDK's v2 calls, as it sends them ---------------------------------------------
-def test_v2_paths_as_the_newest_sdk_sends_them(api, made, e2b_api):
+def test_v2_paths_as_the_newest_sdk_sends_them(server, api, made, e2b_api):
     body = {"templateID": "base", "metadata": {"v": "2"}, "envVars": {"X": "1"},
             "autoPause": True, "autoResume": {"enabled": False}}
     first = e2b_api.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "k-1"})
@@ -405,6 +405,14 @@ def test_v2_paths_as_the_newest_sdk_sends_them(api, made, e2b_api):
     assert len(first.json()["envdAccessToken"]) == 64  # v2: always a token
     again = e2b_api.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "k-1"})
     assert again.status_code == 201 and again.json() == first.json()  # one sandbox
+    with server.client() as c:  # another API key's same Idempotency-Key is its own
+        other = c.post("/v1/keys", json={"name": "other", "e2b": True}).json()["key"]
+    r = httpx.post(server.url + "/v2/sandboxes", json=body,
+                   headers={"Idempotency-Key": "k-1", "X-API-KEY": other})
+    assert r.status_code == 201 and r.json()["sandboxID"] != sid
+    made.append(r.json()["sandboxID"])
+    assert "envdAccessToken" in r.json() and \
+        r.json()["envdAccessToken"] != first.json()["envdAccessToken"]
     detail = e2b_api.get(f"/sandboxes/{sid}").json()
     end = datetime.fromisoformat(detail["endAt"])
     assert 290 < (end - datetime.now(UTC)).total_seconds() <= 301  # v2's default timeout

@@ -97,9 +97,10 @@ async def _key(request: Request) -> str:
     if not key:
         raise Unauthorized("missing API key: send it as X-API-KEY (E2B_API_KEY)")
     try:
-        return request.app.state.engine.keys.check(key)
+        request.state.key_id = request.app.state.engine.keys.check(key)
     except Unauthorized:
         raise Unauthorized("invalid API key") from None
+    return request.state.key_id
 
 
 async def read_body(request: Request, where: str = "body") -> Body:

@@ -81,6 +81,8 @@ def add(app: FastAPI, engine, auth: list) -> None:
             return wire.sandbox(info, door)
 
         key = request.headers.get("idempotency-key") if v2 else None
+        if key:  # one key's retries: another API key's same Idempotency-Key is its own
+            key = f"{request.state.key_id}:{key}"
         return JSONResponse(await once(app, key, make), status_code=201)
 
     @app.post("/sandboxes", dependencies=auth)
