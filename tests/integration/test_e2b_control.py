@@ -191,7 +191,7 @@ def test_create_info_list_and_kill(api, made, e2b_api):
     assert sbxs[1].kill() is True
 
 
-def test_a_sandbox_made_through_torpors_api(api, made, e2b_api):
+def test_a_sandbox_made_through_torpors_api(server, api, made, e2b_api):
     r = api.post("/v1/sandboxes", json={"metadata": {"door": "native"}, "ttl": 600,
                                         "expire_action": "hibernate"})
     assert r.status_code == 201, r.text
@@ -201,8 +201,15 @@ def test_a_sandbox_made_through_torpors_api(api, made, e2b_api):
     assert info.template_id == "base" and info.state == SandboxState.RUNNING
     assert info.metadata == {"door": "native"} and info.lifecycle["on_timeout"] == "pause"
     assert 590 < (info.end_at - datetime.now(UTC)).total_seconds() <= 601
+    # its envd and ports take no API key: closed until E2B's connect, which gives a token
+    for port in ("49983", "8000"):
+        r = httpx.get(server.url + "/health", headers={"E2b-Sandbox-Id": sid,
+                                                       "E2b-Sandbox-Port": port})
+        assert r.status_code == 502 and r.json()["sandboxId"] == sid
     r = e2b_api.post(f"/sandboxes/{sid}/connect", json={"timeout": 30})
-    assert r.status_code == 200 and "envdAccessToken" not in r.json()  # none was made
+    assert r.status_code == 200 and len(r.json()["envdAccessToken"]) == 64
+    r = httpx.get(server.url + "/health", headers={"E2b-Sandbox-Id": sid})
+    assert r.status_code == 204
     Sandbox.set_timeout(sid, 900)
     native = api.get(f"/v1/sandboxes/{sid}").json()
     assert native["expire_action"] == "hibernate" and native["ttl"] > 890

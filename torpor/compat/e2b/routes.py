@@ -111,6 +111,10 @@ def add(app: FastAPI, engine, auth: list) -> None:
         v = sbx.view(engine, sid)
         if v is None:
             raise NotFound(f"sandbox {sid} not found")
+        if not sbx.is_e2b(v):
+            # made through Torpor's API: E2B's connect opens its envd, with a token of its own
+            engine.set_door_state(sid, DOOR, access_token=new_token(), template_id=v.info.template,
+                                  alias=v.info.template, envd_version=sbx.ENVD_VERSION)
         if v.state == "paused":
             await wake(v, memory)
             if auto_pause is not None:

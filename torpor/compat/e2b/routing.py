@@ -134,9 +134,14 @@ class E2BDoor:
         return await self.app(scope, receive, send)
 
     async def to_sandbox(self, scope, receive, send, sid: str, port: int):
-        if sid == DEBUG_ID and self.engine.settings.e2b_debug_sandbox:
+        debug = sid == DEBUG_ID and bool(self.engine.settings.e2b_debug_sandbox)
+        if debug:
             sid = self.engine.settings.e2b_debug_sandbox
         v = sbx.view(self.engine, sid) if port > 0 else None
+        if v is not None and not debug and not sbx.is_e2b(v):
+            # made through Torpor's own API and never connected through E2B: its envd and
+            # ports are not open to anyone without a key (E2B's connect opens them)
+            v = None
         if v is not None and v.state == "paused":
             if not v.door.get("auto_resume") or v.door.get("cold_snapshot") \
                     or v.door.get("auto_pause_memory") is False:

@@ -48,6 +48,12 @@ class View:
         return end_at(self.info, self.door)
 
 
+def is_e2b(v: View) -> bool:
+    """Whether the sandbox came through the E2B door (a create, fork or connect of it):
+    only those answer envd and port traffic, which carries no API key."""
+    return bool(v.door.get("envd_version"))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
