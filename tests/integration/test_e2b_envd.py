@@ -229,8 +229,19 @@ def test_files(sbx):
     sbx.files.remove("docs")
     sbx.files.remove("docs")  # a missing path: fine, as envd's RemoveAll
     assert not sbx.files.exists("docs")
-    with pytest.raises(InvalidArgumentException, match="metadata"):
-        sbx.files.write("m.txt", "x", metadata={"k": "v"})
+
+    # metadata: kept with the file through a rename, replaced by an upload, gone with it
+    assert sbx.files.write("m.txt", "x", metadata={"Owner": "ana"}).metadata == {"owner": "ana"}
+    sbx.files.rename("m.txt", "m2.txt")
+    assert sbx.files.get_info("m2.txt").metadata == {"owner": "ana"}
+    assert [e.metadata for e in sbx.files.list(".") if e.name == "m2.txt"] == [{"owner": "ana"}]
+    sbx.commands.run("rm m2.txt && echo new > m2.txt")  # another file there (same inode?)
+    assert sbx.files.get_info("m2.txt").metadata is None
+    sbx.files.write("m2.txt", "y", metadata={"a": "1"})
+    sbx.files.write("m2.txt", "z")
+    assert sbx.files.get_info("m2.txt").metadata is None
+    with pytest.raises(InvalidArgumentException):
+        sbx.files.write("m2.txt", "x", metadata={"k": "\u00e9"})
 
 
 def test_watch_sync_exactly_three_events_for_a_new_file(sbx):

@@ -86,6 +86,8 @@ def _entry(path: str, st: os.stat_result, snap=None) -> dict:
         "uid": st.st_uid,
         "gid": st.st_gid,
         "mtime": st.st_mtime,
+        "ino": st.st_ino,
+        "ctime": st.st_ctime,
     }
     d["owner"] = users.user_name(st.st_uid, snap)
     d["group"] = users.group_name(st.st_gid, snap)

@@ -30,6 +30,7 @@ from torpor.compat.e2b import connect as rpc
 from torpor.compat.e2b import sandboxes as sbx
 from torpor.compat.e2b.envd_files import Files
 from torpor.compat.e2b.envd_fs import Filesystem
+from torpor.compat.e2b.envd_meta import Metadata
 from torpor.compat.e2b.envd_process import Process
 from torpor.errors import TorporError, Unavailable
 
@@ -112,8 +113,9 @@ class Envd:
     def __init__(self, engine):
         self.engine = engine
         self.process = Process(engine, SandboxGone)
-        self.filesystem = Filesystem(engine, SandboxGone)
-        self.files = Files(engine)
+        self.metadata = Metadata(engine)
+        self.filesystem = Filesystem(engine, SandboxGone, self.metadata)
+        self.files = Files(engine, self.metadata)
         p, f = self.process, self.filesystem
         self.unary = {
             "/process.Process/List": p.list, "/process.Process/SendInput": p.send_input,

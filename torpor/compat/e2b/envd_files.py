@@ -5,8 +5,8 @@ A secure sandbox takes `X-Access-Token`, or a signature made with its token:
 `v1_` + base64 (no padding) of sha256(`{path}:{read|write}:{username or ''}:{token}`, then
 `:{expiration}` if it has one), as envd checks it. Paths resolve from the user's home;
 uploads create parent directories and write the file in place (a watcher sees what a
-program writing it would make). File metadata (`X-Metadata-*`, xattrs on E2B) is refused
-with 400: gVisor's root filesystem here has no user extended attributes.
+program writing it would make). File metadata (`X-Metadata-*`) is kept by the door
+(`envd_meta.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 
 from torpor.compat.e2b import connect as rpc
+from torpor.compat.e2b.envd_meta import Metadata, MetadataError, from_headers
 from torpor.errors import TorporError
 
 CHUNK = 256 * 1024
@@ -114,8 +115,9 @@ def _engine_status(e: TorporError) -> tuple[int, str]:
 
 
 class Files:
-    def __init__(self, engine):
+    def __init__(self, engine, meta: Metadata):
         self.engine = engine
+        self.meta = meta
 
     async def __call__(self, scope, receive, send, sid: str, token: str | None) -> None:
         from torpor.compat.e2b.envd import send_json
@@ -160,10 +162,10 @@ class Files:
     async def upload(self, scope, receive, send, sid: str, q: dict) -> None:
         from torpor.compat.e2b.envd import send_json
 
-        for k, _v in scope.get("headers", ()):
-            if k.startswith(b"x-metadata-"):
-                raise FilesError(400, "file metadata (X-Metadata-*) is not supported by this "
-                                 "sandbox: its file system keeps no user extended attributes")
+        try:
+            meta = from_headers(scope)
+        except MetadataError as e:
+            raise FilesError(400, str(e)) from None
         user = q.get("username") or "user"
         ctype = (rpc.header(scope, b"content-type") or "").split(";")[0].strip().lower()
         enc = (rpc.header(scope, b"content-encoding") or "identity").strip().lower()
@@ -182,20 +184,32 @@ class Files:
                     path = q.get("path") if len(parts) == 1 and q.get("path") else part.filename
                     if not path:
                         raise FilesError(400, "a file part without a path (its filename)")
-                    written.append(await self._write(sid, path, user, _part_chunks(part)))
+                    written.append(await self._write(sid, path, user, _part_chunks(part),
+                                                     meta))
             finally:
                 await form.close()
         else:
             path = q.get("path")
             if not path:
                 raise FilesError(400, "path query parameter is required for raw body upload")
-            written.append(await self._write(sid, path, user, _body(receive, enc == "gzip")))
+            written.append(await self._write(sid, path, user, _body(receive, enc == "gzip"),
+                                             meta))
         await send_json(send, 200, written)
 
-    async def _write(self, sid: str, path: str, user: str, chunks) -> dict:
+    async def _write(self, sid: str, path: str, user: str, chunks, meta: dict) -> dict:
         r = await self.engine.files.write(sid, path, user, None, chunks, in_place=True)
         full = r["path"]
-        return {"name": full.rsplit("/", 1)[-1], "type": "file", "path": full}
+        out = {"name": full.rsplit("/", 1)[-1], "type": "file", "path": full}
+        if meta:
+            entry = await self.engine.files.stat(sid, full, user)
+            try:
+                self.meta.set(sid, entry, meta)
+            except MetadataError as e:
+                raise FilesError(507, str(e)) from None
+            out["metadata"] = meta
+        else:
+            self.meta.set(sid, {"path": full}, {})  # an upload without metadata clears it
+        return out
 
 
 async def _part_chunks(part) -> AsyncIterator[bytes]:

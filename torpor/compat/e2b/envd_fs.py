@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from torpor.compat.e2b.connect import ConnectError, from_engine
+from torpor.compat.e2b.envd_meta import Metadata
 from torpor.compat.e2b.envd_process import home_relative
 from torpor.errors import NotFound, TorporError
 
@@ -41,7 +42,8 @@ def permissions(mode: int, kind: str) -> str:
     return head + _stat.filemode(mode)[1:]
 
 
-def entry_info(e: dict, link: tuple[str, dict | None] | None = None) -> dict:
+def entry_info(e: dict, link: tuple[str, dict | None] | None = None,
+               table: dict | None = None) -> dict:
     """E2B's EntryInfo of an agent entry. A symlink's (`link`: where it leads, and the
     entry there, None if nothing is) has, as envd's, the type and permission bits of what
     it leads to, and that path as its target."""
@@ -60,27 +62,30 @@ def entry_info(e: dict, link: tuple[str, dict | None] | None = None) -> dict:
     }
     if link is not None:
         out["symlinkTarget"] = link[0]
+    meta = Metadata.of(table, e) if table else None
+    if meta:
+        out["metadata"] = meta
     return out
 
 
-async def entry_of(files, sid: str, e: dict, user: str) -> dict:
+async def entry_of(files, sid: str, e: dict, user: str, table: dict | None = None) -> dict:
     """entry_info, with a symlink followed (as filepath.EvalSymlinks: to the end of the
     chain, at most MAX_LINKS; a dangling one leads to itself)."""
     if e.get("type") != "symlink":
-        return entry_info(e)
+        return entry_info(e, None, table)
     cur, at = e["path"], e
     for _ in range(MAX_LINKS):
         target = at.get("target")
         if target is None:
-            return entry_info(e, (e["path"], None))
+            break
         cur = posixpath.normpath(posixpath.join(posixpath.dirname(cur), target))
         try:
             at = await files.stat(sid, cur, user)
         except TorporError:
-            return entry_info(e, (e["path"], None))
+            break
         if at.get("type") != "symlink":
-            return entry_info(e, (cur, at))
-    return entry_info(e, (e["path"], None))
+            return entry_info(e, (cur, at), table)
+    return entry_info(e, (e["path"], None), table)
 
 
 def _path(req: dict, field: str = "path") -> str:
@@ -124,14 +129,23 @@ class Watcher:
 
 
 class Filesystem:
-    def __init__(self, engine, gone_exc: type[Exception]):
+    def __init__(self, engine, gone_exc: type[Exception], meta: Metadata):
         self.engine = engine
         self.Gone = gone_exc
+        self.meta = meta
         self.watchers: dict[str, dict[str, Watcher]] = {}
 
     async def _stat(self, call, path: str) -> dict:
         e = await self.engine.files.stat(call.sid, path, call.fs_user)
-        return await entry_of(self.engine.files, call.sid, e, call.fs_user)
+        return await entry_of(self.engine.files, call.sid, e, call.fs_user,
+                              self.meta.table(call.sid))
+
+    async def _absolute(self, call, path: str) -> str | None:
+        """The absolute path of an existing file (None: there is none)."""
+        try:
+            return (await self.engine.files.stat(call.sid, path, call.fs_user))["path"]
+        except NotFound:
+            return None
 
     async def stat(self, call, req: dict) -> dict:
         try:
@@ -148,12 +162,17 @@ class Filesystem:
 
     async def move(self, call, req: dict) -> dict:
         src, dst = _path(req, "source"), _path(req, "destination")
+        src_abs = await self._absolute(call, src) if self.meta.table(call.sid) else None
         try:
             r = await self.engine.files.rename(call.sid, src, dst, overwrite=True,
                                                user=call.fs_user)
         except NotFound:
             raise ConnectError("not_found", f"source {src} does not exist") from None
-        return {"entry": await self._stat(call, r["path"])}
+        e = await self.engine.files.stat(call.sid, r["path"], call.fs_user)
+        if src_abs is not None:
+            self.meta.moved(call.sid, src_abs, e)
+        return {"entry": await entry_of(self.engine.files, call.sid, e, call.fs_user,
+                                        self.meta.table(call.sid))}
 
     async def list_dir(self, call, req: dict) -> dict:
         path = _path(req)
@@ -164,13 +183,17 @@ class Filesystem:
             entries = await self.engine.files.list(call.sid, path, depth, call.fs_user)
         except NotFound:
             raise ConnectError("not_found", f"path {path} does not exist") from None
-        return {"entries": [await entry_of(self.engine.files, call.sid, e, call.fs_user)
+        table = self.meta.table(call.sid)
+        return {"entries": [await entry_of(self.engine.files, call.sid, e, call.fs_user, table)
                             for e in entries]}
 
     async def remove(self, call, req: dict) -> dict:
         path = _path(req)
+        full = await self._absolute(call, path) if self.meta.table(call.sid) else None
         with contextlib.suppress(NotFound):  # as envd's os.RemoveAll
             await self.engine.files.remove(call.sid, path, recursive=True, user=call.fs_user)
+        if full is not None:
+            self.meta.removed(call.sid, full)
         return {}
 
     # --- watching -------------------------------------------------------------------------
