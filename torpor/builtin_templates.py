@@ -8,8 +8,9 @@ built it is a template like any other (`torpor template list`, `rm`, rebuilt by 
 
 - `code-interpreter`: `base` (the host's Debian Python 3.11) with ipykernel,
   jupyter_client, numpy, pandas and matplotlib from the package index, `MPLBACKEND=Agg`,
-  and the code interpreter's server (`torpor/interpreter/server.py`, copied in from the
-  context the built-in provides) running on port 49999 in its boot snapshot, its default
+  and the code interpreter's server (`torpor/interpreter/server.py`, with the kernel
+  launcher `kernel.py` it starts its Python kernels with, copied in from the context the
+  built-in provides) running on port 49999 in its boot snapshot, its default
   Python kernel warm.
 """
 
@@ -49,7 +50,9 @@ CODE_INTERPRETER_LOCK = [
 # the template has it and the port it listens on inside the sandbox.
 INTERPRETER_DIR = "/opt/torpor/interpreter"
 INTERPRETER_PORT = 49999
-_INTERPRETER_SOURCE = Path(__file__).parent / "interpreter" / "server.py"
+# its files: the server, and the kernel launcher it starts its Python contexts with
+_INTERPRETER_FILES = ("server.py", "kernel.py")
+_INTERPRETER_SOURCE = Path(__file__).parent / "interpreter"
 
 
 def interpreter_command() -> str:
@@ -60,18 +63,19 @@ def interpreter_command() -> str:
 
 
 def interpreter_context() -> bytes:
-    """The build context of `code-interpreter`: a tar holding `interpreter/server.py`,
-    with fixed metadata (owner, mode, time) so its layer's key changes only with the
-    file's contents."""
-    data = _INTERPRETER_SOURCE.read_bytes()
+    """The build context of `code-interpreter`: a tar holding `interpreter/server.py` and
+    `interpreter/kernel.py`, with fixed metadata (owner, mode, time) so its layer's key
+    changes only with the files' contents."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         d = tarfile.TarInfo("interpreter")
         d.type, d.mode = tarfile.DIRTYPE, 0o755
         tar.addfile(d)
-        f = tarfile.TarInfo("interpreter/server.py")
-        f.size, f.mode = len(data), 0o644
-        tar.addfile(f, io.BytesIO(data))
+        for name in _INTERPRETER_FILES:
+            data = (_INTERPRETER_SOURCE / name).read_bytes()
+            f = tarfile.TarInfo(f"interpreter/{name}")
+            f.size, f.mode = len(data), 0o644
+            tar.addfile(f, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -18,9 +18,10 @@ Torpor's engine reaches it through the agent's port tunnel (`torpor/engine/code.
 - `POST /contexts {language, cwd}` -> {id, language, cwd}; `GET /contexts`;
   `DELETE /contexts/{id}`; `POST /contexts/{id}/restart`; `GET /health`.
 
-Python contexts are IPython kernels (jupyter_client's AsyncKernelManager). No bash kernel is
-installed, so a bash context is one long-lived `bash` process fed each cell as a sourced
-file: variables, functions and the working directory carry over from cell to cell.
+Python contexts are IPython kernels (jupyter_client's AsyncKernelManager), started through
+`kernel.py` beside this file (ipykernel tuned for gVisor's costly thread hand-offs). No bash
+kernel is installed, so a bash context is one long-lived `bash` process fed each cell as a
+sourced file: variables, functions and the working directory carry over from cell to cell.
 Errors are JSON {code, message} with 400, 404, 409 or 500.
 """
 
@@ -49,6 +50,7 @@ POLL = 0.25  # seconds between checks (deadline, disconnect, kernel alive) while
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell has to finish before we give up on it
 BODY_MAX = 64 << 20
 HOME = os.path.expanduser("~")
+KERNEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
 LANGUAGES = {"python": "python", "python3": "python", "bash": "bash", "sh": "bash"}
 
 # MIME type -> the result's field (E2B's names)
@@ -168,6 +170,20 @@ class Context:
                 f"context (POST /contexts/{self.id}/restart) to go on: its state is lost")
 
 
+def _specs():
+    """Kernel specs whose python3 is `kernel.py` beside this file: ipykernel tuned for a
+    sandbox (see there), speaking the same protocol."""
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+
+    class Specs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            return KernelSpec(argv=[sys.executable, KERNEL, "-f", "{connection_file}"],
+                              display_name="Python 3 (ipykernel)", language="python",
+                              resource_dir=os.path.dirname(KERNEL))
+
+    return Specs()
+
+
 class PythonContext(Context):
     """An IPython kernel."""
 
@@ -189,10 +205,9 @@ class PythonContext(Context):
         if transport == "ipc":
             self.kdir = tempfile.mkdtemp(prefix=f"kernel-{self.id[:8]}-")
             kw = {"transport": "ipc", "ip": os.path.join(self.kdir, "k")}
-        self.km = AsyncKernelManager(kernel_name="python3", **kw)
-        # no history database (SQLite writes on every cell): history stays in memory
-        await self.km.start_kernel(cwd=self.cwd, env=env,
-                                   extra_arguments=["--HistoryManager.enabled=False"])
+        self.km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=_specs(),
+                                     **kw)
+        await self.km.start_kernel(cwd=self.cwd, env=env)
         self.kc = self.km.client()
         self.kc.start_channels()
         await self.kc.wait_for_ready(timeout=120)
