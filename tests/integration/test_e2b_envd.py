@@ -147,6 +147,25 @@ def test_a_client_that_leaves_does_not_stop_the_process(server, envd, sbx):
     assert msgs[-1] == (2, {})
 
 
+def test_stream_input(envd, sbx):
+    """The newest SDK's client stream: start, then data in order, then the one answer."""
+    cat = sbx.commands.run("cat", background=True, stdin=True)
+    body = b"".join(envelope(m) for m in (
+        {"start": {"process": {"pid": cat.pid}}},
+        {"data": {"input": {"stdin": base64.b64encode(b"one ").decode()}}},
+        {"keepalive": {}},
+        {"data": {"input": {"stdin": base64.b64encode(b"two\n").decode()}}}))
+    r = envd.post("/process.Process/StreamInput", content=body, headers={
+        "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"})
+    assert r.status_code == 200 and frames(r.content) == [(0, {}), (2, {})]
+    sbx.commands.close_stdin(cat.pid)
+    assert cat.wait().stdout == "one two\n"
+    r = envd.post("/process.Process/StreamInput",
+                  content=envelope({"data": {"input": {"stdin": "eA=="}}}), headers={
+                      "Content-Type": "application/connect+json"})
+    assert frames(r.content)[-1][1]["error"]["code"] == "failed_precondition"
+
+
 def test_connect_errors_and_keepalives(envd):
     h = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
     r = envd.post("/filesystem.Filesystem/Stat", json={"path": "/nope"}, headers=h)

@@ -24,7 +24,7 @@ from torpor.errors import TorporError
 END_STREAM = 0x02
 COMPRESSED = 0x01
 HEADER = struct.Struct(">BI")
-MAX_MESSAGE = 64 * 1024 * 1024  # bytes of one request message
+MAX_MESSAGE = 16 * 1024 * 1024  # bytes of one request message
 UNARY_TYPE = "application/json"
 STREAM_TYPE = "application/connect+json"
 

@@ -27,6 +27,7 @@ GO_SIGNALS = {"SIGKILL": "killed", "SIGTERM": "terminated", "SIGINT": "interrupt
 SIGNALS = {"SIGNAL_SIGKILL": "SIGKILL", "SIGNAL_SIGTERM": "SIGTERM", 9: "SIGKILL",
            15: "SIGTERM"}
 MAX_CONFIGS = 4096  # process configs kept per sandbox
+MAX_SANDBOXES = 256  # past this many sandboxes with configs, those of gone ones are dropped
 
 
 def end_event(exit_code: int | None, signal: str | None) -> dict:
@@ -119,6 +120,11 @@ class Process:
             return cwd
 
     def remember(self, sid: str, pid: int, config: dict) -> None:
+        if sid not in self.configs and len(self.configs) >= MAX_SANDBOXES:
+            from torpor.compat.e2b import sandboxes as sbx
+
+            for other in [s for s in self.configs if sbx.view(self.engine, s) is None]:
+                del self.configs[other]  # sandboxes that went
         kept = self.configs.setdefault(sid, {})
         if len(kept) >= MAX_CONFIGS:
             kept.pop(next(iter(kept)))
