@@ -383,6 +383,7 @@ def build_base_rootfs(rootfs: Path) -> None:
             shutil.copytree(src, dst, symlinks=True)
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
+    _quicker_profile(etc / "profile")
     _write(etc / "passwd",
            "root:x:0:0:root:/root:/bin/bash\n"
            f"user:x:{USER_UID}:{USER_UID}:Sandbox user:/home/user:/bin/bash\n"
@@ -404,6 +405,15 @@ def build_base_rootfs(rootfs: Path) -> None:
         for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
             os.lchown(n, USER_UID, USER_UID)
     os.chmod(home, 0o750)
+
+
+def _quicker_profile(profile: Path) -> None:
+    """Debian's /etc/profile asks `$(id -u)`: a fork and an exec, 20-30 ms under gVisor's
+    ptrace platform, paid by every login shell (E2B's SDK runs each command in
+    `bash -l -c`). Bash knows the answer as $EUID; other shells still ask id."""
+    if profile.is_file() and not profile.is_symlink():
+        text = profile.read_text()
+        profile.write_text(text.replace('"$(id -u)"', '"${EUID:-$(id -u)}"'))
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

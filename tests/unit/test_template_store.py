@@ -44,3 +44,23 @@ def test_a_named_template_keeps_its_layers_without_a_hold(tmp_path: Path):
     store.tag("y", "latest", t.digest)
     assert store.gc(in_use=set()) == []
     assert store.get("y").layers == ["c" * 64]
+
+
+def test_the_base_profile_answers_the_same_without_forking_id(tmp_path: Path):
+    """base's /etc/profile takes bash's $EUID instead of `$(id -u)` (a fork and an exec
+    under gVisor for every login shell) and still sets the same PATH, in bash and in sh."""
+    import subprocess
+
+    from torpor.templates import build_base_rootfs
+    if not Path("/etc/profile").is_file():
+        pytest.skip("no /etc/profile on this host")
+    build_base_rootfs(tmp_path / "rootfs")
+    ours = tmp_path / "rootfs/etc/profile"
+    assert "${EUID:-$(id -u)}" in ours.read_text()
+    assert '"$(id -u)"' not in ours.read_text()
+    for profile in ("/etc/profile", str(ours)):
+        for shell in ("bash", "sh"):
+            out = subprocess.run([shell, "-c", f". {profile}; echo $PATH"],
+                                 capture_output=True, text=True, check=True,
+                                 env={"HOME": str(tmp_path)}).stdout
+            assert "/usr/sbin" in out  # the tests run as root
