@@ -87,7 +87,7 @@ def test_docs_filesystem_read_write_list(env):
         sandbox.files.write('/home/user/my_file.txt', 'file content')
         file_content = sandbox.files.read('/home/user/my_file.txt')
         print(file_content)
-        sandbox.files.write([
+        sandbox.files.write_files([
             {"path": "/home/user/dir/a.txt", "data": "A"},
             {"path": "/home/user/dir/b.txt", "data": "B"},
         ])
