@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import time
+from ast import literal_eval
 
 import httpx
 import pytest
@@ -207,3 +208,21 @@ def test_a_sandbox_without_the_interpreter_is_a_409_saying_what_to_do(ci_server)
             s.run_code("1")
         with pytest.raises(ConflictError):
             s.list_code_contexts()
+
+
+# the interpreter's connections as the kernel sees them: the remote ports of the
+# established TCP connections to port 49999 (0xC34F), from the sandbox's /proc/net/tcp
+TUNNELS = ("sorted(int(f[2].split(':')[1], 16) for f in (ln.split() for ln in "
+           "open('/proc/net/tcp').readlines()[1:]) if f[1].endswith(':C34F') and f[3] == '01')")
+
+
+def test_runs_share_one_kept_connection_that_neither_holds_standby_nor_outlives_a_restore(
+        ci_server):
+    with Sandbox.create("code-interpreter", url=ci_server.url, api_key=ci_server.key) as s:
+        first = s.run_code(TUNNELS).text
+        assert s.run_code(TUNNELS).text == first and len(literal_eval(first)) == 1
+        s.standby()  # the idle connection is not activity: no 409
+        assert s.run_code(TUNNELS).text == first  # frozen and thawed, still the same
+        s.hibernate()
+        after = literal_eval(s.run_code(TUNNELS).text)  # a new connection, the old one closed
+        assert len(after) == 1 and after != literal_eval(first)

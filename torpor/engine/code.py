@@ -7,6 +7,11 @@ speaking HTTP/1.1 over it (h11), and turns its NDJSON lines into typed events. A
 stream counts as the sandbox's activity (it stays out of standby while code runs); leaving
 a run early closes the tunnel, which the server takes as a client gone: it interrupts the
 kernel.
+
+A tunnel whose answer ended cleanly is kept open (HTTP keep-alive, a few per sandbox) for
+the next call, which saves the agent's connect and the server's accept (a few ms under
+gVisor). An idle kept tunnel is `passive`: it does not keep the sandbox out of standby or
+hibernation; one whose channel closed (a hibernation, a stop) is dropped, never reused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ CONNECT_WAIT = 30.0  # seconds for the tunnel to open (it may wake a hibernated 
 CALL_WAIT = 120.0  # seconds for a context call (a restart starts a kernel)
 TIMEOUT_GRACE = 10.0  # seconds past a run's timeout before the engine gives up on it
 LINE_MAX = 64 << 20  # bytes of one NDJSON line (a result holds base64 images)
+KEEP_IDLE = 2  # idle tunnels kept per sandbox (concurrent runs open more, then close them)
 LANGUAGES = ("python", "bash")
 
 
@@ -79,11 +85,17 @@ class CodeExecution:
 
 
 class _Tunnel:
-    """HTTP/1.1 over one agent port tunnel (one request)."""
+    """HTTP/1.1 over one agent port tunnel (a request at a time, kept alive)."""
 
     def __init__(self, st: Stream, sid: str):
         self.st, self.sid = st, sid
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=LINE_MAX)
+
+    def reusable(self, chan: object) -> bool:
+        """Idle, on the sandbox's current channel, and nothing came from the server since
+        its last answer (an EOF or a close would be queued)."""
+        return (self.st.chan is chan and not self.st.done.is_set() and self.st.events.empty()
+                and self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE)
 
     async def open(self) -> None:
         try:
@@ -181,12 +193,34 @@ def event_of(obj: dict) -> CodeEvent | None:
 
 
 class Code:
-    def __init__(self, connect: Callable[[str, int], Awaitable[Stream]]):
-        self.connect = connect
+    """`connect(sid, port)` opens a port tunnel (waking the sandbox); `channel(sid)` gives
+    the sandbox's current channel, woken too (it is what counts as activity), so a kept
+    tunnel is reused only on a running sandbox and on the channel it was opened on."""
+
+    def __init__(self, connect: Callable[[str, int], Awaitable[Stream]],
+                 channel: Callable[[str], Awaitable[object]]):
+        self.connect, self.channel = connect, channel
+        self.idle: dict[str, list[_Tunnel]] = {}  # sandbox id -> kept tunnels
 
     async def _tunnel(self, sid: str, method: str, path: str, body: dict | None) -> _Tunnel:
-        """A tunnel with the request sent: sent at once, before the agent says the port
-        accepted (it queues a stream's bytes until then), which saves a round trip."""
+        """A tunnel with the request sent: a kept one, or a new one with the request sent
+        at once, before the agent says the port accepted (it queues a stream's bytes until
+        then), which saves a round trip."""
+        kept = self.idle.get(sid)
+        if kept:
+            chan = await self.channel(sid)
+            while kept:
+                t = kept.pop()
+                if not t.reusable(chan):
+                    t.close()
+                    continue
+                t.st.passive = False
+                try:
+                    await t.send(method, path, body)
+                except BaseException:
+                    t.close()
+                    raise
+                return t
         t = _Tunnel(await self.connect(sid, PORT), sid)
         try:
             await t.send(method, path, body)
@@ -196,8 +230,28 @@ class Code:
             raise
         return t
 
+    def _release(self, t: _Tunnel) -> None:
+        """Keep a tunnel whose answer ended cleanly for the next call, else close it."""
+        try:
+            t.conn.start_next_cycle()
+        except h11.LocalProtocolError:  # not both sides done, or the server will close
+            t.close()
+            return
+        kept = self.idle.setdefault(t.sid, [])
+        if len(kept) >= KEEP_IDLE or t.st.done.is_set():
+            t.close()
+            return
+        t.st.passive = True  # see Lifecycle.open_streams: an idle tunnel is not activity
+        kept.append(t)
+        # drop the tunnels of channels gone since (stopped, hibernated, deleted sandboxes)
+        for sid in [s for s, ts in self.idle.items()
+                    if not any(not x.st.done.is_set() for x in ts)]:
+            for x in self.idle.pop(sid):
+                x.close()
+
     async def _call(self, sid: str, method: str, path: str, body: dict | None = None):
         t = await self._tunnel(sid, method, path, body)
+        ended = False
         try:
             async with asyncio.timeout(CALL_WAIT):
                 status, data = 0, b""
@@ -206,11 +260,15 @@ class Code:
                         status = ev.status_code
                     elif isinstance(ev, h11.Data):
                         data += ev.data
+                ended = True
         except TimeoutError:
             raise Timeout(f"sandbox {sid}: the code interpreter did not answer {method} "
                           f"{path} within {CALL_WAIT:.0f} s", sandbox_id=sid) from None
         finally:
-            t.close()
+            if ended:
+                self._release(t)
+            else:
+                t.close()
         if status >= 300:
             raise _error(sid, status, data)
         return json.loads(data) if data else None
@@ -267,18 +325,22 @@ class Code:
                         break
                 elif isinstance(ev, h11.Data):
                     data += ev.data
-            if status >= 300 or status == 0:
-                raise _error(sid, status, data)
         except BaseException:
             t.close()
             raise
+        if status >= 300 or status == 0:
+            if status:
+                self._release(t)  # an error answered in full: the connection goes on
+            else:
+                t.close()
+            raise _error(sid, status, data)
         return self._events(t, it, sid, timeout)
 
     async def _events(self, t: _Tunnel, it: AsyncIterator[h11.Event], sid: str,
                       timeout: float | None) -> AsyncIterator[CodeEvent]:
         deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
         buf = b""
-        ended = False
+        ended = complete = False
         try:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -306,14 +368,19 @@ class Code:
                     out = event_of(obj)
                     if out is not None:
                         yield out
+            complete = True  # the whole answer was read
             if not ended:
                 yield CodeError("UnexpectedEndOfExecution",
                                 f"sandbox {sid}: the code interpreter's answer ended before "
                                 "the execution did")
         finally:
-            t.close()
             with contextlib.suppress(Exception):
                 await it.aclose()
+            # a run left early closes its tunnel: the server interrupts the kernel
+            if complete and ended:
+                self._release(t)
+            else:
+                t.close()
 
     async def execute(self, sid: str, code: str, **kw) -> CodeExecution:
         """`run`, gathered."""

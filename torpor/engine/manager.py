@@ -97,7 +97,7 @@ class Engine:
         self._defaults: dict[str, tuple[str, str | None]] = {}
         self.files = Files(self.client, await_running=self._await_running)
         # the code interpreter of code-interpreter sandboxes, through a port tunnel
-        self.code = Code(self.connect)
+        self.code = Code(self.connect, self.lifecycle.channel)
         self.builds = Builds(self.templates, self.lifecycle, self.processes,
                              boot=self._boot_for_build, delete=self._delete_any,
                              write_file=self._write_as_root, built=self.pool.wake,
