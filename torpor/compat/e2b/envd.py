@@ -146,7 +146,10 @@ class Envd:
                 return await send_json(send, 502, json.loads(_not_found(sid)))
             await send({"type": "http.response.start", "status": 204, "headers": []})
             return await send({"type": "http.response.body", "body": b""})
-        token = self.engine.door_state(sid, sbx.DOOR).get("access_token")
+        try:
+            token = self.engine.door_state(sid, sbx.DOOR).get("access_token")
+        except TorporError:  # deleted since the routing looked
+            return await send_json(send, 502, json.loads(_not_found(sid)))
         if path == "/files":
             return await self.files(scope, receive, send, sid, token)
         if token and not token_matches(rpc.header(scope, b"x-access-token"), token):
