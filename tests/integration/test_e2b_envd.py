@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -367,3 +368,18 @@ def test_killed_sandbox_cuts_the_stream(server, e2b_env):
     assert httpx.get(f"{server.url}/health",
                      headers={"E2b-Sandbox-Id": s.sandbox_id}).status_code == 502
     assert not s.is_running()
+
+
+def test_pause_cuts_streams_and_processes_survive(api, e2b_env):
+    s = Sandbox.create()
+    try:
+        cmd = s.commands.run("sleep 600", background=True)
+        pause = threading.Timer(0.5, s.pause)
+        pause.start()
+        with pytest.raises(TimeoutException, match="sandbox was killed"):
+            cmd.wait()
+        pause.join()
+        again = Sandbox.connect(s.sandbox_id)
+        assert cmd.pid in [p.pid for p in again.commands.list()]
+    finally:
+        api.delete(f"/v1/sandboxes/{s.sandbox_id}")

@@ -25,6 +25,7 @@ import os
 import socket
 import stat
 import struct
+import weakref
 
 from torpor.compat.e2b import connect as rpc
 from torpor.compat.e2b import sandboxes as sbx
@@ -135,6 +136,7 @@ class Envd:
             "/filesystem.Filesystem/WatchDir": (f.watch_dir, {"keepalive": {}}),
         }
         self.client_streams = {"/process.Process/StreamInput": p.stream_input}
+        self.cutters: dict[str, set[asyncio.Event]] = {}  # sid -> one per open stream
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,6 +228,19 @@ class Envd:
         await send({"type": "http.response.body", "body": rpc.end_stream(error),
                     "more_body": False})
 
+    async def cut_streams(self, sid: str, wait: float = 2.0) -> int:
+        """Cut every stream of the sandbox (as E2B's pause does; its agent streams close,
+        so it can hibernate) and wait, at most `wait` s, until they are: how many there
+        were. Mark the sandbox paused first, so the cut ones reset at once."""
+        cuts = list(self.cutters.get(sid, ()))
+        for ev in cuts:
+            ev.set()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        while self.cutters.get(sid) and loop.time() < until:
+            await asyncio.sleep(0.01)
+        return len(cuts)
+
     async def cut(self, call: Call) -> None:
         """E2B's proxy drops the connection of a sandbox that went: no end of stream, the
         connection reset (the SDK takes a reset for a transport failure, asks /health, and
@@ -251,6 +266,9 @@ class Envd:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + call.timeout if call.timeout else None
         gone = asyncio.ensure_future(_disconnect(receive))
+        cut = asyncio.Event()
+        self.cutters.setdefault(call.sid, set()).add(cut)
+        cutting = asyncio.ensure_future(cut.wait())
         nxt = None
         try:
             while True:
@@ -263,10 +281,12 @@ class Envd:
                         raise rpc.ConnectError("deadline_exceeded",
                                                "the stream's deadline passed")
                     wait = left if wait is None else min(wait, left)
-                done, _ = await asyncio.wait({nxt, gone}, timeout=wait,
+                done, _ = await asyncio.wait({nxt, gone, cutting}, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if gone in done:
                     raise _ClientGone()
+                if cutting in done:
+                    raise SandboxGone()
                 if nxt not in done:
                     if keepalive is not None and call.keepalive is not None:
                         await send({"type": "http.response.body",
@@ -278,7 +298,12 @@ class Envd:
                 await send({"type": "http.response.body", "body": rpc.envelope(msg),
                             "more_body": True})
         finally:
-            for t in (nxt, gone):
+            mine = self.cutters.get(call.sid)
+            if mine is not None:
+                mine.discard(cut)
+                if not mine:
+                    del self.cutters[call.sid]
+            for t in (nxt, gone, cutting):
                 if t is not None and not t.done():
                     t.cancel()
                     with contextlib.suppress(BaseException):
@@ -344,5 +369,16 @@ def _not_found(sid: str) -> bytes:
     return not_found_body(sid)
 
 
+_APPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its Envd
+
+
 def create_envd_app(engine) -> Envd:
-    return Envd(engine)
+    app = _APPS[engine] = Envd(engine)
+    return app
+
+
+async def cut_streams(engine, sid: str) -> int:
+    """For the control plane's pause: cut the sandbox's envd streams (see
+    `Envd.cut_streams`); 0 if envd never served this engine."""
+    app = _APPS.get(engine)
+    return await app.cut_streams(sid) if app is not None else 0

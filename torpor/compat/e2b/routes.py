@@ -10,8 +10,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from torpor.builtin_templates import builtin
+from torpor.compat.e2b import envd, wire
 from torpor.compat.e2b import sandboxes as sbx
-from torpor.compat.e2b import wire
 from torpor.compat.e2b.control import (
     E2BError,
     new_token,
@@ -288,13 +288,17 @@ def add(app: FastAPI, engine, auth: list) -> None:
         sid = v.info.id
         left = max((v.end_at - sbx.utcnow()).total_seconds(), 0.0)
         engine.update(sid, touch=False, ttl=0)  # a paused sandbox does not time out
+        # paused first: envd's streams of it are cut (as E2B's are), and their clients'
+        # health checks see it gone; new envd requests get 502 meanwhile
+        engine.set_door_state(sid, DOOR, paused=True)
         try:
+            await envd.cut_streams(engine, sid)
             if v.info.state != "hibernated":
                 await engine.hibernate(sid, "e2b_pause")
         except Conflict as e:
+            engine.set_door_state(sid, DOOR, paused=None)
             sbx.set_timeout(engine, sid, left)
             raise E2BError(500, f"sandbox {sid} could not be paused: {e.message}") from None
-        engine.set_door_state(sid, DOOR, paused=True)
 
     async def keep_paused(v: sbx.View) -> None:
         # a snapshot or fork wakes its source: an E2B-paused one goes back to sleep
