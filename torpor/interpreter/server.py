@@ -47,6 +47,7 @@ STREAM_LIMIT = 1 << 20  # characters of stdout (and of stderr) sent per executio
 RESULT_LIMIT = 16 << 20  # characters of one MIME form of a result (base64 for images)
 KEEPALIVE = 5.0  # seconds of silence before a keepalive line
 POLL = 0.25  # seconds between checks (deadline, disconnect, kernel alive) while busy
+GATHER = 0.002  # seconds output waits for more before it is sent (fewer, larger writes)
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell has to finish before we give up on it
 BODY_MAX = 64 << 20
 HOME = os.path.expanduser("~")
@@ -77,11 +78,13 @@ class Execution:
 
     Lines are chunks of the chunked response, gathered until `flush` (the contexts flush
     whenever they would wait for their kernel), so a cell's last lines and the response's
-    end leave in one write."""
+    end leave in one write; the response's head goes with the first of them (one write,
+    one tunnel frame, for a short cell)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event):
+    def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event, head: bytes = b""):
         self.writer = writer
         self.gone = gone  # the client disconnected
+        self.head = head  # not sent yet
         self.sizes = {"stdout": 0, "stderr": 0}
         self.truncated: set[str] = set()
         self.last = time.monotonic()
@@ -104,8 +107,8 @@ class Execution:
             self.pending.append(b"0\r\n\r\n")
         if not self.pending or self.gone.is_set():
             return
-        data = b"".join(self.pending)
-        self.pending, self.pending_size = [], 0
+        data = self.head + b"".join(self.pending)
+        self.pending, self.pending_size, self.head = [], 0, b""
         try:
             self.writer.write(data)
             await self.writer.drain()
@@ -184,6 +187,54 @@ def _specs():
     return Specs()
 
 
+class Inbox:
+    """A kernel client's IOPub messages, read straight off its ZMQ socket: a non-blocking
+    receive, and the socket's descriptor watched by the event loop for as long as the
+    context lives. zmq.asyncio's poll-then-receive makes several more system calls per
+    message, each costly under gVisor's ptrace platform. Nothing else may read the socket
+    once this exists (it would also take over the descriptor's watch)."""
+
+    def __init__(self, channel):
+        import zmq
+
+        self._again = zmq.Again
+        self._noblock = zmq.NOBLOCK
+        self.session = channel.session
+        self.sock = zmq.Socket.shadow(channel.socket.underlying)
+        self.fd = self.sock.getsockopt(zmq.FD)
+        self.ready = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.fd, self.ready.set)
+
+    def take(self) -> dict | None:
+        """The next message if one is queued, else None."""
+        try:
+            parts = self.sock.recv_multipart(self._noblock)
+        except self._again:
+            return None
+        _, parts = self.session.feed_identities(parts)
+        return self.session.deserialize(parts)
+
+    async def get(self, timeout: float) -> dict:
+        """The next message; queue.Empty after `timeout` seconds without one."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    # cleared before looking: the descriptor signals only what changes
+                    # after a receive, so a message that comes in between still wakes us
+                    self.ready.clear()
+                    msg = self.take()
+                    if msg is not None:
+                        return msg
+                    await self.ready.wait()
+        except TimeoutError:
+            raise queue.Empty from None
+
+    def close(self) -> None:
+        """Stop watching (before the socket is closed)."""
+        self.loop.remove_reader(self.fd)
+
+
 class PythonContext(Context):
     """An IPython kernel."""
 
@@ -211,9 +262,12 @@ class PythonContext(Context):
         self.kc = self.km.client()
         self.kc.start_channels()
         await self.kc.wait_for_ready(timeout=120)
+        self.iopub = Inbox(self.kc.iopub_channel)  # from here on, the only reader of IOPub
         self.dead = None
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.iopub.close()
         with contextlib.suppress(Exception):
             self.kc.stop_channels()
         with contextlib.suppress(Exception):
@@ -229,7 +283,7 @@ class PythonContext(Context):
         """Run a first cell, so the first user's cell finds the kernel's code paths hot."""
         msg_id = self.kc.execute("1+1", store_history=False)
         while True:
-            msg = await self.kc.get_iopub_msg(timeout=120)
+            msg = await self.iopub.get(timeout=120)
             if (msg["parent_header"].get("msg_id") == msg_id
                     and msg["msg_type"] == "status"
                     and msg["content"]["execution_state"] == "idle"):
@@ -244,7 +298,8 @@ class PythonContext(Context):
 
     async def execute(self, code: str, env_vars: dict, timeout: float | None,
                       out: Execution) -> None:
-        if not await self._alive():
+        # a kernel that died is noticed while waiting for it (below): no system call here
+        if self.dead is not None:
             await out.error("KernelDied", self.died())
             return
         restore = None
@@ -264,10 +319,17 @@ class PythonContext(Context):
         count = None
         interrupted_at = None
         while True:
-            if out.pending and not await self.kc.iopub_channel.msg_ready():
-                await out.flush()
+            msg = self.iopub.take()
+            if msg is None and out.pending:
+                # the kernel has nothing more right now: wait a moment for what usually
+                # follows at once (a result's idle status), then send what we have
+                try:
+                    msg = await self.iopub.get(timeout=GATHER)
+                except queue.Empty:
+                    await out.flush()
             try:
-                msg = await self.kc.get_iopub_msg(timeout=POLL)
+                if msg is None:
+                    msg = await self.iopub.get(timeout=POLL)
             except queue.Empty:
                 if not await self._alive():
                     await out.error("KernelDied", self.died())
@@ -320,7 +382,7 @@ class PythonContext(Context):
         async with self.lock:
             while await self._alive():
                 try:
-                    msg = await self.kc.get_iopub_msg(timeout=POLL)
+                    msg = await self.iopub.get(timeout=POLL)
                 except queue.Empty:
                     continue
                 if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
@@ -658,11 +720,14 @@ class Server:
 
     async def execute(self, conn: Conn, body: dict) -> bool:
         ctx, code, env_vars, timeout = await self.interp.prepare(body)
-        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                          b"Transfer-Encoding: chunked\r\n\r\n")
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        if ctx.lock.locked():  # it waits for another execution: answer the head now
+            conn.writer.write(head)
+            head = b""
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(conn.watch_gone(gone))
-        out = Execution(conn.writer, gone)
+        out = Execution(conn.writer, gone, head)
         try:
             async with ctx.lock:
                 await ctx.execute(code, env_vars, timeout, out)
