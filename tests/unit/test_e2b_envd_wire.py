@@ -12,11 +12,11 @@ from e2b.sandbox.signature import get_signature
 
 from torpor.compat.e2b import connect as rpc
 from torpor.compat.e2b.envd import basic_user
-from torpor.compat.e2b.envd_files import FilesError, check_access, signature
+from torpor.compat.e2b.envd_files import FilesError, _engine_status, check_access, signature
 from torpor.compat.e2b.envd_fs import entry_info
 from torpor.compat.e2b.envd_meta import MetadataError, from_headers
 from torpor.compat.e2b.envd_process import end_event, home_relative
-from torpor.errors import Conflict, NotFound, Unavailable
+from torpor.errors import Conflict, Invalid, NotFound, TooLarge, Unavailable
 
 
 def test_envelopes_across_any_chunking():
@@ -51,6 +51,11 @@ def test_engine_errors_as_envd_codes():
     assert code(Conflict("x")) == "failed_precondition"
     assert code(Unavailable("x")) == "unavailable"
     assert rpc.STATUS["unauthenticated"] == 401 and rpc.STATUS["not_found"] == 404
+    # /files answers in HTTP statuses, as envd: a full disk 507, an unknown user 401
+    assert _engine_status(TooLarge("x", agent_code="no_space"))[0] == 507
+    assert _engine_status(Invalid("x", agent_code="unknown_user"))[0] == 401
+    assert _engine_status(Conflict("x", agent_code="is_directory"))[0] == 400
+    assert _engine_status(NotFound("x", agent_code="not_found"))[0] == 404
 
 
 def test_signatures_are_the_sdks():

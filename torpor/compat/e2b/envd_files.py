@@ -175,7 +175,9 @@ class Files:
         if ctype == "multipart/form-data":
             if enc != "identity":
                 raise FilesError(400, "a multipart upload cannot be gzip-encoded")
-            form = await Request(scope, receive).form(max_files=10_000)
+            # the form is spooled on the host before it is written: no bigger than the disk
+            limit = self.engine.get(sid).disk_mb * 1024 * 1024
+            form = await Request(scope, _bounded(receive, limit)).form(max_files=10_000)
             try:
                 parts = [v for k, v in form.multi_items() if k == "file" and not isinstance(v, str)]
                 if not parts:
@@ -210,6 +212,21 @@ class Files:
         else:
             self.meta.set(sid, {"path": full}, {})  # an upload without metadata clears it
         return out
+
+
+def _bounded(receive, limit: int):
+    """receive, refusing a body past `limit` bytes with 507, as a full disk would."""
+    seen = 0
+
+    async def bounded():
+        nonlocal seen
+        m = await receive()
+        seen += len(m.get("body", b""))
+        if seen > limit:
+            raise FilesError(507, f"not enough disk space available: the upload is over the "
+                             f"sandbox's disk of {limit // (1024 * 1024)} MiB")
+        return m
+    return bounded
 
 
 async def _part_chunks(part) -> AsyncIterator[bytes]:
