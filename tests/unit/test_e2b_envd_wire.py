@@ -115,3 +115,39 @@ def test_entry_info_and_ends():
     assert [home_relative(p) for p in ("~", "~/x", "x", "/x")] == [".", "x", "x", "/x"]
     assert basic_user("Basic " + __import__("base64").b64encode(b"root:").decode()) == "root"
     assert basic_user(None) is None and basic_user("Bearer x") is None
+
+
+def test_an_older_agent_gets_the_upload_written_aside():
+    """A sandbox restored from a boot snapshot made before `in_place` runs the agent of
+    then, which refuses the argument after the first chunk left: the upload is sent again
+    without it, whole, and that sandbox is remembered."""
+    import asyncio
+
+    from torpor.compat.e2b.envd_files import Files
+
+    class OldFiles:
+        def __init__(self):
+            self.written: list[tuple[bool, bytes]] = []
+
+        async def write(self, sid, path, user, mode, chunks, in_place=False):
+            if in_place:
+                await anext(chunks)  # the first chunk went before the agent's refusal
+                raise Invalid("sandbox s: op_write() got an unexpected keyword argument "
+                              "'in_place'", agent_code="bad_request")
+            self.written.append((in_place, b"".join([c async for c in chunks])))
+            return {"path": "/home/user/" + path, "size": 0}
+
+    class Engine:
+        files = OldFiles()
+
+    async def body(parts):
+        for p in parts:
+            yield p
+
+    async def main():
+        f = Files(Engine(), None)
+        r = await f._write_in_place("s", "a.txt", "user", body([b"one ", b"two"]))
+        assert r["path"] == "/home/user/a.txt" and "s" in f.old_agents
+        await f._write_in_place("s", "b.txt", "user", body([b"three"]))
+        assert Engine.files.written == [(False, b"one two"), (False, b"three")]
+    asyncio.run(main())

@@ -26,6 +26,8 @@ from torpor.compat.e2b.envd_meta import Metadata, MetadataError, from_headers
 from torpor.errors import TorporError
 
 CHUNK = 256 * 1024
+REPLAY_MAX = 16 * 1024 * 1024  # bytes of an upload kept to send again to an older agent
+MAX_KNOWN = 10_000  # sandboxes whose agent's kind is remembered
 
 
 class FilesError(Exception):
@@ -118,6 +120,10 @@ class Files:
     def __init__(self, engine, meta: Metadata):
         self.engine = engine
         self.meta = meta
+        # sandboxes whose agent writes only aside (older than in_place), and those known
+        # to write in place (an agent never goes back to an older one)
+        self.old_agents: set[str] = set()
+        self.new_agents: set[str] = set()
 
     async def __call__(self, scope, receive, send, sid: str, token: str | None) -> None:
         from torpor.compat.e2b.envd import send_json
@@ -199,7 +205,7 @@ class Files:
         await send_json(send, 200, written)
 
     async def _write(self, sid: str, path: str, user: str, chunks, meta: dict) -> dict:
-        r = await self.engine.files.write(sid, path, user, None, chunks, in_place=True)
+        r = await self._write_in_place(sid, path, user, chunks)
         full = r["path"]
         out = {"name": full.rsplit("/", 1)[-1], "type": "file", "path": full}
         if meta:
@@ -212,6 +218,50 @@ class Files:
         else:
             self.meta.set(sid, {"path": full}, {})  # an upload without metadata clears it
         return out
+
+
+    async def _write_in_place(self, sid: str, path: str, user: str, chunks) -> dict:
+        """Write in place; a sandbox whose agent predates that (restored from a boot
+        snapshot or a hibernation made before it) refuses the argument before reading a
+        byte: then write as it can (aside, renamed into place), with what it was sent."""
+        if sid in self.old_agents:
+            return await self.engine.files.write(sid, path, user, None, chunks)
+        if sid in self.new_agents:
+            return await self.engine.files.write(sid, path, user, None, chunks, in_place=True)
+        sent: list[bytes] = []
+        size = 0
+
+        async def kept():
+            nonlocal size
+            async for chunk in chunks:
+                if size <= REPLAY_MAX:
+                    sent.append(chunk)
+                size += len(chunk)
+                yield chunk
+        if len(self.new_agents) > MAX_KNOWN:
+            self.new_agents.clear()
+        gen = kept()
+        try:
+            r = await self.engine.files.write(sid, path, user, None, gen, in_place=True)
+            self.new_agents.add(sid)
+            return r
+        except TorporError as e:
+            if not (e.extra.get("agent_code") == "bad_request" and "in_place" in e.message):
+                raise
+            if size > REPLAY_MAX:
+                raise FilesError(500, f"sandbox {sid} runs an agent older than this server "
+                                 "(from a boot snapshot or hibernation made before it): "
+                                 "recreate it, or upload again") from None
+            if len(self.old_agents) > MAX_KNOWN:
+                self.old_agents.clear()
+            self.old_agents.add(sid)
+
+        async def again():
+            for chunk in sent:
+                yield chunk
+            async for chunk in gen:
+                yield chunk
+        return await self.engine.files.write(sid, path, user, None, again())
 
 
 def _bounded(receive, limit: int):
