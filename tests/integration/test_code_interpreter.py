@@ -94,6 +94,12 @@ def test_a_timeout_interrupts_and_the_kernel_stays_usable(sbx):
     assert time.monotonic() - t0 < 8
     assert ex.error.name == "TimeoutError" and "interrupted" in ex.error.value
     assert sbx.run_code("kept").text == "'yes'"
+    # a cell that never falls silent meets its deadline too
+    t0 = time.monotonic()
+    ex = sbx.run_code("while True: print('x', flush=True); time.sleep(0.05)", timeout=1.5)
+    assert time.monotonic() - t0 < 8
+    assert ex.error.name == "TimeoutError" and "x\n" in "".join(ex.logs.stdout)
+    assert sbx.run_code("kept").text == "'yes'"
 
 
 def test_a_dead_kernel_says_so_and_restarts(sbx):

@@ -318,6 +318,7 @@ class PythonContext(Context):
         deadline = None if timeout is None else time.monotonic() + timeout
         count = None
         interrupted_at = None
+        checked = time.monotonic()
         while True:
             msg = self.iopub.take()
             if msg is None and out.pending:
@@ -327,14 +328,19 @@ class PythonContext(Context):
                     msg = await self.iopub.get(timeout=GATHER)
                 except queue.Empty:
                     await out.flush()
-            try:
-                if msg is None:
+            if msg is None:
+                try:
                     msg = await self.iopub.get(timeout=POLL)
-            except queue.Empty:
-                if not await self._alive():
+                except queue.Empty:
+                    pass
+            t = time.monotonic()
+            # the checks run after POLL seconds of silence, and every POLL seconds while
+            # the kernel keeps talking (a cell printing without end meets its deadline too)
+            if msg is None or t - checked >= POLL:
+                checked = t
+                if msg is None and not await self._alive():
                     await out.error("KernelDied", self.died())
                     return
-                t = time.monotonic()
                 if interrupted_at is None:
                     if deadline is not None and t > deadline:
                         await self.km.interrupt_kernel()
@@ -353,9 +359,10 @@ class PythonContext(Context):
                                     f"the cell did not stop within {INTERRUPT_GRACE:g} s of "
                                     "its interrupt; restart the context if it never ends")
                     return
-                await out.keepalive()
-                await out.flush()
-                continue
+                if msg is None:
+                    await out.keepalive()
+                    await out.flush()
+                    continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             kind, content = msg["msg_type"], msg["content"]
