@@ -84,20 +84,22 @@ class Processes:
                     tag: str | None = None, stdin: str | None = None,
                     keep_alive: bool = False) -> dict:
         """Start a background process; its info. It keeps a stdin pipe (`stdin` is written
-        to it and closed at once, if given) and runs until it exits or is signalled."""
+        to it and closed at once, if given; "" starts it with no stdin, reading it gives
+        end of file) and runs until it exits or is signalled."""
         client = await self.client_of(sid)
         user, cwd = self.who(sid, user, cwd)
         with agent_errors(sid, P.Op.EXEC):
             try:
                 info = await client.exec_background(argv, env=env, cwd=cwd, user=user,
-                                                    stdin=True, tag=tag, wait=START_WAIT)
+                                                    stdin=stdin != "", tag=tag,
+                                                    wait=START_WAIT)
             except TimeoutError:
                 raise Unavailable(f"sandbox {sid}: the background command did not start "
                                   f"within {START_WAIT:.0f} s; list the processes to see "
                                   "whether it runs", sandbox_id=sid) from None
         if keep_alive and self.hold_process is not None:
             self.hold_process(sid, info["pid"])
-        if stdin is not None:
+        if stdin:
             await self.stdin(sid, info["pid"], stdin, eof=True)
         return info
 
@@ -124,7 +126,8 @@ class Processes:
         return _events(sid, stream)
 
     async def attach(self, sid: str, pid: int, offset: int | None = None,
-                     follow: bool = True) -> AsyncIterator[Chunk | Exited | Failed]:
+                     follow: bool = True,
+                     started: dict | None = None) -> AsyncIterator[Chunk | Exited | Failed]:
         """A process's output as bytes with their offsets (Chunk), from byte `offset`
         (None: the oldest byte still kept), then Exited (with `follow`, once it exited;
         without, only if it has). Reading again from the offset after the last Chunk's
@@ -132,8 +135,11 @@ class Processes:
         went away, the sandbox was parked, the server restarted): the agent keeps the
         output, on the sandbox's disk past its in-memory log, up to its bound. An offset
         no longer kept (or not reached yet) is a Conflict naming the range that is; output
-        dropped while this reader lagged ends the iteration with a Failed saying so."""
-        info = await self.info(sid, pid)
+        dropped while this reader lagged ends the iteration with a Failed saying so.
+        `started`: the info `start` just gave for this process, whose output is then known
+        to be kept from byte 0 (one agent round trip fewer)."""
+        info = started if started is not None and started.get("pid") == pid else (
+            await self.info(sid, pid))
         start, end = info.get("output_start", 0), info["output_bytes"]
         if offset is None:
             offset = start

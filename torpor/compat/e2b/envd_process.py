@@ -183,7 +183,7 @@ class Process:
             async for m in self._terminal(call, pid, att):
                 yield m
         else:
-            async for m in self._output(call, pid, 0):
+            async for m in self._output(call, pid, 0, started=info):
                 yield m
 
     async def connect(self, call, req: dict) -> AsyncIterator[dict]:
@@ -199,9 +199,12 @@ class Process:
             async for m in self._output(call, pid, info["output_bytes"]):
                 yield m
 
-    async def _output(self, call, pid: int, offset: int) -> AsyncIterator[dict]:
+    async def _output(self, call, pid: int, offset: int,
+                      started: dict | None = None) -> AsyncIterator[dict]:
         while True:
-            it = await self.engine.processes.attach(call.sid, pid, offset=offset)
+            it = await self.engine.processes.attach(call.sid, pid, offset=offset,
+                                                    started=started)
+            started = None  # known only for the first attach
             retry = None
             async for ev in it:
                 if isinstance(ev, Chunk):
