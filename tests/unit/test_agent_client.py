@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -58,9 +60,11 @@ def test_the_wire_words_stay_what_old_agents_speak():
 # --- the agent, behind a real Channel -----------------------------------------------------
 @asynccontextmanager
 async def running_agent():
+    env_dir = tempfile.mkdtemp(prefix="torpor-agent-env-")  # its env file's, not /run's
     proc = await asyncio.create_subprocess_exec(
         PYTHON, "-s", "-B", str(AGENT_DIR / "agent.py"), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd="/")
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd="/",
+        env=dict(os.environ, TORPOR_ENV_DIR=env_dir))
     chan = Channel(proc.stdout, proc.stdin)
     try:
         await chan.wait_ready(HANG_GUARD)
@@ -70,6 +74,7 @@ async def running_agent():
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        shutil.rmtree(env_dir, ignore_errors=True)
 
 
 def run(body):

@@ -9,11 +9,14 @@ Nothing here asserts on durations.
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +40,9 @@ class Agent:
     """A host end of the channel, synchronous, for tests."""
 
     def __init__(self, native: bool = True, netns: bool = False):
-        env = dict(os.environ)
+        # the agent's env file (envfile.py) goes to a directory of the test's, not /run
+        self.env_dir = tempfile.mkdtemp(prefix="torpor-agent-env-")
+        env = dict(os.environ, TORPOR_ENV_DIR=self.env_dir)
         self.native = native and NATIVE
         if not native:
             env["TORPOR_AGENT_NATIVE"] = "0"
@@ -71,6 +76,7 @@ class Agent:
                 self.proc.wait()
         self.proc.stdout.close()
         self.proc.stderr.close()
+        shutil.rmtree(self.env_dir, ignore_errors=True)
 
     # --- frames ---------------------------------------------------------------------------
     def send(self, kind: int, sid: int, payload: bytes = b"") -> None:
@@ -241,6 +247,15 @@ def test_exec_environment_and_cwd(agent, tmp_path):
     agent.ok("configure", env={"FOO": "base", "BAZ": "1"})
     res = run(agent, ["sh", "-c", 'echo "$FOO $BAZ"'], env={"FOO": "mine"})
     assert bytes(res.out) == b"mine 1\n"
+    # and the env file, for processes that started before it (envfile.py): root's,
+    # readable by all, written whole
+    path = os.path.join(agent.env_dir, "env.json")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_mode & 0o777, os.stat(agent.env_dir).st_mode & 0o777) == \
+        (0, 0o644, 0o755)
+    with open(path) as f:
+        assert json.load(f) == {"env": {"FOO": "base", "BAZ": "1"}}
+    assert os.listdir(agent.env_dir) == ["env.json"]
 
 
 def test_exec_children_get_default_sigpipe(agent):

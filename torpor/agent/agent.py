@@ -172,6 +172,7 @@ class Agent:
         self.streams: dict[int, Stream] = {}
         self.procs = ProcessTable(self)
         self.base_env: dict[str, str] = {}
+        self.env_file_error: str | None = None  # why envfile.ENV_FILE is stale
         self.out = Output(loop, out_fd)
         self.egress = netops.Egress(self)
         self._next_sid = 2  # streams the agent opens have even ids
@@ -255,8 +256,13 @@ async def op_ping(agent: Agent, st: Stream, **_):
 async def op_configure(agent: Agent, st: Stream, env: dict | None = None):
     if env is not None:
         agent.base_env = {str(k): str(v) for k, v in env.items()}
+        import envfile  # for processes that predate it (a boot snapshot's): envfile.py
+        agent.env_file_error = envfile.write(agent.base_env)
     agent.procs.check_compat()
-    return {"env": agent.base_env, "egress_errors": agent.egress.errors}
+    out = {"env": agent.base_env, "egress_errors": agent.egress.errors}
+    if agent.env_file_error is not None:
+        out["env_file_error"] = agent.env_file_error
+    return out
 
 
 async def op_exec(agent: Agent, st: Stream, argv, env=None, cwd=None, user="user",
