@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from collections.abc import AsyncIterator
 
 from torpor.compat.e2b.connect import ConnectError, from_engine
 from torpor.engine.types import Chunk, Exited, Failed
-from torpor.errors import Conflict, TorporError, Unavailable
+from torpor.errors import Conflict, NotFound, Timeout, TorporError, Unavailable
 
 # Go's names of signals in a process state ("signal: killed"), as envd reports them
 GO_SIGNALS = {"SIGKILL": "killed", "SIGTERM": "terminated", "SIGINT": "interrupt",
@@ -26,6 +27,7 @@ GO_SIGNALS = {"SIGKILL": "killed", "SIGTERM": "terminated", "SIGINT": "interrupt
               "SIGALRM": "alarm clock", "SIGBUS": "bus error", "SIGFPE": "floating point exception"}
 SIGNALS = {"SIGNAL_SIGKILL": "SIGKILL", "SIGNAL_SIGTERM": "SIGTERM", 9: "SIGKILL",
            15: "SIGTERM"}
+KILL_WAIT = 2.0  # seconds SendSignal(SIGKILL) waits for the process to be gone
 MAX_CONFIGS = 4096  # process configs kept per sandbox
 MAX_SANDBOXES = 256  # past this many sandboxes with configs, those of gone ones are dropped
 
@@ -311,6 +313,11 @@ class Process:
                                f"signal {req.get('signal')!r}: SIGNAL_SIGKILL or SIGNAL_SIGTERM")
         await self.running(call, pid)
         await self.engine.processes.signal(call.sid, pid, sig)
+        if sig == "SIGKILL":
+            # gone when the call returns, as envd's own child is (reaped at once), not a
+            # zombie the agent has yet to reap: `kill -0 PID` right after fails, as on E2B
+            with contextlib.suppress(Timeout, NotFound):
+                await self.engine.processes.wait(call.sid, pid, KILL_WAIT)
         return {}
 
     async def close_stdin(self, call, req: dict) -> dict:
