@@ -34,7 +34,7 @@ from torpor.errors import Invalid, TooLarge, Unavailable
 from torpor.mcp.content import CodeFailed, Collected, execution_content
 
 SandboxId = Annotated[str, Field(min_length=1, max_length=32,
-                                 description="The sandbox's id (sbx_..., from create_sandbox "
+                                 description="The sandbox's id (sbx..., from create_sandbox "
                                              "or list_sandboxes).")]
 Env = Annotated[dict[EnvName, EnvValue] | None, Field(
     description="Environment variables, name -> value.")]
