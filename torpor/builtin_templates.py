@@ -7,11 +7,11 @@ the steps below, through the egress proxy under the server's build network polic
 built it is a template like any other (`torpor template list`, `rm`, rebuilt by name).
 
 - `code-interpreter`: `base` (the host's Debian Python 3.11) with ipykernel,
-  jupyter_client, numpy, pandas and matplotlib from the package index, `MPLBACKEND=Agg`,
-  and the code interpreter's server (`torpor/interpreter/server.py`, with the kernel
-  launcher `kernel.py` it starts its Python kernels with, copied in from the context the
-  built-in provides) running on port 49999 in its boot snapshot, its default
-  Python kernel warm.
+  jupyter_client, numpy, pandas, matplotlib and e2b-charts from the package index,
+  `MPLBACKEND=Agg`, and the code interpreter's server (`torpor/interpreter/server.py`, with
+  the kernel launcher `kernel.py` it starts its Python kernels with, `sandbox_env.py` and
+  the kernels' display hooks `torpor_display.py`, copied in from the context the built-in
+  provides) running on port 49999 in its boot snapshot, its default Python kernel warm.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ CODE_INTERPRETER_PACKAGES = [
     "numpy==2.4.6",
     "pandas==3.1.2",
     "matplotlib==3.11.2",
+    # the chart data of matplotlib figures (a result's `chart`), as E2B's interpreter has it
+    "e2b-charts==1.1.0",
 ]
 # ... and everything they pull in, pinned as pip resolved it for them (`pip install
 # --dry-run --report` on CPython 3.11), so a build next year installs the same files.
@@ -43,6 +45,9 @@ CODE_INTERPRETER_LOCK = [
     "pure_eval==0.2.4", "Pygments==2.21.0", "pyparsing==3.3.3", "python-dateutil==4.0.0",
     "pyzmq==27.3.0", "stack-data==0.6.3", "tornado==6.6.1", "traitlets==5.16.1",
     "typing_extensions==4.16.0", "tzdata==2026.6", "wcwidth==0.9.5",
+    # e2b-charts'
+    "annotated-types==0.8.0", "pydantic==2.14.4", "pydantic_core==2.50.5",
+    "typing-inspection==0.4.5",
 ]
 
 
@@ -50,8 +55,9 @@ CODE_INTERPRETER_LOCK = [
 # the template has it and the port it listens on inside the sandbox.
 INTERPRETER_DIR = "/opt/torpor/interpreter"
 INTERPRETER_PORT = 49999
-# its files: the server, and the kernel launcher it starts its Python contexts with
-_INTERPRETER_FILES = ("server.py", "kernel.py")
+# its files: the server, the kernel launcher it starts its Python contexts with, the
+# sandbox's env for its contexts, the kernels' display hooks (an IPython extension)
+_INTERPRETER_FILES = ("server.py", "kernel.py", "sandbox_env.py", "torpor_display.py")
 _INTERPRETER_SOURCE = Path(__file__).parent / "interpreter"
 
 
@@ -63,8 +69,8 @@ def interpreter_command() -> str:
 
 
 def interpreter_context() -> bytes:
-    """The build context of `code-interpreter`: a tar holding `interpreter/server.py` and
-    `interpreter/kernel.py`, with fixed metadata (owner, mode, time) so its layer's key
+    """The build context of `code-interpreter`: a tar holding `interpreter/` with the
+    files of _INTERPRETER_FILES, with fixed metadata (owner, mode, time) so its layer's key
     changes only with the files' contents."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -305,7 +305,9 @@ class Code:
             _check_language(language)
         if timeout is not None and timeout <= 0:
             raise Invalid("timeout must be above 0 seconds", field="timeout")
-        body: dict = {"code": code}
+        # raw_text: a result's text as the kernel gave it ('yes' for a string), not E2B's
+        # with its quotes taken off (torpor/interpreter/server.py, result_line)
+        body: dict = {"code": code, "raw_text": True}
         if context:
             body["context_id"] = _cid(context)
         if language:

@@ -67,6 +67,8 @@ def main(argv: list[str]) -> None:
         "--Kernel._execute_sleep=0",
         # no history database (SQLite writes on every cell): history stays in memory
         "--HistoryManager.enabled=False",
+        # E2B's display forms (a DataFrame's data, a figure's chart, PIL's save/show)
+        "--IPKernelApp.extra_extensions=torpor_display",
     ])
 
 

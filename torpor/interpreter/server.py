@@ -42,6 +42,8 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import sandbox_env  # beside this file (the sandbox's env for contexts older than it)
+
 PORT = 49999
 STREAM_LIMIT = 1 << 20  # characters of stdout (and of stderr) sent per execution
 RESULT_LIMIT = 16 << 20  # characters of one MIME form of a result (base64 for images)
@@ -60,7 +62,10 @@ MIME_FIELDS = {
     "image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpeg",
     "application/pdf": "pdf", "text/latex": "latex", "application/json": "json",
     "application/javascript": "javascript",
+    # the kernels' own forms (torpor_display.py), E2B's: a DataFrame's columns, a chart
+    "e2b/data": "data", "e2b/chart": "chart",
 }
+SANDBOX_ENV = sandbox_env.SandboxEnv()
 
 
 class HTTPError(Exception):
@@ -81,8 +86,10 @@ class Execution:
     end leave in one write; the response's head goes with the first of them (one write,
     one tunnel frame, for a short cell)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event, head: bytes = b""):
+    def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event, head: bytes = b"",
+                 raw_text: bool = False):
         self.writer = writer
+        self.raw_text = raw_text  # text/plain as the kernel gave it (see result_line)
         self.gone = gone  # the client disconnected
         self.head = head  # not sent yet
         self.sizes = {"stdout": 0, "stderr": 0}
@@ -137,8 +144,15 @@ class Execution:
             await self.line({"type": "keepalive"})
 
 
-def result_line(data: dict, is_main: bool) -> dict:
+def result_line(data: dict, is_main: bool, raw_text: bool = False) -> dict:
+    """A result's line. As E2B's server, its `text` loses one pair of quotes around it
+    (`'bar'` is `bar`: a string's repr reads as the string), unless `raw_text` (Torpor's
+    engine asks for the repr as it is)."""
     out: dict = {"type": "result", "is_main_result": is_main}
+    text = data.get("text/plain")
+    if not raw_text and isinstance(text, str) and len(text) >= 2 and text[0] == text[-1] \
+            and text[0] in "'\"":
+        data = {**data, "text/plain": text[1:-1]}
     extra: dict = {}
     dropped = []
     for mime, value in data.items():
@@ -164,6 +178,7 @@ class Context:
         self.id, self.cwd = cid, cwd
         self.lock = asyncio.Lock()
         self.dead: str | None = None  # why it can run nothing until restarted
+        self.sandbox_env = sandbox_env.Applied()  # reset when its kernel starts again
 
     def info(self) -> dict:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -302,6 +317,10 @@ class PythonContext(Context):
         if self.dead is not None:
             await out.error("KernelDied", self.died())
             return
+        due = self.sandbox_env.due(SANDBOX_ENV)
+        if due:
+            self.kc.execute(sandbox_env.python_code(*due), silent=True, store_history=False,
+                            stop_on_error=False)
         restore = None
         if env_vars:
             names = json.dumps(sorted(env_vars))
@@ -375,7 +394,8 @@ class PythonContext(Context):
             elif kind == "execute_input":
                 count = content.get("execution_count")
             elif kind in ("execute_result", "display_data"):
-                await out.line(result_line(content["data"], kind == "execute_result"))
+                await out.line(result_line(content["data"], kind == "execute_result",
+                                           out.raw_text))
             elif kind == "error":
                 await out.error(content["ename"], content["evalue"],
                                 "\n".join(content["traceback"]))
@@ -447,7 +467,9 @@ class BashContext(Context):
             f.write(code if code.endswith("\n") else code + "\n")
         prefix = "".join(f"export {k}={_sh(v)}\n" for k, v in env_vars.items()
                          if k.isidentifier())
-        script = (f"( {prefix.replace(chr(10), '; ')} . {_sh(cell)} ) </dev/null\n"
+        due = self.sandbox_env.due(SANDBOX_ENV)
+        script = sandbox_env.bash_code(*due, _sh) if due else ""
+        script += (f"( {prefix.replace(chr(10), '; ')} . {_sh(cell)} ) </dev/null\n"
                   if env_vars else f". {_sh(cell)} </dev/null\n")
         script += (f"printf '\\036{token} %d\\n' $?\nprintf '\\036{token}\\n' >&2\n")
         self.proc.stdin.write(script.encode())
@@ -557,6 +579,14 @@ class Interpreter:
         except OSError as e:
             raise HTTPError(400, "invalid", f"cwd {cwd!r} cannot be made: {e.strerror}") \
                 from None
+        if not os.access(cwd, os.R_OK | os.X_OK):
+            # E2B's kernels run as root; ours as the sandbox's user, as its commands do
+            import pwd
+
+            user = pwd.getpwuid(os.getuid()).pw_name
+            raise HTTPError(400, "invalid", f"cwd {cwd!r} is not open to the kernels' user "
+                            f"{user!r} (they run as the sandbox's user, not root): use a "
+                            f"directory it may enter and read, such as {HOME!r}")
         cls = PythonContext if lang == "python" else BashContext
         ctx = cls(uuid.uuid4().hex, cwd)
         try:
@@ -592,6 +622,7 @@ class Interpreter:
         ctx = self.get(cid)
         async with ctx.lock:
             try:
+                ctx.sandbox_env = sandbox_env.Applied()  # a fresh kernel has the template's
                 await ctx.restart()
             except Exception as e:  # noqa: BLE001 - as in create
                 ctx.dead = "could not be restarted"
@@ -734,7 +765,7 @@ class Server:
             head = b""
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(conn.watch_gone(gone))
-        out = Execution(conn.writer, gone, head)
+        out = Execution(conn.writer, gone, head, raw_text=body.get("raw_text") is True)
         try:
             async with ctx.lock:
                 await ctx.execute(code, env_vars, timeout, out)
