@@ -8,9 +8,11 @@ It speaks on 0.0.0.0:49999 the HTTP protocol of E2B's code interpreter
 (`../shared/notes/e2b-wire.md`, section 4), so E2B's SDK can reach it through a port, and
 Torpor's engine reaches it through the agent's port tunnel (`torpor/engine/code.py`):
 
-- `POST /execute {code, context_id?, language?, env_vars?, timeout?}` -> NDJSON lines:
-  `stdout`/`stderr` {text, timestamp}, `result` {text, html, markdown, svg, png, jpeg, pdf,
-  latex, json, javascript, extra?, is_main_result}, `error` {name, value, traceback},
+- `POST /execute {code, context_id?, language?, env_vars?, timeout?, raw_text?}` -> NDJSON
+  lines: `stdout`/`stderr` {text, timestamp}, `result` {text, html, markdown, svg, png,
+  jpeg, pdf, latex, json, javascript, data?, chart?, extra?, is_main_result} (`text`
+  without its surrounding quotes, as E2B's, unless `raw_text`), `error` {name, value,
+  traceback},
   `truncated` {stream, limit} (Torpor's: output past the bound was dropped),
   `number_of_executions` {execution_count}, `keepalive` (every 5 s of silence), and
   `end_of_execution` last. `timeout` (seconds, Torpor's) interrupts the kernel when it
