@@ -89,7 +89,8 @@ def test_code_interpreter_is_pinned_and_ends_with_its_server_ready():
     assert kinds[-1] == "start_cmd" and kinds.count("start_cmd") == 1
     packages = next(s["packages"] for s in steps if s["type"] == "pip_install")
     names = {re.split(r"==", p)[0].lower().replace("_", "-") for p in packages}
-    assert {"ipykernel", "jupyter-client", "numpy", "pandas", "matplotlib"} <= names
+    assert {"ipykernel", "jupyter-client", "numpy", "pandas", "matplotlib",
+            "e2b-charts"} <= names
     # every package pinned, once: a rebuild elsewhere installs the same files
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", p) for p in packages)
     assert len(names) == len(packages)
@@ -104,6 +105,10 @@ def test_code_interpreter_is_pinned_and_ends_with_its_server_ready():
         member = tar.getmember(f"{copy['src']}/server.py")
         assert (member.uid, member.mtime) == (0, 0)  # nothing but the contents in the key
         source = tar.extractfile(member).read()
+        # beside it: the kernel launcher, the sandbox's env, the kernels' display hooks
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == [
+            f"{copy['src']}/{n}" for n in ("kernel.py", "sandbox_env.py", "server.py",
+                                           "torpor_display.py")]
     assert source == (Path(builtin_templates.__file__).parent / "interpreter"
                       / "server.py").read_bytes()
     # the same steps and context every time: the cached layers and the boot snapshot are
