@@ -182,3 +182,22 @@ def test_code_interpreter_chart(ci_env):
     """)
     assert "Chart saved as chart.png" in out
     assert "b'\\x89PNG\\r\\n\\x1a\\n'" in out
+
+
+def test_code_interpreter_sandbox_killed_mid_execution(ci_env):
+    # e2b-dev/code-interpreter python/tests/sync/test_killed.py: a kill while a cell runs
+    # (and has printed nothing yet) ends run_code with E2B's "sandbox was killed" error
+    out = run_example(ci_env, """
+        import threading
+        from e2b import TimeoutException
+        from e2b_code_interpreter import Sandbox
+
+        sandbox = Sandbox.create()
+        timer = threading.Timer(2.0, sandbox.kill)
+        timer.start()
+        try:
+            sandbox.run_code("import time; time.sleep(300)", timeout=300)
+        except TimeoutException as e:
+            print(e)
+    """)
+    assert "sandbox was killed while the request was in progress" in out

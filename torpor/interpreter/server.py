@@ -52,6 +52,7 @@ RESULT_LIMIT = 16 << 20  # characters of one MIME form of a result (base64 for i
 KEEPALIVE = 5.0  # seconds of silence before a keepalive line
 POLL = 0.25  # seconds between checks (deadline, disconnect, kernel alive) while busy
 GATHER = 0.002  # seconds output waits for more before it is sent (fewer, larger writes)
+HEAD_WAIT = 0.02  # seconds a quiet cell waits before the response's head goes alone
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell has to finish before we give up on it
 BODY_MAX = 64 << 20
 HOME = os.path.expanduser("~")
@@ -123,6 +124,16 @@ class Execution:
             await self.writer.drain()
         except (ConnectionError, OSError):
             self.gone.set()
+
+    def send_head(self) -> None:
+        """The response's head alone, for a cell quiet for HEAD_WAIT: the client (and a
+        proxy between, which answers 502 for a response that never began) knows it runs."""
+        if self.head and not self.gone.is_set():
+            head, self.head = self.head, b""
+            try:
+                self.writer.write(head)
+            except (ConnectionError, OSError):
+                self.gone.set()
 
     async def stream(self, name: str, text: str) -> None:
         room = STREAM_LIMIT - self.sizes[name]
@@ -768,12 +779,14 @@ class Server:
         gone = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(conn.watch_gone(gone))
         out = Execution(conn.writer, gone, head, raw_text=body.get("raw_text") is True)
+        head_timer = asyncio.get_running_loop().call_later(HEAD_WAIT, out.send_head)
         try:
             async with ctx.lock:
                 await ctx.execute(code, env_vars, timeout, out)
             await out.line({"type": "end_of_execution"})
             await out.flush(end=True)
         finally:
+            head_timer.cancel()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
