@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,6 +36,33 @@ def cli(server: Server | None, *args: str, input: str | None = None,
         env.update(TORPOR_URL=server.url, TORPOR_API_KEY=server.key)
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
                           input=input, timeout=timeout, check=False)
+
+
+E2B_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
+
+
+def e2b_key(server: Server, name: str) -> str:
+    """A new key in E2B's form (`torpor keys create NAME --e2b`)."""
+    out = cli(server, "keys", "create", name, "--e2b")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@contextmanager
+def e2b_environment(server: Server, key: str) -> Iterator[None]:
+    """E2B's environment variables pointing at `server`, as a user sets them, in this
+    process (E2B's SDKs read them on each call); the old values come back after."""
+    saved = {k: os.environ.get(k) for k in E2B_ENV}
+    os.environ.update(E2B_API_KEY=key, E2B_API_URL=server.url, E2B_SANDBOX_URL=server.url,
+                      E2B_DOMAIN="localhost")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

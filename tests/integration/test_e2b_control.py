@@ -7,7 +7,6 @@ test_e2b_envd.py; here what a sandbox runs is checked through Torpor's own API."
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from datetime import UTC, datetime
@@ -16,7 +15,8 @@ import httpx
 import pytest
 from conftest import (
     Server,
-    cli,
+    e2b_environment,
+    e2b_key,
     free_port,
     make_data_dir,
     run,
@@ -32,28 +32,16 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.network import ALL_TRAFFIC
 
-ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
-
 
 @pytest.fixture(scope="module")
 def key(server):
-    out = cli(server, "keys", "create", "e2b-control", "--e2b")
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return e2b_key(server, "e2b-control")
 
 
 @pytest.fixture(scope="module")
 def e2b_env(server, key):
-    """E2B's environment variables pointing at the server, as a user sets them."""
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(E2B_API_KEY=key, E2B_API_URL=server.url, E2B_SANDBOX_URL=server.url,
-                      E2B_DOMAIN="localhost")
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with e2b_environment(server, key):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import base64
 import gzip
 import hashlib
 import json
-import os
 import struct
 import threading
 import time
@@ -19,7 +18,7 @@ import urllib.request
 
 import httpx
 import pytest
-from conftest import cli
+from conftest import e2b_environment, e2b_key
 from e2b import (
     AsyncSandbox,
     CommandExitException,
@@ -37,22 +36,11 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.commands.command_handle import PtySize
 
-ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
-
 
 @pytest.fixture(scope="module")
 def e2b_env(server):
-    out = cli(server, "keys", "create", "e2b-envd", "--e2b")
-    assert out.returncode == 0, out.stderr
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(E2B_API_KEY=out.stdout.strip(), E2B_API_URL=server.url,
-                      E2B_SANDBOX_URL=server.url, E2B_DOMAIN="localhost")
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with e2b_environment(server, e2b_key(server, "e2b-envd")):
+        yield
 
 
 @pytest.fixture(scope="module")

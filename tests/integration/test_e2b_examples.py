@@ -16,15 +16,13 @@ import sys
 import textwrap
 
 import pytest
-from conftest import cli
+from conftest import e2b_key
 
 pytestmark = pytest.mark.slow  # the code interpreter examples share the ci_server build
 
 
 def e2b_env(server) -> dict:
-    out = cli(server, "keys", "create", "e2b-examples", "--e2b")
-    assert out.returncode == 0, out.stderr
-    key = next(w for w in out.stdout.split() if w.startswith("e2b_"))
+    key = e2b_key(server, "e2b-examples")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "TORPOR_"))}
     return {**env, "E2B_API_KEY": key, "E2B_API_URL": server.url,
             "E2B_SANDBOX_URL": server.url, "E2B_DOMAIN": "localhost"}
