@@ -22,8 +22,8 @@ from torpor.api.deps import (
     COMMON,
     ON_SANDBOX,
     error_response,
-    presented_key,
     require_key,
+    scope_key,
 )
 from torpor.api.schemas import BUILD_BODY_MAX, PATTERN_WORDS
 from torpor.compat.e2b.routing import E2BDoor
@@ -104,11 +104,8 @@ class PortProxy:
             "http", "websocket") else None
         if m is None:
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
         try:
-            self.engine.keys.check(presented_key(headers.get("authorization", ""),
-                                                 headers.get("x-api-key")))
+            self.engine.keys.check(scope_key(scope))
         except TorporError as e:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 4401})

@@ -23,6 +23,17 @@ def presented_key(authorization: str, x_api_key: str | None) -> str | None:
     return key or x_api_key
 
 
+def scope_key(scope) -> str | None:
+    """`presented_key` of an ASGI request, for the layers that run before FastAPI."""
+    authorization, x_api_key = "", None
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            x_api_key = value.decode("latin-1")
+    return presented_key(authorization, x_api_key)
+
+
 async def require_key(request: Request) -> str:
     # async, so FastAPI runs it on the loop: as a plain def it went through the thread
     # pool on every request (a thread hop each way, ~5% of the server's CPU per command).

@@ -23,7 +23,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import ValidationError
 
 from torpor._version import __version__
-from torpor.api.deps import presented_key
+from torpor.api.deps import scope_key
 from torpor.api.schemas import PATTERN_WORDS
 from torpor.engine.manager import Engine
 from torpor.errors import Invalid, TorporError
@@ -163,11 +163,8 @@ class McpDoor:
                 self._manager = None
 
     async def __call__(self, scope, receive, send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
         try:
-            self.engine.keys.check(presented_key(headers.get("authorization", ""),
-                                                 headers.get("x-api-key")))
+            self.engine.keys.check(scope_key(scope))
         except TorporError as e:
             return await _jsonrpc_error(send, e.status, -32001, e.message, e.to_dict())
         if self._manager is None:
