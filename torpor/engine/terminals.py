@@ -144,14 +144,9 @@ class Terminals:
 
     async def wait(self, sid: str, pid: int, timeout: float) -> dict:
         """Its info once it has exited; Timeout if it still runs after `timeout` s."""
-        client = await self.client_of(sid)
-        with agent_errors(sid, P.Op.PROC_WAIT):
-            try:
-                return await client.proc_wait(pid, timeout)
-            except TimeoutError:
-                pass
-        info = await self.info(sid, pid)
-        if not info.get("running"):
-            return info
-        raise Timeout(f"sandbox {sid}: terminal {pid} still running after {timeout}s; wait "
-                      "again, or kill it", sandbox_id=sid, pid=pid)
+        try:
+            return await self.processes.wait(sid, pid, timeout)
+        except Timeout:
+            await self.info(sid, pid)  # NotFound if it is not a terminal
+            raise Timeout(f"sandbox {sid}: terminal {pid} still running after {timeout}s; "
+                          "wait again, or kill it", sandbox_id=sid, pid=pid) from None
